@@ -1,0 +1,18 @@
+"""deeplab: DeepLabv3 and DeepLabv3+ semantic segmentation in PyTorch, faithful to the papers."""
+
+from .checkpoint import CheckpointError, load, save_checkpoint
+from .config import ModelConfig, Preprocessing, default_atrous_rates
+from .model import DeepLab, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "DeepLab",
+    "ModelConfig",
+    "Preprocessing",
+    "build_model",
+    "default_atrous_rates",
+    "load",
+    "save_checkpoint",
+]

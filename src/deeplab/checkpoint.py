@@ -1,0 +1,123 @@
+"""Checkpoints: one file holding the model config, weights, class names and preprocessing.
+
+Written atomically (a temp file in the same folder, then `os.replace`), so an interrupted write never leaves a
+broken checkpoint. Read with `torch.load(..., weights_only=True)`: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig, Preprocessing
+from .model import DeepLab, build_model
+
+FORMAT = "deeplab-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a deeplab checkpoint, or one that does not fit the model asked for."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to `path` through a temp file and a rename: readers see the old file or the new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def checkpoint_dict(model: DeepLab, **extra: Any) -> dict[str, Any]:
+    """The plain-data form of a model (tensors, str, numbers, lists, dicts): what `weights_only` loading accepts."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": model.config.to_dict(),
+        "class_names": list(model.class_names),
+        "preprocessing": model.preprocessing.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def save_checkpoint(model: DeepLab, path: str | os.PathLike, **extra: Any) -> Path:
+    """Write `model` (and any plain-data `extra`, e.g. optimizer state or step) to `path` atomically."""
+    return atomic_save(checkpoint_dict(model, **extra), path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint's raw dict safely, with one clear error for anything that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; pass the path of a .pt written by deeplab")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint we can read safely"
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: not a readable deeplab checkpoint ({type(e).__name__}: {reason}); "
+            "write one with `deeplab train` or `deeplab convert`"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        kind = type(data).__name__ if not isinstance(data, dict) else f"dict with keys {sorted(data)[:8]}"
+        raise CheckpointError(
+            f"{path}: not a deeplab checkpoint (found a {kind}); "
+            "to import weights from torchvision, timm or TFLite use `deeplab convert SRC OUT.pt`"
+        )
+    if data.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {data['version']} is newer than this deeplab ({VERSION}); upgrade deeplab")
+    return data
+
+
+def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -> DeepLab:
+    cfg = ModelConfig.from_dict(data["model_config"])
+    model = build_model(
+        cfg, class_names=data["class_names"], preprocessing=Preprocessing.from_dict(data["preprocessing"])
+    )
+    load_state_dict_strict(model, data["state_dict"], source=source)
+    return model
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
+    """load_state_dict that lists every unmatched key and shape mismatch on both sides in one error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state_dict))
+        if tuple(own[k].shape) != tuple(state_dict[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{source}: the weights do not fit the model"]
+        if missing:
+            parts.append(f"missing in the file ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(
+                f"not in the model ({len(unexpected)}): {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}"
+            )
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
+        raise CheckpointError("\n  ".join(parts))
+    model.load_state_dict(state_dict)
+
+
+def load(path: str | os.PathLike) -> DeepLab:
+    """Open any checkpoint deeplab writes; the model comes back in eval mode with its config, class names and
+    preprocessing (`model.config`, `model.class_names`, `model.preprocessing`)."""
+    data = read_checkpoint(path)
+    return model_from_checkpoint(data, source=str(path)).eval()

@@ -1,0 +1,131 @@
+"""Typed, frozen configuration. `build_model` in model.py is the one place a ModelConfig becomes modules."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# The DeepLabv3 paper's ASPP rates at output stride 16; every other stride scales them (derived in one place).
+ASPP_RATES_AT_OS16 = (6, 12, 18)
+OUTPUT_STRIDES = (8, 16, 32)
+
+
+def default_atrous_rates(output_stride: int) -> tuple[int, ...]:
+    """ASPP rates that follow the output stride: (6, 12, 18) at 16, doubled at 8, halved at 32."""
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+    return tuple(r * 16 // output_stride for r in ASPP_RATES_AT_OS16)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides the architecture of a DeepLab model (weights excluded)."""
+
+    backbone: str = "resnet101_beta"  # a key of deeplab.backbones.BACKBONES
+    num_classes: int = 21
+    output_stride: int = 16  # 8, 16 or 32; backbone strides past this become dilations
+    atrous_rates: tuple[int, ...] | None = None  # None: derived from output_stride; () keeps only the 1x1 branch
+    multi_grid: tuple[int, ...] | None = None  # unit rates of the last stage; None: the backbone's default
+    decoder: bool = True  # DeepLabv3+ decoder; False gives DeepLabv3
+    separable: bool = False  # atrous separable convolution in ASPP and decoder (the paper's Xception setting)
+    image_pooling: bool = True  # the ASPP image-level branch (the paper drops it for Cityscapes)
+    aspp_channels: int = 256
+    decoder_channels: int = 256
+    low_level_channels: int = 48  # the paper's best projection of the stride-4 feature (Table 1)
+    dropout: float = 0.1  # after the ASPP projection; TF keep_prob 0.9
+    align_corners: bool = False  # TF-converted models need True
+    depth_multiplier: float = 1.0  # MobileNetV2 only
+    bn_momentum: float = 0.0003  # PyTorch convention for TF's decay 0.9997 (epsilon is each block's TF value)
+
+    def __post_init__(self) -> None:
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {self.num_classes!r}")
+        if self.atrous_rates is not None and any(int(r) < 1 for r in self.atrous_rates):
+            raise ValueError(f"atrous_rates must be positive integers, got {self.atrous_rates!r}")
+        if self.multi_grid is not None and any(int(r) < 1 for r in self.multi_grid):
+            raise ValueError(f"multi_grid must be positive integers, got {self.multi_grid!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.depth_multiplier <= 0:
+            raise ValueError(f"depth_multiplier must be positive, got {self.depth_multiplier!r}")
+        # Tuples survive a JSON round trip as lists; normalise so equal configs compare equal.
+        for name in ("atrous_rates", "multi_grid"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(int(v) for v in value))
+
+    @property
+    def rates(self) -> tuple[int, ...]:
+        """The ASPP atrous rates in force: the explicit override or the output-stride default."""
+        return self.atrous_rates if self.atrous_rates is not None else default_atrous_rates(self.output_stride)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in ("atrous_rates", "multi_grid"):
+            if out[name] is not None:
+                out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**data)
+
+
+# Pixel values are in 0-255 units everywhere: x_normalized = (x - mean) / std.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+TF_MEAN = (127.5, 127.5, 127.5)  # TF DeepLab: (x - 127.5) / 127.5
+TF_STD = (127.5, 127.5, 127.5)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB uint8 image becomes the model's input; travels with every checkpoint."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: tuple[int, int] | None = None  # (H, W) the model was exported/trained at, if fixed
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean!r} std={self.std!r}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std!r}")
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_size": list(self.input_size) if self.input_size else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Preprocessing":
+        return cls(mean=tuple(data["mean"]), std=tuple(data["std"]), input_size=data.get("input_size"))
+
+
+__all__ = [
+    "ASPP_RATES_AT_OS16",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ModelConfig",
+    "OUTPUT_STRIDES",
+    "Preprocessing",
+    "TF_MEAN",
+    "TF_STD",
+    "default_atrous_rates",
+]

@@ -1,0 +1,1 @@
+"""Importers: official TensorFlow DeepLab TFLite files, torchvision and timm state dicts."""

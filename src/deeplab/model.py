@@ -1,0 +1,135 @@
+"""The DeepLab model. `build_model(cfg)` is the one place a ModelConfig becomes modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import BACKBONES, Backbone
+from .config import ModelConfig, Preprocessing
+from .layers import ASPP, Decoder
+
+
+class DeepLab(nn.Module):
+    """DeepLabv3 (backbone + ASPP) or DeepLabv3+ (the same, plus the decoder) returning logits at input size.
+
+    No loss, softmax or argmax inside: `forward` maps a normalised (N, 3, H, W) batch to (N, num_classes, H, W).
+    The model carries its `config`, `class_names` and `preprocessing`, so a checkpoint needs nothing else.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        backbone: Backbone,
+        aspp: ASPP,
+        decoder: Decoder | None,
+        classifier: nn.Conv2d,
+        class_names: Sequence[str],
+        preprocessing: Preprocessing,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.class_names = tuple(class_names)
+        self.preprocessing = preprocessing
+        self.backbone = backbone
+        self.aspp = aspp
+        self.decoder = decoder
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        y = self.aspp(features["out"])  # (N, 256, H/os, W/os)
+        if self.decoder is not None:
+            y = self.decoder(y, features["low_level"])  # (N, 256, H/4, W/4)
+        y = self.classifier(y)  # (N, K, H/os or H/4, ...)
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=self.config.align_corners)
+
+    def with_output_stride(self, output_stride: int) -> "DeepLab":
+        """The same weights at another output stride (the paper's train-at-16, evaluate-at-8 protocol).
+
+        The backbone is re-dilated and the ASPP rates rescaled (an explicit override scales with them); no weight
+        changes, since strides and dilations hold no parameters.
+        """
+        cfg = self.config
+        rates = None if cfg.atrous_rates is None else tuple(r * cfg.output_stride // output_stride for r in cfg.atrous_rates)
+        new = build_model(
+            cfg.replace(output_stride=output_stride, atrous_rates=rates),
+            class_names=self.class_names,
+            preprocessing=self.preprocessing,
+        )
+        new.load_state_dict(self.state_dict())
+        return new.train(self.training).to(next(self.parameters()).device)
+
+
+def build_backbone(cfg: ModelConfig) -> Backbone:
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
+    kwargs: dict = {"output_stride": cfg.output_stride}
+    if cfg.multi_grid is not None:
+        kwargs["multi_grid"] = cfg.multi_grid
+    if cfg.depth_multiplier != 1.0:
+        if cfg.backbone != "mobilenet_v2":
+            raise ValueError(f"depth_multiplier={cfg.depth_multiplier} applies to mobilenet_v2 only, not {cfg.backbone!r}")
+        kwargs["depth_multiplier"] = cfg.depth_multiplier
+    return BACKBONES[cfg.backbone](**kwargs)
+
+
+def build_model(
+    cfg: ModelConfig, *, class_names: Sequence[str] | None = None, preprocessing: Preprocessing | None = None
+) -> DeepLab:
+    """Build a randomly initialised DeepLab for `cfg` (weights come from a checkpoint or `deeplab convert`)."""
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(cfg.num_classes)]
+    if len(class_names) != cfg.num_classes:
+        raise ValueError(f"{len(class_names)} class names given for num_classes={cfg.num_classes}; give one per class")
+    backbone = build_backbone(cfg)
+    aspp = ASPP(
+        backbone.channels["out"],
+        cfg.aspp_channels,
+        rates=cfg.rates,
+        separable=cfg.separable,
+        image_pooling=cfg.image_pooling,
+        dropout=cfg.dropout,
+    )
+    decoder = None
+    if cfg.decoder:
+        decoder = Decoder(
+            backbone.channels["low_level"],
+            cfg.aspp_channels,
+            low_level_channels=cfg.low_level_channels,
+            channels=cfg.decoder_channels,
+            separable=cfg.separable,
+            align_corners=cfg.align_corners,
+        )
+    head_channels = cfg.decoder_channels if cfg.decoder else cfg.aspp_channels
+    classifier = nn.Conv2d(head_channels, cfg.num_classes, 1)
+    model = DeepLab(
+        config=cfg,
+        backbone=backbone,
+        aspp=aspp,
+        decoder=decoder,
+        classifier=classifier,
+        class_names=class_names,
+        preprocessing=preprocessing or Preprocessing(),
+    )
+    _initialize(model, bn_momentum=cfg.bn_momentum)
+    return model
+
+
+def _initialize(model: nn.Module, *, bn_momentum: float) -> None:
+    """He-normal convs (TF's resnet/xception scopes use variance scaling), unit BN, and TF's BN decay everywhere."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if m.weight.device.type != "meta":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.momentum = bn_momentum
+            if m.weight is not None and m.weight.device.type != "meta":
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)

@@ -1,0 +1,308 @@
+"""The model family: shapes at odd sizes, stride/dilation wiring, ASPP rates, image pooling, the decoder contract."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from deeplab import ModelConfig, build_model, default_atrous_rates
+from deeplab.backbones import BACKBONES, atrous_plan
+from deeplab.backbones.xception import SeparableConv
+from deeplab.layers import ASPP, ImagePooling
+
+ALL_BACKBONES = sorted(BACKBONES)
+
+
+def meta_model(**kw) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(ModelConfig(**kw)).eval()
+
+
+@pytest.mark.parametrize(
+    "backbone,output_stride,decoder", list(itertools.product(ALL_BACKBONES, (8, 16, 32), (False, True)))
+)
+@pytest.mark.parametrize("size", [(65, 97), (513, 513)])
+def test_every_configuration_returns_logits_at_input_size(backbone, output_stride, decoder, size):
+    model = meta_model(backbone=backbone, output_stride=output_stride, decoder=decoder, num_classes=7)
+    x = torch.empty(2, 3, *size, device="meta")
+    feats = model.backbone(x)
+    # The feature contract: stride-4 low-level and output-stride features with the declared channel counts.
+    ceil = lambda n, s: -(-n // s)  # noqa: E731 - 'same' padding rounds up at every stride
+    assert tuple(feats["low_level"].shape) == (2, model.backbone.channels["low_level"], ceil(size[0], 4), ceil(size[1], 4))
+    assert tuple(feats["out"].shape) == (
+        2, model.backbone.channels["out"], ceil(size[0], output_stride), ceil(size[1], output_stride)
+    )
+    assert tuple(model(x).shape) == (2, 7, *size)
+
+
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
+def test_real_forward_and_backward_at_odd_size(backbone):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, output_stride=16, decoder=True, num_classes=3, separable=True))
+    model.train()
+    x = torch.randn(2, 3, 65, 97)
+    y = model(x)
+    assert y.shape == (2, 3, 65, 97) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert model.backbone.channels and all(p.grad is not None for p in model.classifier.parameters())
+
+
+def test_atrous_plan_follows_tf_stack_blocks_dense():
+    # Hand-worked: strides [2, 2, 2] after a stride-4 stem. OS 8: the second unit's stride is removed and that unit
+    # keeps rate 1 (the previous dilation); the third unit then runs at rate 2 with its stride removed too.
+    assert atrous_plan([2, 2, 2], output_stride=32, current_stride=4) == [(2, 1), (2, 1), (2, 1)]
+    assert atrous_plan([2, 2, 2], output_stride=16, current_stride=4) == [(2, 1), (2, 1), (1, 1)]
+    assert atrous_plan([2, 2, 2], output_stride=8, current_stride=4) == [(2, 1), (1, 1), (1, 2)]
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        atrous_plan([2], output_stride=4, current_stride=4)
+
+
+def _resnet_rates(model, layer):
+    return [(u.conv2.stride[0], u.conv2.dilation[0]) for u in getattr(model.backbone, layer)]
+
+
+def test_resnet_beta_dilations_at_each_output_stride():
+    # TF resnet_v1_101_beta: the stride sits on each block's last unit; multi-grid (1, 2, 4) on block4.
+    m16 = meta_model(backbone="resnet101_beta", output_stride=16)
+    assert _resnet_rates(m16, "layer3")[-1] == (1, 1)  # the unit whose stride was removed keeps rate 1
+    assert _resnet_rates(m16, "layer3")[:-1] == [(1, 1)] * 22
+    assert _resnet_rates(m16, "layer4") == [(1, 2), (1, 4), (1, 8)]
+    m8 = meta_model(backbone="resnet101_beta", output_stride=8)
+    assert _resnet_rates(m8, "layer2") == [(1, 1), (1, 1), (1, 1), (1, 1)]
+    assert _resnet_rates(m8, "layer3") == [(1, 2)] * 23
+    assert _resnet_rates(m8, "layer4") == [(1, 4), (1, 8), (1, 16)]
+    m32 = meta_model(backbone="resnet101_beta", output_stride=32)
+    assert _resnet_rates(m32, "layer3")[-1] == (2, 1)
+    assert _resnet_rates(m32, "layer4") == [(1, 1), (1, 2), (1, 4)]
+
+
+def test_resnet_torchvision_layout_dilations():
+    # torchvision: stride on the first unit, which keeps the previous dilation when the stride is removed.
+    m16 = meta_model(backbone="resnet50", output_stride=16)
+    assert _resnet_rates(m16, "layer3")[0] == (2, 1)
+    assert _resnet_rates(m16, "layer4") == [(1, 1 * 1), (1, 2 * 2), (1, 2 * 4)]
+    m8 = meta_model(backbone="resnet50", output_stride=8)
+    assert _resnet_rates(m8, "layer3") == [(1, 1)] + [(1, 2)] * 5
+    assert _resnet_rates(m8, "layer4") == [(1, 2 * 1), (1, 4 * 2), (1, 4 * 4)]
+    # Multi-grid is configurable; (1, 1, 1) gives torchvision's replace_stride_with_dilation exactly.
+    plain = meta_model(backbone="resnet50", output_stride=8, multi_grid=(1, 1, 1))
+    assert _resnet_rates(plain, "layer4") == [(1, 2), (1, 4), (1, 4)]
+
+
+def test_resnet_shortcuts_match_each_layout():
+    beta = meta_model(backbone="resnet50_beta", output_stride=32).backbone
+    assert [u.shortcut for u in beta.layer1] == ["conv", "identity", "subsample"]
+    assert beta.layer1[2].downsample is None and beta.layer1[2].conv2.stride == (2, 2)
+    assert [m.conv.kernel_size for m in list(beta.stem)[:3]] == [(3, 3)] * 3
+    assert [m.conv.out_channels for m in list(beta.stem)[:3]] == [64, 64, 128]
+    tv = meta_model(backbone="resnet50", output_stride=32).backbone
+    assert tv.conv1.kernel_size == (7, 7)
+    assert [u.shortcut for u in tv.layer2] == ["conv", "identity", "identity", "identity"]
+    assert tv.layer2[0].conv2.stride == (2, 2)
+
+
+def test_backbone_parameter_counts_match_torchvision():
+    # torchvision's published parameter counts minus their classification heads (fc: 2048*1000+1000;
+    # MobileNetV2: classifier 1280*1000+1000 and the final 1x1 conv 320->1280 + BN, which DeepLab drops).
+    expected = {"resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000,
+                "mobilenet_v2": 3_504_872 - 1_281_000 - 320 * 1280 - 2 * 1280}
+    for name, count in expected.items():
+        backbone = meta_model(backbone=name).backbone
+        assert sum(p.numel() for p in backbone.parameters()) == count, name
+
+
+def test_mobilenet_v2_channels_follow_tf_depth_multiplier_rules():
+    # Output channels of the 17 inverted residuals in the official dm=0.5 TFLite model (read off the file's
+    # tensor shapes) and in the standard dm=1.0 network.
+    official_dm05 = [8, 12, 12, 16, 16, 16, 32, 32, 32, 32, 48, 48, 48, 80, 80, 80, 160]
+    official_expansions = [16, 48, 72, 72, 96, 96, 96, 192, 192, 192, 192, 288, 288, 288, 480, 480, 480]
+    b = meta_model(backbone="mobilenet_v2", depth_multiplier=0.5).backbone
+    assert b.stem.conv.out_channels == 16
+    assert [blk.project.conv.out_channels for blk in b.blocks] == official_dm05
+    assert [blk.hidden_channels for blk in b.blocks] == official_expansions
+    b1 = meta_model(backbone="mobilenet_v2").backbone
+    assert [b1.blocks[i].project.conv.out_channels for i in (0, 2, 5, 9, 12, 15, 16)] == [16, 24, 32, 64, 96, 160, 320]
+    assert b1.channels == {"low_level": 144, "out": 320}
+
+
+def test_mobilenet_v2_dilations_match_the_official_os8_model():
+    # (stride, dilation) of every depthwise conv in deeplabv3_257_mv_gpu.tflite (output stride 8), read off the file.
+    official = [(1, 1), (2, 1), (1, 1), (2, 1), (1, 1), (1, 1), (1, 1)] + [(1, 2)] * 7 + [(1, 4)] * 3
+    b = meta_model(backbone="mobilenet_v2", depth_multiplier=0.5, output_stride=8).backbone
+    assert [(blk.depthwise.conv.stride[0], blk.depthwise.conv.dilation[0]) for blk in b.blocks] == official
+
+
+def _xception_rates(model):
+    return [[c.depthwise.conv.dilation[0] for c in blk.convs] for blk in model.backbone.blocks]
+
+
+def test_xception65_layout_and_dilations():
+    m = meta_model(backbone="xception65", output_stride=16)
+    blocks = m.backbone.blocks
+    assert len(blocks) == 3 + 16 + 2
+    assert [blk.convs[2].depthwise.conv.stride[0] for blk in blocks[:3]] == [2, 2, 2]
+    assert [blk.convs[-1].pointwise.conv.out_channels for blk in blocks[:3]] == [128, 256, 728]
+    assert all(blk.skip == "sum" for blk in blocks[3:19])
+    assert blocks[19].convs[2].depthwise.conv.stride == (1, 1)  # exit flow's stride became a dilation
+    assert _xception_rates(m)[19] == [1, 1, 1] and _xception_rates(m)[20] == [2, 2, 2]
+    m8 = meta_model(backbone="xception65", output_stride=8)
+    assert _xception_rates(m8)[2] == [1, 1, 1] and blocks[2].convs[2].depthwise.conv.stride == (2, 2)
+    assert all(r == [2, 2, 2] for r in _xception_rates(m8)[3:20]) and _xception_rates(m8)[20] == [4, 4, 4]
+    grid = meta_model(backbone="xception65", output_stride=16, multi_grid=(1, 2, 4))
+    assert _xception_rates(grid)[20] == [2, 4, 8]
+
+
+def test_xception71_entry_flow_and_low_level_tap():
+    m = meta_model(backbone="xception71", output_stride=16)
+    blocks = m.backbone.blocks
+    assert len(blocks) == 5 + 16 + 2
+    assert [blk.convs[2].depthwise.conv.stride[0] for blk in blocks[:5]] == [2, 1, 2, 1, 2]
+    assert m.backbone.low_level_index == 2  # TF: entry_flow/block3/unit_1/.../separable_conv2_pointwise
+    assert meta_model(backbone="xception65").backbone.low_level_index == 1  # entry_flow/block2
+
+
+def test_xception_relu_placement_follows_the_tf_reference():
+    # TF xception: ReLU *before* each separable conv (BN after depthwise and pointwise, no ReLU inside) except in the
+    # last exit-flow module, which has BN + ReLU after both the depthwise and the pointwise conv.
+    m = build_model(ModelConfig(backbone="xception65", num_classes=2))
+    seps = [c for c in m.modules() if isinstance(c, SeparableConv)]
+    assert len(seps) == 21 * 3
+    for sep in seps[:-3]:
+        assert not sep.relu_inside and list(sep.depthwise) == [sep.depthwise.conv, sep.depthwise.bn]
+    for sep in seps[-3:]:
+        assert sep.relu_inside and isinstance(sep.depthwise.act, nn.ReLU) and isinstance(sep.pointwise.act, nn.ReLU)
+    # Behaviour, not just structure: a module with relu_inside=False ignores negative inputs entirely.
+    sep = SeparableConv(4, 4, stride=1, dilation=1, relu_inside=False).eval()
+    x = -torch.rand(1, 4, 5, 5)
+    assert torch.allclose(sep(x), sep(torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("output_stride,rates", [(8, (12, 24, 36)), (16, (6, 12, 18)), (32, (3, 6, 9))])
+def test_aspp_rates_follow_the_output_stride(output_stride, rates):
+    assert default_atrous_rates(output_stride) == rates
+    m = meta_model(backbone="resnet50_beta", output_stride=output_stride)
+    assert tuple(b.conv.dilation[0] for b in m.aspp.branches[1:]) == rates
+    assert m.aspp.branches[0].conv.kernel_size == (1, 1)
+
+
+def test_aspp_rates_override_and_only_1x1_branch():
+    m = meta_model(backbone="mobilenet_v2", atrous_rates=())
+    assert len(m.aspp.branches) == 1 and m.aspp.project.conv.in_channels == 2 * 256
+    m = meta_model(backbone="resnet50", atrous_rates=(3, 5))
+    assert tuple(b.conv.dilation[0] for b in m.aspp.branches[1:]) == (3, 5)
+    no_pool = meta_model(backbone="resnet50", image_pooling=False)
+    assert no_pool.aspp.pooling is None and no_pool.aspp.project.conv.in_channels == 4 * 256
+
+
+def test_separable_aspp_and_decoder_are_depthwise_then_pointwise():
+    m = meta_model(backbone="xception65", separable=True)
+    for branch in list(m.aspp.branches[1:]) + list(m.decoder.fuse):
+        dw, pw = branch.depthwise, branch.pointwise
+        assert dw.conv.groups == dw.conv.in_channels and dw.conv.kernel_size == (3, 3)
+        assert isinstance(dw.bn, nn.BatchNorm2d) and isinstance(dw.act, nn.ReLU)
+        assert pw.conv.kernel_size == (1, 1) and isinstance(pw.bn, nn.BatchNorm2d) and isinstance(pw.act, nn.ReLU)
+    assert [b.depthwise.conv.dilation[0] for b in m.aspp.branches[1:]] == [6, 12, 18]
+
+
+def test_decoder_is_the_papers_best_configuration():
+    m = meta_model(backbone="resnet101_beta", decoder=True, num_classes=21)
+    d = m.decoder
+    assert d.project.conv.kernel_size == (1, 1) and d.project.conv.out_channels == 48
+    assert [c.conv.kernel_size for c in d.fuse] == [(3, 3), (3, 3)]
+    assert [c.conv.out_channels for c in d.fuse] == [256, 256] and d.fuse[0].conv.in_channels == 256 + 48
+    assert m.classifier.kernel_size == (1, 1) and m.classifier.out_channels == 21
+    assert m.aspp.dropout.p == pytest.approx(0.1)
+    assert meta_model(backbone="resnet101_beta", decoder=False).decoder is None
+
+
+def test_image_pooling_trains_with_one_image_per_batch():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=3, decoder=False)).train()
+    pool = model.aspp.pooling
+    before = pool.bn.running_mean.clone()
+    loss = model(torch.randn(1, 3, 65, 65)).logsumexp(1).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and pool.conv.weight.grad is not None and pool.conv.weight.grad.abs().sum() > 0
+    assert torch.equal(pool.bn.running_mean, before)  # batch of 1: running statistics neither used from nor updated
+    model(torch.randn(2, 3, 65, 65))
+    assert not torch.equal(pool.bn.running_mean, before)  # batch of 2: ordinary batch norm
+
+
+def test_image_pooling_is_a_global_mean_broadcast():
+    torch.manual_seed(0)
+    pool = ImagePooling(4, 3).eval()
+    x = torch.randn(2, 4, 5, 7)
+    y = pool(x)
+    assert y.shape == (2, 3, 5, 7)
+    by_hand = torch.relu(pool.bn(pool.conv(x.mean(dim=(2, 3), keepdim=True))))
+    assert torch.allclose(y, by_hand.expand(-1, -1, 5, 7))
+
+
+def test_aspp_concatenates_pooling_first_as_tf_does():
+    torch.manual_seed(0)
+    aspp = ASPP(8, 4, rates=(2,), dropout=0.0).eval()
+    x = torch.randn(1, 8, 9, 9)
+    pooled, b0, b1 = aspp.pooling(x), aspp.branches[0](x), aspp.branches[1](x)
+    assert torch.allclose(aspp(x), aspp.project(torch.cat([pooled, b0, b1], 1)), atol=1e-6)
+
+
+def test_align_corners_is_a_model_option():
+    torch.manual_seed(0)
+    a = build_model(ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=2, align_corners=True)).eval()
+    b = build_model(ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=2, align_corners=False)).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert ya.shape == yb.shape == (1, 2, 65, 65) and not torch.allclose(ya, yb)
+
+
+def test_output_stride_switch_keeps_weights_and_doubles_rates():
+    torch.manual_seed(0)
+    m16 = build_model(ModelConfig(backbone="resnet50_beta", output_stride=16, num_classes=3)).eval()
+    m8 = m16.with_output_stride(8)
+    assert m8.config.output_stride == 8 and m8.config.rates == (12, 24, 36)
+    assert [b.conv.dilation[0] for b in m8.aspp.branches[1:]] == [12, 24, 36]
+    assert all(torch.equal(a, b) for a, b in zip(m16.state_dict().values(), m8.state_dict().values()))
+    assert not m8.training
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad():
+        assert m8(x).shape == m16(x).shape == (1, 3, 65, 65)
+
+
+def test_bad_configurations_name_the_value_and_the_choices():
+    with pytest.raises(ValueError, match="unknown backbone 'resnet152'.*choose from"):
+        build_model(ModelConfig(backbone="resnet152"))
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        ModelConfig(output_stride=4)
+    with pytest.raises(ValueError, match="multi_grid needs 3"):
+        build_model(ModelConfig(backbone="resnet50", multi_grid=(1, 2)))
+    with pytest.raises(ValueError, match="depth_multiplier=0.5 applies to mobilenet_v2 only"):
+        build_model(ModelConfig(backbone="resnet50", depth_multiplier=0.5))
+    with pytest.raises(ValueError, match="class names"):
+        build_model(ModelConfig(num_classes=3), class_names=["a", "b"])
+
+
+def test_onnx_export_with_dynamic_height_and_width():
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import io
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=3)).eval()
+    f = io.BytesIO()
+    torch.onnx.export(
+        model, (torch.randn(1, 3, 65, 97),), f, input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "n", 2: "h", 3: "w"}}, dynamo=False,
+    )
+    session = ort.InferenceSession(f.getvalue())
+    for size in [(65, 97), (129, 64)]:  # the second size was never seen at export
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == expected.shape
+        assert abs(got - expected).max() < 1e-4
