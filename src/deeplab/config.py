@@ -33,6 +33,7 @@ class ModelConfig:
     aspp_channels: int = 256
     decoder_channels: int = 256
     low_level_channels: int = 48  # the paper's best projection of the stride-4 feature (Table 1)
+    head_conv: bool = False  # a 3x3 conv + BN + ReLU before the classifier (torchvision's DeepLabHead has one)
     dropout: float = 0.1  # after the ASPP projection; TF keep_prob 0.9
     align_corners: bool = False  # TF-converted models need True
     depth_multiplier: float = 1.0  # MobileNetV2 only
@@ -129,3 +130,58 @@ __all__ = [
     "TF_STD",
     "default_atrous_rates",
 ]
+
+
+# ---- dataclass <-> command-line flags ---------------------------------------------------------------------------
+# One flag per field (`output_stride` -> `--output-stride`), typed from the annotation; defaults are None so the
+# caller can tell an explicit flag from a preset's value.
+
+
+def _flag_parser(annotation: Any):
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+
+        def parse_tuple(text: str) -> tuple:
+            try:
+                return tuple(item(v) for v in text.split(",") if v.strip())
+            except ValueError:
+                raise _argparse_error(f"expected comma-separated {item.__name__} values like 1,2,4, got {text!r}") from None
+
+        return parse_tuple
+    return base
+
+
+def _argparse_error(message: str) -> Exception:
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
+def add_dataclass_flags(parser: Any, cls: type, *, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
+    """Add `--field-name` for every field of dataclass `cls` (booleans get --x/--no-x), default None."""
+    import argparse
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    helps = helps or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default_text = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
+        text = helps.get(f.name, "")
+        text = f"{text} ({default_text})" if text else f"({default_text})"
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=_flag_parser(hints[f.name]), default=None, help=text, metavar=f.name.upper())
+
+
+def dataclass_from_flags(cls: type, base: Any, args: Any) -> Any:
+    """`base` with every field whose flag was given on the command line replaced."""
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **changes)

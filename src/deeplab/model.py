@@ -10,7 +10,7 @@ from torch import nn
 
 from .backbones import BACKBONES, Backbone
 from .config import ModelConfig, Preprocessing
-from .layers import ASPP, Decoder
+from .layers import ASPP, Decoder, conv_bn
 
 
 class DeepLab(nn.Module):
@@ -30,6 +30,7 @@ class DeepLab(nn.Module):
         classifier: nn.Conv2d,
         class_names: Sequence[str],
         preprocessing: Preprocessing,
+        head_conv: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -38,6 +39,7 @@ class DeepLab(nn.Module):
         self.backbone = backbone
         self.aspp = aspp
         self.decoder = decoder
+        self.head_conv = head_conv
         self.classifier = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +47,8 @@ class DeepLab(nn.Module):
         y = self.aspp(features["out"])  # (N, 256, H/os, W/os)
         if self.decoder is not None:
             y = self.decoder(y, features["low_level"])  # (N, 256, H/4, W/4)
+        if self.head_conv is not None:
+            y = self.head_conv(y)
         y = self.classifier(y)  # (N, K, H/os or H/4, ...)
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=self.config.align_corners)
 
@@ -106,6 +110,7 @@ def build_model(
             align_corners=cfg.align_corners,
         )
     head_channels = cfg.decoder_channels if cfg.decoder else cfg.aspp_channels
+    head_conv = conv_bn(head_channels, head_channels, kernel_size=3) if cfg.head_conv else None
     classifier = nn.Conv2d(head_channels, cfg.num_classes, 1)
     model = DeepLab(
         config=cfg,
@@ -115,6 +120,7 @@ def build_model(
         classifier=classifier,
         class_names=class_names,
         preprocessing=preprocessing or Preprocessing(),
+        head_conv=head_conv,
     )
     _initialize(model, bn_momentum=cfg.bn_momentum)
     return model

@@ -1,7 +1,7 @@
 """MobileNetV2 (Sandler et al., 2018) as TF DeepLab builds it: `mobilenet_base` up to `layer_18`, no final 1x1.
 
 Channel rules are TF's: with depth multiplier 1.0, channels round to multiples of 8 (minimum 8); with any other
-multiplier DeepLab passes `divisible_by=1, min_depth=1`, so channels are just truncated (the official dm=0.5 model
+multiplier DeepLab passes `divisible_by=1, min_depth=1`, so channels are rounded to the nearest integer (the official dm=0.5 model
 has 16, 8, 12, 16, 32, 48, 80, 160). Expansion widths round to multiples of 8 as TF's `expand_input_by_factor` does.
 ReLU6 after expansion and depthwise convs, linear projection, BN epsilon 1e-3.
 """

@@ -1,0 +1,444 @@
+"""Import torchvision and timm state dicts: ImageNet backbones, and torchvision's COCO-trained DeepLabv3.
+
+Every file is read with `torch.load(path, map_location="cpu", weights_only=True)`, so a checkpoint can never run
+code; `.safetensors` files are read with the `safetensors` package when it is installed. Common containers are
+unwrapped: `{"state_dict": ...}`, `{"model": ...}`, `{"model_state_dict": ...}`, and the `module.` (DDP) or
+`_orig_mod.` (torch.compile) prefixes.
+
+Names are matched one for one, from a rename table per source layout; anything left over on either side, or any
+shape that differs, gives ONE `CheckpointError` naming the file and listing every unmatched key on both sides.
+The only keys dropped on purpose are the classification heads the segmentation model has no use for:
+
+- torchvision / timm ResNet-50/101: `fc.weight`, `fc.bias`.
+- timm aligned Xception-65/71: `head.fc.weight`, `head.fc.bias`. timm's Xception has no layers past the exit flow
+  (no conv3/conv4 as in the original Xception), so nothing else is dropped.
+- torchvision `deeplabv3_resnet50/101`: `aux_classifier.*` (the FCN head on layer3, used only for the training
+  loss).
+
+torchvision's DeepLabHead has one layer deeplab's DeepLabv3 head lacks, a 3x3 conv + BN + ReLU between ASPP and the
+classifier; `load_torchvision_deeplabv3` needs `ModelConfig.head_conv` for it (see there).
+
+A missing `*.num_batches_tracked` (files saved before PyTorch 0.4.1, such as torchvision's first ResNet release) is
+filled with 0, as `nn.BatchNorm2d` itself does when loading such files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..backbones import BACKBONES
+from ..checkpoint import CheckpointError, load_state_dict_strict
+from ..config import ModelConfig, Preprocessing
+from ..layers import conv_bn
+from ..model import DeepLab, build_model
+
+StateDictSource = str | os.PathLike | Mapping[str, Tensor]
+
+# Containers that training scripts wrap a state dict in (timm, torchvision references, Lightning-like loops).
+CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")
+# Prefixes that wrappers add to every key: DistributedDataParallel / DataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(src: StateDictSource) -> tuple[dict[str, Tensor], str]:
+    """(state dict, a name for error messages) from a path or an already loaded dict; containers unwrapped."""
+    if isinstance(src, Mapping):
+        return _unwrap(src, source="the given state dict"), "the given state dict"
+    if not isinstance(src, (str, os.PathLike)):
+        raise TypeError(f"expected a file path or a state dict (a mapping of names to tensors), got {type(src).__name__}")
+    path = Path(src)
+    source = str(path)
+    if not path.is_file():
+        raise CheckpointError(f"{source}: no such file; pass the path of a .pth/.pt (or .safetensors) weights file")
+    if path.suffix == ".safetensors":
+        return _unwrap(_read_safetensors(path), source=source), source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing on non-torch pickles
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip, pickle and weights_only errors all mean "not a file we can read safely"
+        raise CheckpointError(_unreadable_message(e, source=source)) from None
+    return _unwrap(data, source=source), source
+
+
+def _unreadable_message(e: Exception, *, source: str) -> str:
+    text = str(e)
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return (
+            f"{source}: the file holds Python objects besides tensors ({code.group(1)}), and unpickling them could run "
+            "code, so it is refused. If you trust the file, re-save just its weights: "
+            "torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth')"
+        )
+    if "WeightsUnpickler error:" in text:  # the pickle stream itself is malformed: not a torch.save file
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), "empty or cut short")
+    return (
+        f"{source}: not a readable PyTorch weights file ({type(e).__name__}: {detail[:200]}); pass a .pth/.pt "
+        "written by torch.save (a truncated download also ends up here: download it again)"
+    )
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading .safetensors needs the safetensors package: pip install safetensors"
+        ) from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _unwrap(data: object, *, source: str) -> dict[str, Tensor]:
+    while isinstance(data, Mapping) and not _is_state_dict(data):
+        inner = next((data[k] for k in CONTAINER_KEYS if isinstance(data.get(k), Mapping)), None)
+        if inner is None:
+            break
+        data = inner
+    if not isinstance(data, Mapping) or not _is_state_dict(data):
+        if isinstance(data, Mapping):
+            kind = f"a dict with keys {sorted(map(str, data))[:8]} and non-tensor values"
+        else:
+            kind = f"a {type(data).__name__}"
+        raise CheckpointError(
+            f"{source}: expected a state dict (parameter names -> tensors), found {kind}; "
+            f"pass the model's state_dict, or a dict holding it under one of {list(CONTAINER_KEYS)}"
+        )
+    state = {str(k): v for k, v in data.items()}
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _is_state_dict(data: Mapping) -> bool:
+    return len(data) > 0 and all(isinstance(v, Tensor) for v in data.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Matching names and shapes, with one error for every mismatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _match(
+    state: Mapping[str, Tensor],
+    target: Mapping[str, torch.Size],
+    *,
+    rename: Callable[[str], str],
+    dropped: Sequence[str],
+    source: str,
+    layout: str,
+) -> dict[str, Tensor]:
+    """Our key -> tensor, taking each of our `target` keys from the file's `rename(key)`.
+
+    `dropped` are file-key prefixes we leave out on purpose. Missing keys are listed in the file's names (what the
+    file should have held); unexpected ones as the file has them.
+    """
+    wanted = {rename(k): k for k in target}
+    out: dict[str, Tensor] = {}
+    missing, shapes = [], []
+    for src_key, our_key in wanted.items():
+        if src_key not in state:
+            if our_key.endswith("num_batches_tracked"):
+                out[our_key] = torch.tensor(0, dtype=torch.long)  # pre-0.4.1 files have no counter
+            else:
+                missing.append(src_key)
+            continue
+        value = state[src_key]
+        if tuple(value.shape) != tuple(target[our_key]):
+            shapes.append(f"{src_key}: file {tuple(value.shape)} vs model {tuple(target[our_key])}")
+        out[our_key] = value
+    unexpected = sorted(k for k in state if k not in wanted and not k.startswith(tuple(dropped)))
+    if missing or unexpected or shapes:
+        parts = [f"{source}: the weights do not fit (expected {layout})"]
+        if missing:
+            parts.append(f"missing in the file ({len(missing)}): {_first_20(sorted(missing))}")
+        if unexpected:
+            parts.append(f"not in the model ({len(unexpected)}): {_first_20(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(sorted(shapes)[:20])}")
+        raise CheckpointError("\n  ".join(parts))
+    return out
+
+
+def _first_20(keys: Sequence[str]) -> str:
+    return ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "")
+
+
+def _shapes(module: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ImageNet backbones
+# --------------------------------------------------------------------------------------------------------------
+
+_TIMM_SEPARABLE = re.compile(r"^blocks\.(\d+)\.convs\.(\d+)\.(depthwise|pointwise)\.(conv|bn)\.(.+)$")
+
+
+def _same_name(key: str) -> str:
+    return key
+
+
+def _timm_xception_name(key: str) -> str:
+    """Our Xception key -> timm's `xception_aligned` key.
+
+    Ours `blocks.{i}.convs.{k}.depthwise|pointwise.conv|bn.*` is timm's `blocks.{i}.stack.conv{k+1}.conv_dw|bn_dw|
+    conv_pw|bn_pw.*`; `stem.{0,1}.conv|bn.*` and `blocks.{i}.shortcut.conv|bn.*` have the same names in both.
+    """
+    m = _TIMM_SEPARABLE.match(key)
+    if m is None:
+        return key
+    block, k, part, layer, rest = m.groups()
+    suffix = "dw" if part == "depthwise" else "pw"
+    return f"blocks.{block}.stack.conv{int(k) + 1}.{layer}_{suffix}.{rest}"
+
+
+# Per backbone: (description of the file layout, our key -> file key, file-key prefixes dropped on purpose).
+# torchvision's and timm's plain `resnet50`/`resnet101` share torchvision's names, which ours use as they are.
+# An Xception file may also carry our own names (a saved `model.backbone.state_dict()`).
+_Layout = tuple[str, Callable[[str], str], tuple[str, ...]]
+_RESNET_LAYOUTS: list[_Layout] = [("torchvision/timm ResNet names", _same_name, ("fc.",))]
+_XCEPTION_LAYOUTS: list[_Layout] = [
+    ("timm xception_aligned names", _timm_xception_name, ("head.",)),
+    ("deeplab Xception names", _same_name, ()),
+]
+BACKBONE_LAYOUTS: dict[str, list[_Layout]] = {
+    "resnet50": _RESNET_LAYOUTS,
+    "resnet101": _RESNET_LAYOUTS,
+    "xception65": _XCEPTION_LAYOUTS,
+    "xception71": _XCEPTION_LAYOUTS,
+}
+
+
+def backbone_state_dict(src: StateDictSource, *, backbone: str) -> dict[str, Tensor]:
+    """ImageNet weights from torchvision or timm, renamed to deeplab's `backbone` (keys without `backbone.`).
+
+    Load them with `model.backbone.load_state_dict(backbone_state_dict(FILE, backbone=model.config.backbone))`;
+    strides and dilations hold no parameters, so the weights fit every output stride and multi-grid.
+
+    - `resnet50`, `resnet101`: torchvision's ImageNet ResNets and timm's plain `resnet50`/`resnet101` (the same
+      names: conv1, bn1, layer1.0.conv1, ..., layer1.0.downsample.0/1). `fc.*` is dropped. timm's deep-stem
+      variants (`resnet50c/d/s/t`, keys `conv1.0.weight` ...) are refused: their 3-conv stem and average-pool
+      shortcuts have no counterpart here.
+    - `xception65`, `xception71`: timm's aligned Xception (`timm/models/xception_aligned.py`, ImageNet weights
+      converted from TF DeepLab). The structures agree module for module: timm's `start_with_relu=True` modules
+      (ReLU before each separable conv, none inside) are our `SeparableConv(relu_inside=False)`; its last exit-flow
+      module (`start_with_relu=False`, `no_skip=True`: ReLU after each BN, no shortcut) is ours with
+      `relu_inside=True`, `skip="none"`; a 1x1 conv + BN `shortcut` where channels or stride change is our
+      `skip="conv"`, and the identity of the middle flow our `skip="sum"`. Both use BN epsilon 1e-3 and symmetric
+      padding. `head.fc.*` is dropped. timm's pre-activation variants (`xception41p`, `xception65p`) are refused.
+
+    Raises `CheckpointError` (naming the file) for anything that is not such a file, with every unmatched key on
+    both sides and every shape mismatch in one message.
+    """
+    if backbone not in BACKBONE_LAYOUTS:
+        raise ValueError(
+            f"no torchvision/timm ImageNet layout for backbone {backbone!r}; backbone weights can be imported for "
+            f"{sorted(BACKBONE_LAYOUTS)} (the TF-layout backbones take weights from the TF/TFLite converters)"
+        )
+    state, source = read_state_dict(src)
+    _refuse_known_variants(state, backbone=backbone, source=source)
+    with torch.device("meta"):
+        target = _shapes(BACKBONES[backbone]())
+    layouts = BACKBONE_LAYOUTS[backbone]
+    # The layout whose names the file shares most; a file of another architecture then fails on the first one.
+    description, rename, dropped = max(layouts, key=lambda lay: sum(lay[1](k) in state for k in target))
+    return _match(
+        state, target, rename=rename, dropped=dropped, source=source, layout=f"{description} for deeplab {backbone}"
+    )
+
+
+def _refuse_known_variants(state: Mapping[str, Tensor], *, backbone: str, source: str) -> None:
+    """Clear errors for well-known relatives that share most names but compute something else."""
+    if backbone.startswith("resnet") and "conv1.0.weight" in state:
+        raise CheckpointError(
+            f"{source}: a deep-stem ResNet (timm's resnet*c/d/s/t: key 'conv1.0.weight', a stem of three 3x3 convs"
+            f"{', average-pool shortcuts downsample.1/2' if any('.downsample.2.' in k for k in state) else ''}); "
+            f"deeplab's {backbone} has torchvision's 7x7 stem, so these weights cannot be loaded. Use a torchvision "
+            "or timm plain resnet50/resnet101 file"
+        )
+    if backbone.startswith("xception") and any(re.match(r"^blocks\.\d+\.(norm|stack\.conv\d\.norm)\.", k) for k in state):
+        raise CheckpointError(
+            f"{source}: a pre-activation Xception (timm's xception41p/xception65p: keys 'blocks.N.norm.*', no bn_dw/bn_pw);"
+            f" deeplab's {backbone} is TF's post-BN aligned Xception. Use timm's xception65/xception71 weights"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchvision deeplabv3_resnet50 / deeplabv3_resnet101
+# --------------------------------------------------------------------------------------------------------------
+
+TORCHVISION_ASPP_RATES = (12, 24, 36)  # torchvision's DeepLabHead, at output stride 8
+TORCHVISION_DROPOUT = 0.5  # torchvision's ASPP projection
+TORCHVISION_BN_MOMENTUM = 0.1  # PyTorch's default, which torchvision trained with
+HEAD_CONV_FIELD = "head_conv"  # the ModelConfig field this importer needs (see load_torchvision_deeplabv3)
+
+# Our key prefix -> torchvision's, first match wins. torchvision's ASPP is `classifier.0`: convs.0 the 1x1 branch,
+# convs.1-3 the atrous 3x3 branches (Sequential conv, bn, relu), convs.4 the pooling branch (Sequential pool, conv,
+# bn, relu), project (conv, bn, relu, dropout). Then classifier.1/2/3 = 3x3 conv, BN, ReLU; classifier.4 = 1x1.
+_TORCHVISION_DEEPLABV3_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("backbone.", "backbone."),
+    *((f"aspp.branches.{i}.conv.", f"classifier.0.convs.{i}.0.") for i in range(4)),
+    *((f"aspp.branches.{i}.bn.", f"classifier.0.convs.{i}.1.") for i in range(4)),
+    ("aspp.pooling.conv.", "classifier.0.convs.4.1."),
+    ("aspp.pooling.bn.", "classifier.0.convs.4.2."),
+    ("aspp.project.conv.", "classifier.0.project.0."),
+    ("aspp.project.bn.", "classifier.0.project.1."),
+    ("head_conv.conv.", "classifier.1."),
+    ("head_conv.bn.", "classifier.2."),
+    ("classifier.", "classifier.4."),
+)
+_TORCHVISION_DEPTHS = {6: 50, 23: 101}  # units in layer3 -> ResNet depth
+
+
+def _torchvision_deeplabv3_name(key: str) -> str:
+    for ours, theirs in _TORCHVISION_DEEPLABV3_PREFIXES:
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return key
+
+
+def has_head_conv_field() -> bool:
+    """Whether this deeplab's ModelConfig can hold torchvision's extra 3x3 head conv (`head_conv`)."""
+    return HEAD_CONV_FIELD in {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> ModelConfig:
+    """The deeplab config that computes what torchvision's `deeplabv3_resnet{depth}` computes.
+
+    ResNet in torchvision's layout at output stride 8 (layer3 and layer4 dilated, each stage's first unit keeping the
+    previous rate, as ours does), no multi-grid (torchvision has none), ASPP rates (12, 24, 36), no decoder,
+    dropout 0.5, PyTorch's BN momentum 0.1, `align_corners=False`. With `head_conv` when ModelConfig has it.
+    """
+    if depth not in (50, 101):
+        raise ValueError(f"torchvision's DeepLabv3 ResNets have depth 50 or 101, got {depth!r}")
+    fields = dict(
+        backbone=f"resnet{depth}",
+        num_classes=num_classes,
+        output_stride=8,
+        atrous_rates=TORCHVISION_ASPP_RATES,
+        multi_grid=(1, 1, 1),
+        decoder=False,
+        separable=False,
+        image_pooling=True,
+        dropout=TORCHVISION_DROPOUT,
+        align_corners=False,
+        bn_momentum=TORCHVISION_BN_MOMENTUM,
+    )
+    if has_head_conv_field():
+        fields[HEAD_CONV_FIELD] = True
+    return ModelConfig(**fields)
+
+
+def torchvision_deeplabv3_state_dict(src: StateDictSource) -> tuple[dict[str, Tensor], ModelConfig]:
+    """torchvision `deeplabv3_resnet50/101` weights in deeplab's names, and the config they belong to.
+
+    Keys come back as `backbone.*`, `aspp.*`, `head_conv.conv.weight`, `head_conv.bn.*` (torchvision's
+    classifier.1/classifier.2) and `classifier.{weight,bias}`; `aux_classifier.*` is dropped. The ASPP projection
+    weight has its input channels permuted: torchvision concatenates the pooling branch LAST
+    ([1x1, r12, r24, r36, pool]), ours FIRST ([pool, 1x1, r12, r24, r36], TF's order).
+    Works whether or not ModelConfig has `head_conv`, so the weights can be inspected either way.
+    """
+    state, source = read_state_dict(src)
+    return _convert_torchvision_deeplabv3(state, source=source)
+
+
+def _convert_torchvision_deeplabv3(state: Mapping[str, Tensor], *, source: str) -> tuple[dict[str, Tensor], ModelConfig]:
+    units = {m.group(1) for k in state if (m := re.match(r"^backbone\.layer3\.(\d+)\.", k))}
+    depth = _TORCHVISION_DEPTHS.get(len(units), 50)  # anything else fails the match below, with the key lists
+    head = state.get("classifier.4.weight")
+    num_classes = int(head.shape[0]) if head is not None and head.ndim == 4 else 21
+    cfg = torchvision_deeplabv3_config(depth=depth, num_classes=num_classes)
+    with torch.device("meta"):
+        model = build_model(cfg)
+        target = _shapes(model)
+        if not has_head_conv_field():
+            # What model.py builds once ModelConfig.head_conv exists: conv_bn(256, 256, kernel_size=3) at `head_conv`.
+            head_conv = conv_bn(cfg.aspp_channels, cfg.aspp_channels, kernel_size=3)
+            target.update({f"head_conv.{k}": v for k, v in _shapes(head_conv).items()})
+    out = _match(
+        state,
+        target,
+        rename=_torchvision_deeplabv3_name,
+        dropped=("aux_classifier.",),
+        source=source,
+        layout=f"torchvision deeplabv3_resnet{depth} names",
+    )
+    # Pooling last (torchvision) -> pooling first (ours): move the last branch's input channels to the front.
+    w = out["aspp.project.conv.weight"]
+    c = out["aspp.pooling.conv.weight"].shape[0]
+    out["aspp.project.conv.weight"] = torch.cat([w[:, -c:], w[:, :-c]], dim=1)
+    return out, cfg
+
+
+def load_torchvision_deeplabv3(src: StateDictSource, *, num_classes: int | None = None) -> DeepLab:
+    """A deeplab `DeepLab` computing what torchvision's `deeplabv3_resnet50/101` (COCO with VOC labels) computes.
+
+    Input: RGB normalised with ImageNet mean/std (the model's `preprocessing`); logits upsampled with
+    `align_corners=False`, as torchvision does. The config is `torchvision_deeplabv3_config` (output stride 8,
+    rates (12, 24, 36), no multi-grid, no decoder, dropout 0.5).
+
+    torchvision's head has a 3x3 conv + BN + ReLU between ASPP and the 1x1 classifier (`classifier.1/2/3`), which
+    cannot be folded into anything else (the ReLU sits between it and the classifier). It needs
+    `ModelConfig.head_conv: bool` (a `conv_bn(256, 256, kernel_size=3)` at `DeepLab.head_conv`, applied just before
+    `classifier`); without that field this raises NotImplementedError. `torchvision_deeplabv3_state_dict` converts
+    the weights either way.
+
+    `num_classes`: None (or the file's) keeps the file's classifier; another number keeps everything else and gives
+    a freshly initialised classifier, for fine-tuning on another label set. Returned in eval mode.
+    """
+    raw, source = read_state_dict(src)
+    state, cfg = _convert_torchvision_deeplabv3(raw, source=source)
+    if not has_head_conv_field():
+        raise NotImplementedError(
+            f"{source}: torchvision's DeepLabHead has a 3x3 conv + BN + ReLU between ASPP and the classifier "
+            "(classifier.1, classifier.2) that this deeplab cannot represent yet: ModelConfig needs a "
+            "`head_conv: bool` field (conv_bn(256, 256, kernel_size=3) at DeepLab.head_conv, before classifier). "
+            "torchvision_deeplabv3_state_dict() gives the converted weights meanwhile"
+        )
+    file_classes = cfg.num_classes
+    if num_classes is not None and num_classes != file_classes:
+        cfg = cfg.replace(num_classes=num_classes)
+    class_names = _voc_class_names() if cfg.num_classes == 21 and cfg.num_classes == file_classes else None
+    model = build_model(cfg, class_names=class_names, preprocessing=Preprocessing())
+    if cfg.num_classes != file_classes:
+        state["classifier.weight"] = model.classifier.weight.detach().clone()
+        state["classifier.bias"] = model.classifier.bias.detach().clone()
+    load_state_dict_strict(model, state, source=source)
+    return model.eval()
+
+
+def _voc_class_names() -> tuple[str, ...]:
+    # torchvision's COCO-with-VOC-labels models predict the 21 PASCAL VOC classes, background first.
+    from ..data.palettes import VOC_CLASSES
+
+    return VOC_CLASSES
+
+
+__all__ = [
+    "BACKBONE_LAYOUTS",
+    "StateDictSource",
+    "backbone_state_dict",
+    "has_head_conv_field",
+    "load_torchvision_deeplabv3",
+    "read_state_dict",
+    "torchvision_deeplabv3_config",
+    "torchvision_deeplabv3_state_dict",
+]
