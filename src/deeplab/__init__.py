@@ -3,6 +3,7 @@
 from .checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig, Preprocessing, default_atrous_rates
 from .model import DeepLab, build_model
+from .predict import predict  # the function: `deeplab.predict` names it, so import helpers `from deeplab.predict`
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,6 @@ __all__ = [
     "build_model",
     "default_atrous_rates",
     "load",
+    "predict",
     "save_checkpoint",
 ]

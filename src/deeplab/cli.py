@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .backbones import BACKBONES
-from .config import OUTPUT_STRIDES, ModelConfig
+from .config import OUTPUT_STRIDES, ModelConfig, add_dataclass_flags, dataclass_from_flags
 
 
 def _add_model_flags(p: argparse.ArgumentParser, *, backbone: str = "resnet101_beta") -> None:
@@ -99,6 +99,282 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_HELP = {
+    "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder",
+    "data_root": "dataset folder",
+    "batch_size": "global batch size, split across torchrun processes",
+    "steps": "training steps",
+    "lr": "initial learning rate of the poly schedule",
+    "val_every": "validate every N steps (0: only at the end)",
+    "backbone_weights": "ImageNet backbone weights (torchvision or timm file)",
+    "init_checkpoint": "start from a deeplab checkpoint, e.g. one written by `deeplab convert`",
+    "amp": "off, bf16 (CPU or CUDA) or fp16 (CUDA)",
+    "hard_pixel_fraction": "train on only this fraction of hardest pixels",
+    "freeze_bn": "BatchNorm in inference mode (fine-tuning at output stride 8)",
+    "eval_output_stride": "validate at this output stride (e.g. 8 for a model trained at 16)",
+    "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
+    "backbone": "backbone network: " + ", ".join(sorted(BACKBONES)),
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from .train import SYNTHETIC_MODEL, SYNTHETIC_TRAIN, TrainConfig, TrainingDiverged, fit
+
+    dataset = args.dataset or "synthetic"
+    # The synthetic dataset gets the built-in 3-minute preset; real datasets get the paper's protocol.
+    base_model, base_train = (SYNTHETIC_MODEL, SYNTHETIC_TRAIN) if dataset == "synthetic" else (ModelConfig(), TrainConfig())
+    model_cfg = dataclass_from_flags(ModelConfig, base_model, args)
+    train_cfg = dataclass_from_flags(TrainConfig, base_train, args)
+    out = args.out or f"runs/{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = fit(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.quiet, echo=print)
+    except TrainingDiverged as e:
+        print(f"deeplab train: stopped: {e}", file=sys.stderr)
+        return 1
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return 0
+    m = result.metrics
+    print(f"\nper-class IoU at step {result.step} ({result.seconds:.0f} s):")
+    for name, iou in m["per_class_iou"].items():
+        print(f"  {name:<20} {'-' if iou is None else f'{100 * iou:6.2f}'}")
+    print(f"  {'mIoU':<20} {100 * m['miou']:6.2f}\n  {'pixel accuracy':<20} {100 * m['pixel_accuracy']:6.2f}")
+    print(f"wrote {result.out_dir}/config.json, last.pt, best.pt, metrics.json, log.csv, predictions.png")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .convert import convert_file
+
+    names = None
+    if args.labels:
+        names = [line.strip() for line in open(args.labels) if line.strip()]
+    model = convert_file(
+        args.src, backbone=args.backbone, num_classes=args.num_classes, output_stride=args.output_stride,
+        decoder=args.decoder, class_names=names,
+    )
+    path = save_checkpoint(model, args.out, source=str(args.src))
+    cfg = model.config
+    print(f"{args.src} -> {path}: {cfg.backbone} (depth multiplier {cfg.depth_multiplier}), output stride "
+          f"{cfg.output_stride}, ASPP rates {cfg.rates}, {'decoder' if cfg.decoder else 'no decoder'}, "
+          f"{cfg.num_classes} classes, align_corners={cfg.align_corners}, mean {model.preprocessing.mean}, "
+          f"std {model.preprocessing.std}, input size {model.preprocessing.input_size}")
+    return 0
+
+
+# -- eval, predict, export ------------------------------------------------------------------------------------------
+
+
+def _float_tuple(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers like 0.5,0.75,1.0, got {text!r}")
+    return values
+
+
+def _size_arg(text: str) -> tuple[int, int] | str | None:
+    """'model' (the checkpoint's input size, if any), 'native' (the image's own size), 'H' or 'HxW'."""
+    if text in ("model", "native"):
+        return None if text == "native" else "model"
+    try:
+        parts = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'model', 'native', a size like 513 or HxW like 257x385, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def _sizes_arg(text: str) -> tuple[tuple[int, int], ...]:
+    sizes = tuple(_size_arg(t) for t in text.split(",") if t.strip())
+    if len(sizes) < 2 or not all(isinstance(s, tuple) for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected two or more sizes like 257x257,193x321, got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference (softmax probabilities are averaged over scales and flips, as TF DeepLab does)")
+    g.add_argument("--scales", type=_float_tuple, default=(1.0,), help="image scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
+    g.add_argument("--flip", action="store_true", help="also run the mirrored image and mirror its output back")
+    g.add_argument("--window", type=int, default=None, help="sliding-window tile size in pixels, e.g. 513 (default: whole image)")
+    g.add_argument("--overlap", type=float, default=0.33, help="sliding-window overlap as a fraction of the window (default %(default)s)")
+    g.add_argument(
+        "--input-size", type=_size_arg, default="model",
+        help="'model' (default): resize images to the checkpoint's fixed input size if it has one (converted TFLite "
+        "models: 257x257 / 513x513) and the logits back; 'native': the image's own size; or HxW",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pct(v: float | None) -> str:
+    return "     -" if v is None else f"{100 * v:6.2f}"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .checkpoint import load
+    from .distributed import init_distributed
+    from .evaluate import build_eval_dataset, checkpoint_labels, evaluate, write_plots
+
+    device = _device(args.device)
+    dist_info = init_distributed(device_type=device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    split = args.split or ("all" if args.dataset == "folder" else "val")
+    folder = {
+        k: v for k, v in (("image_dir", args.image_dir), ("mask_dir", args.mask_dir), ("image_suffix", args.image_suffix),
+                          ("mask_suffix", args.mask_suffix), ("palette", args.palette), ("mask_mode", args.mask_mode))
+        if v is not None
+    }
+    if folder and args.dataset != "folder":
+        raise ValueError(f"--{next(iter(folder)).replace('_', '-')} applies to --dataset folder only, not {args.dataset!r}")
+    results = {}
+    for label, path in zip(checkpoint_labels(args.checkpoint), args.checkpoint):
+        model = load(path)
+        dataset = build_eval_dataset(model, args.dataset, root=args.data_root, split=split, skip_bad=args.skip_bad, **folder)
+        res = evaluate(
+            model, dataset, scales=args.scales, flip=args.flip, window=args.window, overlap=args.overlap,
+            input_size=args.input_size, output_stride=args.eval_output_stride, trimap_widths=args.trimap or (),
+            per_image=args.per_image, device=device, progress=not args.quiet and not args.json, limit=args.limit,
+        )
+        results[label] = {"checkpoint": str(path), "dataset": args.dataset, "split": split, **res}
+    if not dist_info.is_main:
+        return 0
+    if args.plots:
+        written = write_plots(results, args.plots)
+    if args.json:
+        objs = list(results.values())
+        print(json.dumps(objs[0] if len(objs) == 1 else {"checkpoints": objs}))
+        return 0
+    for label, res in results.items():
+        s = res["settings"]
+        extras = [f"scales {','.join(f'{v:g}' for v in s['scales'])}"] + (["flip"] if s["flip"] else [])
+        extras += [f"window {s['window']} overlap {s['overlap']:g}"] if s["window"] else []
+        extras += [f"input {s['input_size'][0]}x{s['input_size'][1]}"] if s["input_size"] else []
+        print(f"{label} on {args.dataset} {split} ({res['num_images']} images, output stride {s['output_stride']}, "
+              f"{', '.join(extras)}):")
+        for name, iou in res["per_class_iou"].items():
+            print(f"  {name:<24}{_pct(iou)}")
+        print(f"  {'mIoU':<24}{_pct(res['miou'])}\n  {'pixel accuracy':<24}{_pct(res['pixel_accuracy'])}\n"
+              f"  {'frequency-weighted IoU':<24}{_pct(res['fw_iou'])}")
+        if res["trimap"]:
+            print("  trimap mIoU: " + ", ".join(f"{w} px {_pct(v).strip()}" for w, v in res["trimap"].items()))
+        for entry in res.get("per_image", []):
+            present = ", ".join(f"{n} {_pct(v).strip()}" for n, v in entry["per_class_iou"].items() if v is not None)
+            print(f"  {os.path.basename(entry['image'])}: mIoU {_pct(entry['miou']).strip()} ({present})")
+    if args.plots:
+        print(f"wrote {len(written)} plots to {args.plots}: {', '.join(p.name for p in written)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+    from .predict import predict_files
+
+    model = load(args.checkpoint).to(_device(args.device))
+    report = predict_files(
+        model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
+        scales=args.scales, flip=args.flip, window=args.window, overlap=args.overlap, input_size=args.input_size,
+        progress=not args.quiet,
+    )
+    for _name, message in report.failed:
+        print(f"deeplab predict: {message}", file=sys.stderr)
+    files = sum(len(v) for v in report.written.values())
+    print(f"wrote {files} files for {len(report.written)} inputs to {args.out}")
+    if report.failed:
+        total = len(report.written) + len(report.failed)
+        print(f"deeplab predict: {len(report.failed)} of {total} inputs failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load
+    from .export import ExportCheckError, export_model
+
+    model = load(args.checkpoint)
+    try:
+        res = export_model(model, args.out, format=args.format, sizes=args.check_sizes, atol=args.atol,
+                           opset=args.opset, dynamo=args.dynamo)
+    except ExportCheckError as e:
+        print(f"deeplab export: FAILED: {e}", file=sys.stderr)
+        return 1
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in res["max_abs_diff"].items())
+    print(f"{args.checkpoint} -> {res['path']} ({args.format}, {res['seconds']:.1f} s); "
+          f"max |exported - eager| {diffs} (allowed {args.atol:g})")
+    return 0
+
+
+def _add_eval_predict_export(sub) -> None:
+    p = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy, trimap of checkpoints on a dataset (torchrun-ready)")
+    p.add_argument("--checkpoint", action="append", required=True,
+                   help="deeplab checkpoint; repeat to compare several (--json then prints {\"checkpoints\": [...]})")
+    p.add_argument("--dataset", required=True, help="voc, cityscapes, ade20k, camvid, folder, synthetic")
+    p.add_argument("--data-root", default=None, help="dataset folder")
+    p.add_argument("--split", default=None, help="(default: val; all for --dataset folder)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")
+    g = p.add_argument_group("folder dataset (e.g. the VOC samples: --image-dir . --mask-dir . --image-suffix _image.png "
+                             "--mask-suffix _target.png --palette voc)")
+    g.add_argument("--image-dir", default=None, help="images folder under --data-root (default images)")
+    g.add_argument("--mask-dir", default=None, help="masks folder under --data-root (default masks)")
+    g.add_argument("--image-suffix", default=None, help="image file name ending, e.g. _image.png")
+    g.add_argument("--mask-suffix", default=None, help="mask file name ending (default .png)")
+    g.add_argument("--palette", default=None, help="read colour masks with this palette: voc, cityscapes, ade20k, camvid")
+    g.add_argument("--mask-mode", default=None, choices=["auto", "index", "color"], help="(default auto)")
+    _add_inference_flags(p)
+    p.add_argument("--eval-output-stride", type=int, default=None, choices=OUTPUT_STRIDES,
+                   help="evaluate at this output stride (e.g. 8 for a model trained at 16)")
+    p.add_argument("--trimap", type=_int_tuple, default=None, help="boundary band widths in px, e.g. 1,2,5,10,20,40")
+    p.add_argument("--plots", default=None, help="write confusion matrix, per-class IoU and (with --trimap) trimap plots here")
+    p.add_argument("--per-image", action="store_true", help="also report each image's scores")
+    p.add_argument("--json", action="store_true", help="print one JSON object (miou, per_class_iou, pixel_accuracy, ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment image files, folders or globs into index PNGs (+ overlays, probabilities)")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns; videos "
+                   "(.mp4, .avi, .mov, .mkv, .webm) only with the optional imageio package (pip install 'imageio[pyav]'), "
+                   "otherwise they are reported as failed")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
+    p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette")
+    p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight (default %(default)s)")
+    p.add_argument("--probs", action="store_true", help="also NAME_probs.npy, class probabilities float16 (C, H, W)")
+    _add_inference_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export, verified against eager")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
+    p.add_argument("--out", required=True, help="file to write (.onnx, .pt, .pt2)")
+    p.add_argument("--dynamo", action="store_true", help="ONNX: the torch.export-based exporter (slower) instead of the legacy one")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default %(default)s)")
+    p.add_argument("--check-sizes", type=_sizes_arg, default=((257, 257), (193, 321)),
+                   help="input sizes to compare against eager (default 257x257,193x321)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - eager| (default %(default)s)")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab", description="DeepLabv3 / DeepLabv3+ semantic segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +386,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", action="store_true", help="the DeepLabv3+ paper's table beside our counts")
     p.add_argument("--layers", action="store_true", help="per-layer breakdown")
     p.set_defaults(func=cmd_profile)
+
+    from .train import TrainConfig
+
+    p = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic default, ~3 min on 2 CPU cores)")
+    add_dataclass_flags(p, ModelConfig, helps=TRAIN_HELP)
+    add_dataclass_flags(p, TrainConfig, helps=TRAIN_HELP)
+    p.add_argument("--out", default=None, help="output folder (default runs/DATASET-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("convert", help="import a TFLite model or torchvision/timm weights as a deeplab checkpoint")
+    p.add_argument("src", help="official TF DeepLab .tflite, torchvision deeplabv3 .pth, or an ImageNet backbone .pth")
+    p.add_argument("out", help="the deeplab checkpoint to write (.pt)")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="for ImageNet backbone files: which backbone")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the new head (backbone files)")
+    p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES, help="(backbone files)")
+    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="(backbone files)")
+    p.add_argument("--labels", help="class names, one per line (default: labelmap.txt beside a .tflite)")
+    p.set_defaults(func=cmd_convert)
+
+    _add_eval_predict_export(sub)
     return parser
 
 
@@ -118,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         print(f"deeplab {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,1 +1,71 @@
-"""Importers: official TensorFlow DeepLab TFLite files, torchvision and timm state dicts."""
+"""Importers: official TensorFlow DeepLab TFLite files, torchvision and timm state dicts.
+
+`convert_file(src)` picks the importer from the file's content and returns a `DeepLab` in eval mode carrying its
+config, class names and preprocessing; `deeplab convert SRC OUT.pt` saves that as a deeplab checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..checkpoint import CheckpointError, load_state_dict_strict
+from ..config import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, ModelConfig, Preprocessing
+from ..model import DeepLab, build_model
+
+
+def _is_tflite(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3"
+
+
+def convert_file(
+    src: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    output_stride: int = 16,
+    decoder: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> DeepLab:
+    """Import `src` as a DeepLab (eval mode).
+
+    - an official TF DeepLab `.tflite` (float or quantized): the whole model, architecture read from the file;
+    - torchvision's `deeplabv3_resnet50/101` state dict: the whole model;
+    - an ImageNet backbone (torchvision / timm ResNet-50/101, timm aligned Xception-65/71): a DeepLab with that
+      backbone and freshly initialised heads; `backbone=` names which one, `num_classes=` the classes.
+    """
+    path = Path(src)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; pass a .tflite or a .pth/.pt weights file")
+    if _is_tflite(path):
+        from .tflite import load_tflite
+
+        return load_tflite(path, class_names=class_names)
+    from .torch_weights import backbone_state_dict, load_torchvision_deeplabv3, read_state_dict
+
+    state, source = read_state_dict(path)
+    if any(k.startswith("classifier.0.convs.") for k in state):
+        model = load_torchvision_deeplabv3(state, num_classes=num_classes)
+        if class_names is not None:
+            model.class_names = tuple(class_names)
+        return model
+    if backbone is None:
+        raise CheckpointError(
+            f"{source}: not a full DeepLab model; if it holds ImageNet backbone weights, pass --backbone "
+            "(resnet50, resnet101, xception65 or xception71) to build a DeepLab on them"
+        )
+    weights = backbone_state_dict(state, backbone=backbone)
+    classes = num_classes or (len(class_names) if class_names else 21)
+    cfg = ModelConfig(backbone=backbone, num_classes=classes, output_stride=output_stride, decoder=decoder)
+    # timm's aligned Xception weights expect TF's (x - 127.5) / 127.5; the ResNets ImageNet mean/std.
+    tf_style = backbone.startswith("xception")
+    pre = Preprocessing(mean=TF_MEAN if tf_style else IMAGENET_MEAN, std=TF_STD if tf_style else IMAGENET_STD)
+    model = build_model(cfg, class_names=class_names, preprocessing=pre)
+    load_state_dict_strict(model.backbone, weights, source=source)
+    return model.eval()
+
+
+__all__ = ["convert_file"]

@@ -1,0 +1,71 @@
+"""Datasets, palettes and the paired image/mask transforms of the DeepLab training protocol."""
+
+from deeplab.data.base import DatasetError, SegmentationDataset
+from deeplab.data.datasets import (
+    ADE20K,
+    DATASETS,
+    CamVid,
+    Cityscapes,
+    FolderDataset,
+    VOCSegmentation,
+    build_dataset,
+)
+from deeplab.data.palettes import (
+    ADE20K_CLASSES,
+    CAMVID_CLASSES,
+    CITYSCAPES_CLASSES,
+    PALETTES,
+    SYNTHETIC_CLASSES,
+    VOC_CLASSES,
+    Palette,
+    colorize,
+    colors_to_index,
+    voc_colormap,
+)
+from deeplab.data.synthetic import SyntheticShapes, render_shapes
+from deeplab.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TF_MEAN,
+    TF_STD,
+    EvalTransform,
+    TrainTransform,
+    eval_transform,
+    normalize,
+    random_scale,
+    train_transform,
+)
+
+__all__ = [
+    "ADE20K",
+    "ADE20K_CLASSES",
+    "CAMVID_CLASSES",
+    "CITYSCAPES_CLASSES",
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PALETTES",
+    "SYNTHETIC_CLASSES",
+    "TF_MEAN",
+    "TF_STD",
+    "VOC_CLASSES",
+    "CamVid",
+    "Cityscapes",
+    "DatasetError",
+    "EvalTransform",
+    "FolderDataset",
+    "Palette",
+    "SegmentationDataset",
+    "SyntheticShapes",
+    "TrainTransform",
+    "VOCSegmentation",
+    "build_dataset",
+    "colorize",
+    "colors_to_index",
+    "eval_transform",
+    "normalize",
+    "random_scale",
+    "render_shapes",
+    "train_transform",
+    "voc_colormap",
+]

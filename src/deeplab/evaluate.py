@@ -1,0 +1,188 @@
+"""Evaluation over a dataset: mIoU and friends from one summed confusion matrix, multi-scale + flip, sliding window,
+the trimap (boundary) metric, per-image scores, plots, and several processes under torchrun.
+
+The numbers come from `deeplab.metrics` (confusion matrix -> mIoU with classes absent from both ground truth and
+prediction left out, the ignore label never counted; pixel accuracy; frequency-weighted IoU; trimap mIoU); the
+inference from `deeplab.inference` (softmax probabilities averaged over scales and flips, as TF DeepLab does).
+
+Memory stays bounded: images are read, predicted and counted one at a time, and only K x K matrices are kept.
+Under torchrun each process takes every world_size-th image and the matrices are summed with an all-reduce, so
+every process ends with the same result (the caller lets rank 0 print and write).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .inference import check_options, segment_probs
+from .metrics import MetricAccumulator, confusion_matrix, segmentation_scores
+from .predict import resolve_input_size
+
+__all__ = ["build_eval_dataset", "checkpoint_labels", "evaluate", "write_plots"]
+
+
+def build_eval_dataset(
+    model: nn.Module, name: str, *, root: str | os.PathLike | None, split: str, skip_bad: bool = False, **options: Any
+):
+    """Dataset `name` (see `deeplab.data.DATASETS`) at native size, normalised with the model's mean and std.
+
+    `options` go to the dataset (for the 'folder' dataset: image_dir, mask_dir, image_suffix, mask_suffix, palette,
+    ...). Raises ValueError when the dataset's class count differs from the model's.
+    """
+    from .data import EvalTransform, build_dataset
+
+    pre = model.preprocessing
+    dataset = build_dataset(
+        name, root=root, split=split, transform=EvalTransform(mean=pre.mean, std=pre.std), skip_bad=skip_bad,
+        **options,
+    )
+    k = model.config.num_classes
+    if dataset.num_classes != k:
+        where = f" at {root}" if root else ""
+        raise ValueError(
+            f"dataset {name!r}{where} has {dataset.num_classes} classes but the model predicts {k}; "
+            "evaluate a checkpoint trained for this dataset (or, for a folder dataset, fix classes.txt / --palette)"
+        )
+    return dataset
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(items: list[Any]) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 0.33,
+    input_size: Sequence[int] | str | None = "model",
+    output_stride: int | None = None,
+    trimap_widths: Sequence[int] = (),
+    per_image: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Scores of `model` on `dataset` (yielding normalised (3, H, W) images and (H, W) labels at native size).
+
+    Inference options as `deeplab.inference.segment_probs`; `input_size="model"` uses the checkpoint's fixed input
+    size (None: native size). `output_stride` re-dilates the model first (e.g. 8 for a model trained at 16).
+    Returns a JSON-ready dict: `segmentation_scores` (miou, per_class_iou, per_class_accuracy, pixel_accuracy,
+    mean_accuracy, fw_iou, num_pixels), `trimap` (width -> mIoU), `num_images`, `confusion_matrix` (K x K list,
+    rows ground truth), `settings`, and with `per_image` a `per_image` list of {image, miou, per_class_iou,
+    pixel_accuracy} in dataset order. Under torch.distributed each process evaluates every world_size-th image
+    and every process returns the summed result.
+    """
+    scales = check_options(scales=scales, window=window, overlap=overlap)
+    device = torch.device(device)
+    size = resolve_input_size(model, input_size)
+    if output_stride is not None and output_stride != model.config.output_stride:
+        model = model.with_output_stride(output_stride)
+    was_training = model.training
+    model.eval().to(device)
+    num_classes = model.config.num_classes
+    ignore_index = getattr(dataset, "ignore_index", 255)
+    acc = MetricAccumulator(num_classes=num_classes, ignore_index=ignore_index, trimap_widths=trimap_widths)
+    rank, world_size = _dist()
+    total = len(dataset) if limit is None else min(int(limit), len(dataset))
+    files = getattr(dataset, "files", None) or []
+
+    from tqdm import tqdm
+
+    images: list[tuple[int, dict[str, Any]]] = []
+    indices = range(rank, total, world_size)
+    try:
+        for i in tqdm(indices, desc="eval", unit="image", disable=not (progress and rank == 0), dynamic_ncols=True):
+            image, mask = dataset[i]
+            probs = segment_probs(
+                model, image[None].to(device), scales=scales, flip=flip, window=window, overlap=overlap,
+                input_size=size,
+            )
+            pred = probs.argmax(dim=1).cpu()  # (1, H, W)
+            target = mask[None].cpu()
+            acc.update(pred, target)
+            if per_image:
+                scores = segmentation_scores(
+                    confusion_matrix(pred, target, num_classes=num_classes, ignore_index=ignore_index),
+                    class_names=model.class_names,
+                )
+                name = str(files[i][0]) if i < len(files) else str(i)
+                images.append((i, {"image": name, "miou": scores["miou"], "per_class_iou": scores["per_class_iou"],
+                                   "pixel_accuracy": scores["pixel_accuracy"]}))
+    finally:
+        model.train(was_training)
+    acc.all_reduce()
+    result = acc.compute(class_names=model.class_names)
+    result["num_images"] = total
+    result["confusion_matrix"] = acc.confusion.tolist()
+    result["settings"] = {
+        "scales": list(scales), "flip": bool(flip), "window": window, "overlap": overlap if window else None,
+        "input_size": list(size) if size else None, "output_stride": model.config.output_stride,
+    }
+    if per_image:
+        result["per_image"] = [entry for _, entry in sorted(_gather(images), key=lambda e: e[0])]
+    return result
+
+
+def checkpoint_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Short, unique labels for checkpoints: the file stem, or parent/stem where stems clash, or the full path."""
+    paths = [Path(p) for p in paths]
+    for make in (lambda p: p.stem, lambda p: f"{p.parent.name}/{p.stem}", lambda p: str(p)):
+        labels = [make(p) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}:{p}" for i, p in enumerate(paths)]
+
+
+def _file_label(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)
+
+
+def write_plots(results: Mapping[str, Mapping[str, Any]], out_dir: str | os.PathLike) -> list[Path]:
+    """PNG plots of `evaluate` results keyed by a label (e.g. `checkpoint_labels`); returns the paths written.
+
+    One checkpoint: confusion_matrix.png, per_class_iou.png and, if trimap widths were evaluated, trimap.png. Several:
+    confusion_matrix_LABEL.png and per_class_iou_LABEL.png for each, and one trimap.png with a line per checkpoint.
+    Needs matplotlib (`pip install 'deeplab[plots]'`).
+    """
+    from .plots import plot_confusion_matrix, plot_per_class_iou, plot_trimap
+
+    if not results:
+        raise ValueError("no results to plot; evaluate at least one checkpoint")
+    out = Path(out_dir)
+    written = []
+    single = len(results) == 1
+    for label, res in results.items():
+        suffix = "" if single else f"_{_file_label(label)}"
+        names = list(res["per_class_iou"])
+        conf = torch.tensor(res["confusion_matrix"], dtype=torch.int64)
+        written.append(plot_confusion_matrix(conf, path=out / f"confusion_matrix{suffix}.png", class_names=names))
+        written.append(plot_per_class_iou(res["per_class_iou"], path=out / f"per_class_iou{suffix}.png", miou=res["miou"]))
+    curves = {label: res["trimap"] for label, res in results.items() if res.get("trimap")}
+    if curves:
+        written.append(plot_trimap(curves, path=out / "trimap.png"))
+    return written

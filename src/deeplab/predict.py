@@ -1,0 +1,351 @@
+"""Prediction on image files: the `deeplab.predict(model, image)` API, palettes, overlays, and `deeplab predict`.
+
+Preprocessing comes from the checkpoint (`model.preprocessing`): the image is normalised with its mean / std, and
+when it names an `input_size` (converted TF models: 257x257 or 513x513) the image is resized to that size for the
+model and the logits resized back to the image's size, as the TF DeepLab demo feeds its fixed-size models.
+Everything else (multi-scale, flip, sliding window) is `deeplab.inference`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .inference import check_options, segment_probs
+
+if TYPE_CHECKING:
+    from .data.palettes import Palette
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+_GLOB_CHARS = "*?["
+
+ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray]
+
+__all__ = [
+    "ImageLike",
+    "PredictReport",
+    "expand_inputs",
+    "load_image",
+    "overlay",
+    "palette_for",
+    "predict",
+    "predict_files",
+    "predict_probs",
+    "resolve_input_size",
+]
+
+
+def load_image(image: ImageLike) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from a PIL image, a path, or an (H, W, 3) uint8 array (grey and RGBA converted).
+
+    Raises ValueError naming the file for a missing or undecodable file, and for an array of the wrong shape / dtype.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"image array must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}; "
+                "convert with np.asarray(PIL.Image.open(path).convert('RGB'))"
+            )
+        return image
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such image file; check the path")
+        try:
+            with Image.open(path) as im:
+                im.load()  # decode now: a truncated file fails here, by name
+                return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ValueError(f"{path}: cannot read image ({exc}); pass a JPEG/PNG/BMP/TIFF/WebP file") from None
+    raise TypeError(f"image must be a PIL image, a path or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None) -> tuple[int, int] | None:
+    """`"model"` -> the checkpoint's `preprocessing.input_size` (None when it has none); None -> native size."""
+    if isinstance(input_size, str):
+        if input_size != "model":
+            raise ValueError(f"input_size must be 'model', None (native size) or (H, W), got {input_size!r}")
+        pre = getattr(model, "preprocessing", None)
+        size = getattr(pre, "input_size", None)
+        return None if size is None else (int(size[0]), int(size[1]))
+    if input_size is None:
+        return None
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input_size must be (height, width) with positive values, got {input_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _normalised(model: nn.Module, image: np.ndarray) -> torch.Tensor:
+    from .data.transforms import normalize
+
+    pre = getattr(model, "preprocessing", None)
+    if pre is None:
+        raise ValueError(
+            f"{type(model).__name__} carries no `preprocessing` (mean/std); load models with deeplab.load(path)"
+        )
+    return normalize(image, mean=pre.mean, std=pre.std)[None]  # (1, 3, H, W)
+
+
+def predict_probs(
+    model: nn.Module,
+    image: ImageLike,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 0.33,
+    input_size: Sequence[int] | str | None = "model",
+) -> np.ndarray:
+    """Class probabilities (K, H, W) float32 at the image's size; the arguments as for `predict`."""
+    rgb = load_image(image)
+    was_training = model.training
+    model.eval()
+    try:
+        probs = segment_probs(
+            model, _normalised(model, rgb), scales=scales, flip=flip, window=window, overlap=overlap,
+            input_size=resolve_input_size(model, input_size),
+        )
+    finally:
+        model.train(was_training)
+    return probs[0].cpu().numpy()
+
+
+def predict(
+    model: nn.Module,
+    image: ImageLike,
+    *,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 0.33,
+    input_size: Sequence[int] | str | None = "model",
+) -> np.ndarray:
+    """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array) at the image's size.
+
+    uint8 for up to 256 classes (int64 beyond). `scales` / `flip` average softmax probabilities over rescaled and
+    mirrored copies; `window` / `overlap` tile large images (see `deeplab.inference`). `input_size="model"` uses the
+    checkpoint's fixed input size if it has one, `None` runs at the image's own size, (H, W) forces a size.
+    """
+    probs = predict_probs(
+        model, image, scales=scales, flip=flip, window=window, overlap=overlap, input_size=input_size
+    )
+    labels = probs.argmax(axis=0)
+    return labels.astype(np.uint8) if probs.shape[0] <= 256 else labels.astype(np.int64)
+
+
+# -- palettes and overlays -----------------------------------------------------------------------------------------
+
+
+def _norm_name(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def palette_for(class_names: Sequence[str]) -> Palette:
+    """The built-in palette (VOC, Cityscapes, ADE20K, CamVid, synthetic) whose classes match, else a default one.
+
+    A palette matches when it has as many classes and at least 3/4 of the names agree after lower-casing and dropping
+    spaces and punctuation (so TF's VOC labelmap, with 'dining table' and 'tv', matches VOC's 'diningtable' and
+    'tvmonitor'). The returned palette carries the model's own class names.
+    """
+    from .data.palettes import PALETTES, default_palette
+    from .data.palettes import Palette as _Palette
+
+    names = tuple(str(n) for n in class_names)
+    wanted = [_norm_name(n) for n in names]
+    for palette in PALETTES.values():
+        if len(palette.class_names) != len(names):
+            continue
+        same = sum(a == _norm_name(b) for a, b in zip(wanted, palette.class_names))
+        if same * 4 >= 3 * len(names):
+            return _Palette(class_names=names, colors=palette.colors, void_color=palette.void_color)
+    return default_palette(names)
+
+
+def overlay(image: ImageLike, mask: np.ndarray, *, palette: Palette | None = None, alpha: float = 0.5) -> Image.Image:
+    """RGB image: `image` alpha-blended with the colours of `mask` (H, W); `alpha` is the colour's weight.
+
+    `palette` is a `deeplab.data.Palette` (default: the VOC colormap). Pixels of the ignore label (255) get no colour.
+    """
+    from .data.palettes import PALETTES
+
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    rgb = load_image(image).astype(np.float32)
+    mask = np.asarray(mask)
+    if mask.shape != rgb.shape[:2]:
+        raise ValueError(f"mask shape {mask.shape} differs from the image's {rgb.shape[:2]}; predict at the image's size")
+    lut = (palette or PALETTES["voc"]).lut().astype(np.float32)  # (256, 3)
+    colours = lut[np.clip(mask, 0, 255).astype(np.intp)]
+    weight = np.where(mask == 255, 0.0, alpha)[..., None].astype(np.float32)
+    blended = rgb * (1.0 - weight) + colours * weight
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB")
+
+
+# -- files ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictReport:
+    """What `predict_files` did: the files written per input, and (input name, reason) for each input that failed."""
+
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """Files, folders (searched recursively for images and videos) and glob patterns -> (path, output name) pairs.
+
+    The output name is the file's stem, or its path relative to a given folder without the suffix (so a folder's
+    tree is mirrored under the output folder). Clashing names get '-2', '-3', ... Returns (found, problems), where a
+    problem is (input as given, message naming it): a missing path, an empty folder, a pattern matching nothing.
+    """
+    found: list[tuple[Path, str]] = []
+    problems: list[tuple[str, str]] = []
+    media = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in media)
+            if not files:
+                problems.append((text, f"{text}: folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})"))
+            found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in files]
+        elif path.is_file():
+            found.append((path, path.stem))
+        elif any(ch in text for ch in _GLOB_CHARS):
+            files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not files:
+                problems.append((text, f"{text}: no files match this pattern"))
+            found += [(p, p.stem) for p in files]
+        else:
+            problems.append((text, f"{text}: no such file or folder"))
+    seen: dict[str, int] = {}
+    named = []
+    for p, name in found:
+        seen[name] = seen.get(name, 0) + 1
+        named.append((p, name if seen[name] == 1 else f"{name}-{seen[name]}"))
+    return named, problems
+
+
+def _video_frames(path: Path):
+    """Frames of a video as (H, W, 3) uint8, through the optional `imageio` package (with its pyav plugin)."""
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        raise ValueError(
+            f"{path}: reading video needs the optional imageio package (pip install 'imageio[pyav]'); "
+            "or extract the frames as images first"
+        ) from None
+    try:
+        for frame in iio.imiter(path):
+            yield np.ascontiguousarray(frame[..., :3]).astype(np.uint8)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{path}: cannot read video ({exc})") from None
+
+
+def _write_outputs(
+    rgb: np.ndarray,
+    base: Path,
+    *,
+    palette: Palette,
+    overlay_alpha: float | None,
+    save_probs: bool,
+    run: Callable[[np.ndarray], np.ndarray],
+) -> list[Path]:
+    from .data.palettes import colorize
+
+    probs = run(rgb)  # (K, H, W)
+    labels = probs.argmax(axis=0).astype(np.uint8)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = [base.with_name(base.name + ".png")]
+    colorize(labels, palette).save(written[0])
+    if overlay_alpha is not None:
+        written.append(base.with_name(base.name + "_overlay.png"))
+        overlay(rgb, labels, palette=palette, alpha=overlay_alpha).save(written[-1])
+    if save_probs:
+        written.append(base.with_name(base.name + "_probs.npy"))
+        np.save(written[-1], probs.astype(np.float16))
+    return written
+
+
+def predict_files(
+    model: nn.Module,
+    inputs: Sequence[str | os.PathLike],
+    *,
+    out_dir: str | os.PathLike,
+    overlay_alpha: float | None = None,
+    save_probs: bool = False,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    window: int | None = None,
+    overlap: float = 0.33,
+    input_size: Sequence[int] | str | None = "model",
+    progress: bool = False,
+) -> PredictReport:
+    """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
+
+    For an input named NAME it writes NAME.png, an index PNG ('P' mode: the stored values are the class indices,
+    the palette draws them in the dataset's colours), with `overlay_alpha` NAME_overlay.png (the image blended with
+    the colours), and with `save_probs` NAME_probs.npy (float16, K x H x W). A video (only with the optional
+    imageio package) writes NAME/frame_000000.png and so on. An input that cannot be read is recorded in the
+    report's `failed` as (input, message naming it) and the others still run.
+    """
+    class_names = getattr(model, "class_names", None)
+    if not class_names:
+        raise ValueError(f"{type(model).__name__} has no class_names; load models with deeplab.load(path)")
+    if len(class_names) > 255:
+        raise ValueError(f"index PNGs hold classes 0..254 (255 is the ignore label); this model has {len(class_names)}")
+    check_options(scales=scales, window=window, overlap=overlap)
+    if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
+        raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
+    size = resolve_input_size(model, input_size)
+    palette = palette_for(class_names)
+    out = Path(out_dir)
+    files, problems = expand_inputs(inputs)
+    report = PredictReport(failed=list(problems))
+
+    def run(rgb: np.ndarray) -> np.ndarray:
+        return predict_probs(
+            model, rgb, scales=scales, flip=flip, window=window, overlap=overlap, input_size=size
+        )
+
+    from tqdm import tqdm
+
+    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress, dynamic_ncols=True):
+        try:
+            if path.suffix.lower() in VIDEO_EXTENSIONS:
+                written: list[Path] = []
+                for i, frame in enumerate(_video_frames(path)):
+                    written += _write_outputs(
+                        frame, out / name / f"frame_{i:06d}", palette=palette,
+                        overlay_alpha=overlay_alpha, save_probs=save_probs, run=run,
+                    )
+            else:
+                if (out / f"{name}.png").resolve() == path.resolve():
+                    raise ValueError(f"{path}: its index PNG would overwrite the image itself; choose another out_dir")
+                written = _write_outputs(
+                    load_image(path), out / name, palette=palette, overlay_alpha=overlay_alpha,
+                    save_probs=save_probs, run=run,
+                )
+        except ValueError as exc:
+            report.failed.append((str(path), str(exc)))
+            continue
+        report.written[str(path)] = written
+    return report

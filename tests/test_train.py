@@ -1,0 +1,194 @@
+"""Training: the protocol's pieces by hand, a run that learns, exact resume after SIGKILL, divergence, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import deeplab
+from deeplab import ModelConfig
+from deeplab.data import SyntheticShapes
+from deeplab.train import TrainConfig, TrainingDiverged, epoch_batches, fit, pixel_loss, poly_lr
+
+TINY_MODEL = ModelConfig(
+    backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=6, decoder=True, separable=True,
+    aspp_channels=32, decoder_channels=32, low_level_channels=16, bn_momentum=0.1,
+)
+TINY_TRAIN = TrainConfig(
+    dataset="synthetic", crop_size=64, min_scale=0.5, max_scale=0.75, scale_step=0.0, batch_size=4, steps=6,
+    lr=0.02, weight_decay=4e-5, checkpoint_every=2, val_limit=4, val_images=2,
+)
+
+
+def read_log(path: Path) -> dict[int, float]:
+    with open(path, newline="") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_poly_learning_rate_by_hand():
+    assert poly_lr(0.007, 0, 100) == pytest.approx(0.007)
+    assert poly_lr(0.007, 50, 100) == pytest.approx(0.007 * 0.5**0.9)
+    assert poly_lr(0.007, 99, 100) == pytest.approx(0.007 * 0.01**0.9)
+    assert poly_lr(0.007, 100, 100) == 0.0
+
+
+def test_loss_ignores_the_ignore_label():
+    # Two pixels, uniform logits over 4 classes: each costs log(4); the 255 pixel never counts.
+    logits = torch.zeros(1, 4, 1, 3)
+    target = torch.tensor([[[0, 255, 3]]])
+    total, count = pixel_loss(logits, target)
+    assert int(count) == 2 and float(total) == pytest.approx(2 * math.log(4))
+
+
+def test_hard_pixel_mining_keeps_the_hardest_fraction():
+    # Per-pixel losses -log softmax: pixel 0 confident and right, pixel 1 uniform, pixels 2, 3 confidently wrong.
+    logits = torch.tensor([[[[5.0, 0.0, -5.0, -5.0]], [[0.0, 0.0, 5.0, 5.0]]]])  # (1, 2 classes, 1, 4)
+    target = torch.tensor([[[0, 0, 0, 255]]])
+    total, count = pixel_loss(logits, target, hard_pixel_fraction=0.5)
+    # Valid pixels 0..2 -> ceil(0.5 * 3) = 2 hardest: pixel 2 (-log sigmoid(-10)) and pixel 1 (log 2).
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(-10.0)) + math.log(2)
+    assert int(count) == 2 and float(total) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_class_weights_scale_each_pixel():
+    logits = torch.zeros(1, 2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    total, count = pixel_loss(logits, target, class_weights=torch.tensor([1.0, 3.0]))
+    assert float(total) == pytest.approx(4 * math.log(2)) and int(count) == 2
+
+
+def test_epoch_batches_are_a_seeded_permutation():
+    a = epoch_batches(10, 3, seed=0, epoch=0)
+    assert len(a) == 3 and all(len(b) == 3 for b in a)
+    flat = [i for b in a for i in b]
+    assert len(set(flat)) == 9 and set(flat) <= set(range(10))
+    assert a == epoch_batches(10, 3, seed=0, epoch=0)
+    assert a != epoch_batches(10, 3, seed=0, epoch=1) and a != epoch_batches(10, 3, seed=1, epoch=0)
+
+
+def test_a_short_run_learns_and_writes_its_outputs(tmp_path):
+    cfg = replace(TINY_TRAIN, steps=30, lr=0.05, val_every=15, checkpoint_every=10, batch_size=8, val_limit=8)
+    result = fit(TINY_MODEL, cfg, out_dir=tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    for name in ("config.json", "last.pt", "best.pt", "metrics.json", "log.csv", "predictions.png"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"miou", "per_class_iou", "pixel_accuracy", "step"} <= set(metrics) and metrics["step"] == 30
+    assert set(metrics["per_class_iou"]) == set(SyntheticShapes.class_names)
+    losses = read_log(run / "log.csv")
+    assert sorted(losses) == list(range(1, 31))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
+    assert last < 0.8 * first  # it learns
+    model = deeplab.load(run / "best.pt")
+    assert model.class_names == SyntheticShapes.class_names and not model.training
+    assert result.step == 30
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path):
+    fit(TINY_MODEL, replace(TINY_TRAIN, steps=2), out_dir=tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        fit(TINY_MODEL, replace(TINY_TRAIN, steps=2), out_dir=tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    cfg = replace(TINY_TRAIN, steps=40, lr=1e6, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged, match=r"at step \d+") as info:
+        fit(TINY_MODEL, cfg, out_dir=tmp_path / "run", progress=False)
+    step = int(str(info.value).split("at step ")[1].split()[0])
+    data = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert data["step"] in (step - 1, step)  # the checkpoint of the last good step survives
+    assert all(torch.isfinite(v).all() for v in data["state_dict"].values() if v.is_floating_point())
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "deeplab", "train", "--out", str(out), "--quiet",
+        "--backbone", "mobilenet_v2", "--depth-multiplier", "0.5", "--aspp-channels", "32", "--decoder-channels", "32",
+        "--low-level-channels", "16", "--crop-size", "64", "--min-scale", "0.5", "--max-scale", "0.75",
+        "--batch-size", "4", "--steps", "10", "--checkpoint-every", "3", "--val-limit", "2", "--val-images", "1",
+        *extra,
+    ]
+
+
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_train_cmd(tmp_path / "full"), check=True, env=env, capture_output=True, timeout=300)
+    full = read_log(tmp_path / "full" / "log.csv")
+    assert sorted(full) == list(range(1, 11))
+
+    proc = subprocess.Popen(_train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "killed" / "log.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and len(read_log(log)) >= 5:  # past the checkpoint at step 3, mid-way to step 6
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(read_log(log))
+    assert killed_at < 10, "the run finished before it could be killed"
+    ckpt_step = torch.load(tmp_path / "killed" / "last.pt", weights_only=True)["step"]
+    assert ckpt_step in (3, 6, 9)
+
+    subprocess.run(_train_cmd(tmp_path / "killed", "--resume"), check=True, env=env, capture_output=True, timeout=300)
+    resumed = read_log(log)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_TRAIN = replace(TINY_TRAIN, steps=3, checkpoint_every=3)
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    model = replace(TINY_MODEL, dropout=0.0)
+    fit(model, DDP_TRAIN, out_dir=out, progress=False)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    # Both runs in float64: a freshly initialised deep BN network amplifies float32 rounding (in any batch layout)
+    # to percent-level differences within a few steps, which would hide a real mistake as well as it hides noise.
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    try:
+        fit(replace(TINY_MODEL, dropout=0.0), DDP_TRAIN, out_dir=tmp_path / "one", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    assert one["step"] == two["step"] == 3
+    for key, a in one["state_dict"].items():
+        b = two["state_dict"][key]
+        if a.is_floating_point():
+            assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-6, atol=1e-8), key
+    assert read_log(tmp_path / "one" / "log.csv") == pytest.approx(read_log(tmp_path / "two" / "log.csv"), abs=1e-6)
