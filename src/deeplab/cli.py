@@ -140,6 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for name, iou in m["per_class_iou"].items():
         print(f"  {name:<20} {'-' if iou is None else f'{100 * iou:6.2f}'}")
     print(f"  {'mIoU':<20} {100 * m['miou']:6.2f}\n  {'pixel accuracy':<20} {100 * m['pixel_accuracy']:6.2f}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} bad sample(s) (--skip-bad); first: {result.skipped[0][0]}: {result.skipped[0][1]}")
     print(f"wrote {result.out_dir}/config.json, last.pt, best.pt, metrics.json, log.csv, predictions.png")
     return 0
 

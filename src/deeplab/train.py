@@ -31,12 +31,33 @@ from .metrics import MetricAccumulator
 from .model import DeepLab, build_model
 
 
+def dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """("image_size=64", "mask_suffix=_target.png") -> {"image_size": 64, "mask_suffix": "_target.png"}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"dataset option {item!r} is not of the form name=value (e.g. image_size=64)")
+        value: Any = text
+        for cast in (int, float):
+            try:
+                value = cast(text)
+                break
+            except ValueError:
+                pass
+        if text in ("true", "false", "True", "False"):
+            value = text.lower() == "true"
+        out[name.strip().replace("-", "_")] = value
+    return out
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training protocol; defaults are the DeepLabv3/v3+ papers' (TF DeepLab's train.py flags)."""
 
     dataset: str = "synthetic"
     data_root: str | None = None
+    dataset_options: tuple[str, ...] = ()  # extra dataset arguments as "name=value", e.g. image_size=64
     train_split: str = "train"
     val_split: str = "val"
     crop_size: int = 513
@@ -77,11 +98,14 @@ class TrainConfig:
             raise ValueError(f"hard_pixel_fraction must be in (0, 1], got {self.hard_pixel_fraction}")
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+        object.__setattr__(self, "dataset_options", tuple(str(o) for o in self.dataset_options))
+        dataset_options(self.dataset_options)  # fail early on a malformed option
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["class_weights"] is not None:
             d["class_weights"] = list(d["class_weights"])
+        d["dataset_options"] = list(d["dataset_options"])
         return d
 
     @classmethod
@@ -203,7 +227,8 @@ def build_datasets(train_cfg: TrainConfig, preprocessing: Preprocessing):
         flip=train_cfg.flip,
     )
     eval_tf = EvalTransform(mean=preprocessing.mean, std=preprocessing.std, ignore_index=train_cfg.ignore_index)
-    common = dict(root=train_cfg.data_root, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad)
+    common = dict(root=train_cfg.data_root, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad,
+                  **dataset_options(train_cfg.dataset_options))
     train_ds = build_dataset(train_cfg.dataset, split=train_cfg.train_split, transform=train_tf, **common)
     val_ds = build_dataset(train_cfg.dataset, split=train_cfg.val_split, transform=eval_tf, **common)
     return train_ds, val_ds
@@ -249,6 +274,7 @@ class TrainResult:
     metrics: dict[str, Any]
     best_miou: float
     seconds: float
+    skipped: list = None  # (file, reason) of samples skipped with skip_bad (this process's count)
 
 
 def fit(
@@ -472,7 +498,9 @@ def fit(
         _prediction_grid(model, val_ds, out / "predictions.png", count=train_cfg.val_images, device=device)
         if writer is not None:
             writer.close()
-    return TrainResult(out_dir=out, step=step, metrics=metrics, best_miou=best_miou, seconds=time.time() - started)
+    skipped = list(getattr(train_ds, "bad_files", [])) + list(getattr(val_ds, "bad_files", []))
+    return TrainResult(out_dir=out, step=step, metrics=metrics, best_miou=best_miou, seconds=time.time() - started,
+                       skipped=skipped)
 
 
 def _load_init(model: DeepLab, data: dict[str, Any], *, source: str, say: Callable[[str], None]) -> None:
