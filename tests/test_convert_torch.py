@@ -21,7 +21,6 @@ from deeplab import CheckpointError, build_model
 from deeplab.backbones import BACKBONES
 from deeplab.convert.torch_weights import (
     backbone_state_dict,
-    has_head_conv_field,
     load_torchvision_deeplabv3,
     torchvision_deeplabv3_state_dict,
 )
@@ -513,7 +512,7 @@ def test_torchvision_deeplabv3_aspp_with_pooling_last_matches_ours_with_pooling_
     # Numbers: our ASPP module vs torchvision's ASPP forward on a map tall enough for every rate to reach past the
     # centre tap (rate 36 needs more than 36 rows), so swapped rates or branches would show.
     with torch.device("meta"):
-        model = build_model(cfg.replace(head_conv=False) if has_head_conv_field() else cfg).eval()
+        model = build_model(cfg.replace(head_conv=False)).eval()
     model.aspp.load_state_dict({k[len("aspp."):]: v for k, v in sd.items() if k.startswith("aspp.")}, assign=True)
     feat = torch.randn(1, 2048, 39, 14, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -538,13 +537,6 @@ def test_torchvision_deeplabv3_resnet101_without_aux_head_is_recognised():
     assert sd["backbone.layer3.22.conv3.weight"] is state["backbone.layer3.22.conv3.weight"]
 
 
-needs_head_conv = pytest.mark.skipif(
-    not has_head_conv_field(),
-    reason="ModelConfig has no `head_conv` field yet (torchvision's extra 3x3 conv + BN + ReLU before the classifier)",
-)
-
-
-@needs_head_conv
 def test_torchvision_deeplabv3_file_computes_torchvision_logits(tv_deeplabv3_r50, tv_deeplabv3_r50_file):
     model = load_torchvision_deeplabv3(tv_deeplabv3_r50_file)
     assert not model.training and model.config.align_corners is False and model.config.dropout == 0.5
@@ -555,18 +547,10 @@ def test_torchvision_deeplabv3_file_computes_torchvision_logits(tv_deeplabv3_r50
         assert_same(model(x), reference_torchvision_deeplabv3(tv_deeplabv3_r50, x), rtol=1e-4)
 
 
-@needs_head_conv
 def test_torchvision_deeplabv3_with_other_num_classes_keeps_all_but_the_classifier(tv_deeplabv3_r50):
     model = load_torchvision_deeplabv3(tv_deeplabv3_r50, num_classes=5)
     assert model.classifier.weight.shape == (5, 256, 1, 1)
     assert torch.equal(model.head_conv.conv.weight, tv_deeplabv3_r50["classifier.1.weight"])
-
-
-def test_without_head_conv_field_loading_the_whole_model_says_what_is_missing(tv_deeplabv3_r50):
-    if has_head_conv_field():
-        pytest.skip("ModelConfig.head_conv exists: the whole model loads (see the tests above)")
-    with pytest.raises(NotImplementedError, match="head_conv"):
-        load_torchvision_deeplabv3(tv_deeplabv3_r50)
 
 
 def test_fcn_file_given_as_deeplabv3_lists_unmatched_keys_on_both_sides(tmp_path):

@@ -79,21 +79,21 @@ def test_epoch_batches_are_a_seeded_permutation():
 
 
 def test_a_short_run_learns_and_writes_its_outputs(tmp_path):
-    cfg = replace(TINY_TRAIN, steps=30, lr=0.05, val_every=15, checkpoint_every=10, batch_size=8, val_limit=8)
+    cfg = replace(TINY_TRAIN, steps=20, lr=0.05, val_every=10, checkpoint_every=10, batch_size=4, val_limit=4)
     result = fit(TINY_MODEL, cfg, out_dir=tmp_path / "run", progress=False)
     run = tmp_path / "run"
     for name in ("config.json", "last.pt", "best.pt", "metrics.json", "log.csv", "predictions.png"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"miou", "per_class_iou", "pixel_accuracy", "step"} <= set(metrics) and metrics["step"] == 30
+    assert {"miou", "per_class_iou", "pixel_accuracy", "step"} <= set(metrics) and metrics["step"] == 20
     assert set(metrics["per_class_iou"]) == set(SyntheticShapes.class_names)
     losses = read_log(run / "log.csv")
-    assert sorted(losses) == list(range(1, 31))
-    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
+    assert sorted(losses) == list(range(1, 21))
+    first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(16, 21)) / 5
     assert last < 0.8 * first  # it learns
     model = deeplab.load(run / "best.pt")
     assert model.class_names == SyntheticShapes.class_names and not model.training
-    assert result.step == 30
+    assert result.step == 20
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path):
@@ -157,7 +157,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DDP_TRAIN = replace(TINY_TRAIN, steps=3, checkpoint_every=3)
+# A modest learning rate: at init a large one makes the first steps chaotic, amplifying rounding differences.
+DDP_TRAIN = replace(TINY_TRAIN, steps=3, checkpoint_every=3, lr=2e-3)
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -190,5 +191,5 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     for key, a in one["state_dict"].items():
         b = two["state_dict"][key]
         if a.is_floating_point():
-            assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-6, atol=1e-8), key
+            assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-7, atol=1e-9), key
     assert read_log(tmp_path / "one" / "log.csv") == pytest.approx(read_log(tmp_path / "two" / "log.csv"), abs=1e-6)

@@ -24,7 +24,6 @@ filled with 0, as `nn.BatchNorm2d` itself does when loading such files.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import warnings
@@ -37,7 +36,6 @@ from torch import Tensor, nn
 from ..backbones import BACKBONES
 from ..checkpoint import CheckpointError, load_state_dict_strict
 from ..config import ModelConfig, Preprocessing
-from ..layers import conv_bn
 from ..model import DeepLab, build_model
 
 StateDictSource = str | os.PathLike | Mapping[str, Tensor]
@@ -288,7 +286,6 @@ def _refuse_known_variants(state: Mapping[str, Tensor], *, backbone: str, source
 TORCHVISION_ASPP_RATES = (12, 24, 36)  # torchvision's DeepLabHead, at output stride 8
 TORCHVISION_DROPOUT = 0.5  # torchvision's ASPP projection
 TORCHVISION_BN_MOMENTUM = 0.1  # PyTorch's default, which torchvision trained with
-HEAD_CONV_FIELD = "head_conv"  # the ModelConfig field this importer needs (see load_torchvision_deeplabv3)
 
 # Our key prefix -> torchvision's, first match wins. torchvision's ASPP is `classifier.0`: convs.0 the 1x1 branch,
 # convs.1-3 the atrous 3x3 branches (Sequential conv, bn, relu), convs.4 the pooling branch (Sequential pool, conv,
@@ -315,17 +312,12 @@ def _torchvision_deeplabv3_name(key: str) -> str:
     return key
 
 
-def has_head_conv_field() -> bool:
-    """Whether this deeplab's ModelConfig can hold torchvision's extra 3x3 head conv (`head_conv`)."""
-    return HEAD_CONV_FIELD in {f.name for f in dataclasses.fields(ModelConfig)}
-
-
 def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> ModelConfig:
     """The deeplab config that computes what torchvision's `deeplabv3_resnet{depth}` computes.
 
     ResNet in torchvision's layout at output stride 8 (layer3 and layer4 dilated, each stage's first unit keeping the
     previous rate, as ours does), no multi-grid (torchvision has none), ASPP rates (12, 24, 36), no decoder,
-    dropout 0.5, PyTorch's BN momentum 0.1, `align_corners=False`. With `head_conv` when ModelConfig has it.
+    dropout 0.5, PyTorch's BN momentum 0.1, `align_corners=False`, and `head_conv` (torchvision's extra 3x3 conv).
     """
     if depth not in (50, 101):
         raise ValueError(f"torchvision's DeepLabv3 ResNets have depth 50 or 101, got {depth!r}")
@@ -341,9 +333,8 @@ def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> M
         dropout=TORCHVISION_DROPOUT,
         align_corners=False,
         bn_momentum=TORCHVISION_BN_MOMENTUM,
+        head_conv=True,
     )
-    if has_head_conv_field():
-        fields[HEAD_CONV_FIELD] = True
     return ModelConfig(**fields)
 
 
@@ -354,7 +345,6 @@ def torchvision_deeplabv3_state_dict(src: StateDictSource) -> tuple[dict[str, Te
     classifier.1/classifier.2) and `classifier.{weight,bias}`; `aux_classifier.*` is dropped. The ASPP projection
     weight has its input channels permuted: torchvision concatenates the pooling branch LAST
     ([1x1, r12, r24, r36, pool]), ours FIRST ([pool, 1x1, r12, r24, r36], TF's order).
-    Works whether or not ModelConfig has `head_conv`, so the weights can be inspected either way.
     """
     state, source = read_state_dict(src)
     return _convert_torchvision_deeplabv3(state, source=source)
@@ -369,10 +359,6 @@ def _convert_torchvision_deeplabv3(state: Mapping[str, Tensor], *, source: str) 
     with torch.device("meta"):
         model = build_model(cfg)
         target = _shapes(model)
-        if not has_head_conv_field():
-            # What model.py builds once ModelConfig.head_conv exists: conv_bn(256, 256, kernel_size=3) at `head_conv`.
-            head_conv = conv_bn(cfg.aspp_channels, cfg.aspp_channels, kernel_size=3)
-            target.update({f"head_conv.{k}": v for k, v in _shapes(head_conv).items()})
     out = _match(
         state,
         target,
@@ -396,23 +382,14 @@ def load_torchvision_deeplabv3(src: StateDictSource, *, num_classes: int | None 
     rates (12, 24, 36), no multi-grid, no decoder, dropout 0.5).
 
     torchvision's head has a 3x3 conv + BN + ReLU between ASPP and the 1x1 classifier (`classifier.1/2/3`), which
-    cannot be folded into anything else (the ReLU sits between it and the classifier). It needs
-    `ModelConfig.head_conv: bool` (a `conv_bn(256, 256, kernel_size=3)` at `DeepLab.head_conv`, applied just before
-    `classifier`); without that field this raises NotImplementedError. `torchvision_deeplabv3_state_dict` converts
-    the weights either way.
+    cannot be folded into anything else (the ReLU sits between it and the classifier): it is `DeepLab.head_conv`
+    (`ModelConfig.head_conv=True`).
 
     `num_classes`: None (or the file's) keeps the file's classifier; another number keeps everything else and gives
     a freshly initialised classifier, for fine-tuning on another label set. Returned in eval mode.
     """
     raw, source = read_state_dict(src)
     state, cfg = _convert_torchvision_deeplabv3(raw, source=source)
-    if not has_head_conv_field():
-        raise NotImplementedError(
-            f"{source}: torchvision's DeepLabHead has a 3x3 conv + BN + ReLU between ASPP and the classifier "
-            "(classifier.1, classifier.2) that this deeplab cannot represent yet: ModelConfig needs a "
-            "`head_conv: bool` field (conv_bn(256, 256, kernel_size=3) at DeepLab.head_conv, before classifier). "
-            "torchvision_deeplabv3_state_dict() gives the converted weights meanwhile"
-        )
     file_classes = cfg.num_classes
     if num_classes is not None and num_classes != file_classes:
         cfg = cfg.replace(num_classes=num_classes)
@@ -436,7 +413,6 @@ __all__ = [
     "BACKBONE_LAYOUTS",
     "StateDictSource",
     "backbone_state_dict",
-    "has_head_conv_field",
     "load_torchvision_deeplabv3",
     "read_state_dict",
     "torchvision_deeplabv3_config",

@@ -11,7 +11,7 @@ cluttered background. The task is built so that only shape solves it:
   "anything that differs from the background" is not the answer either;
 - sizes come from one range for every class.
 
-It stays learnable by a small network in minutes: shapes are 19-51 px across at 128x128, a
+It stays learnable by a small network in minutes: shapes are 23-54 px across at 128x128, a
 shape's two texture colours are closer to each other than to the background's, and images carry
 mild sensor noise only.
 
@@ -116,16 +116,17 @@ def render_shapes(
     *,
     height: int = 128,
     width: int = 128,
-    shapes_per_image: tuple[int, int] = (1, 4),
-    size_range: tuple[float, float] = (0.15, 0.4),
+    shapes_per_image: tuple[int, int] = (2, 5),
+    size_range: tuple[float, float] = (0.18, 0.42),
     max_clutter: int = 8,
     max_noise_std: float = 8.0,
     min_contrast: float = 90.0,
     texture_contrast: tuple[float, float] = (20.0, 80.0),
+    rotate: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sample: image (H, W, 3) uint8 and mask (H, W) uint8 with classes 0..5.
 
-    ``size_range`` is a shape's diameter as a fraction of the shorter side (19-51 px at 128).
+    ``size_range`` is a shape's diameter as a fraction of the shorter side (23-54 px at 128).
     ``min_contrast`` is the least RGB distance between a shape's base colour and the mean
     background colour; ``texture_contrast`` bounds the per-channel difference between the two
     colours of any texture. Lower the first or raise the second for a harder task.
@@ -160,7 +161,7 @@ def render_shapes(
             dy, dx = ey - y, ex - x
             t = np.clip((px * dx + py * dy) / (dx * dx + dy * dy), 0.0, 1.0)
             region = (px - t * dx) ** 2 + (py - t * dy) ** 2 <= half_t * half_t
-        image[y0:y1, x0:x1][region] = color
+        np.copyto(image[y0:y1, x0:x1], color, where=region[..., None])
 
     # Shapes in drawing order = z-order: a later shape covers an earlier one, mask included.
     lo, hi = shapes_per_image
@@ -170,20 +171,24 @@ def render_shapes(
         # Centres keep at least 40% of the radius inside the frame: shapes may be cut off.
         cy = rng.uniform(0.4 * r, height - 0.4 * r)
         cx = rng.uniform(0.4 * r, width - 0.4 * r)
-        angle = rng.uniform(0.0, 2.0 * math.pi)
+        # Unrotated: squares and crosses axis-aligned, triangles flat side down (vertex up).
+        angle = rng.uniform(0.0, 2.0 * math.pi) if rotate else math.pi / 2
         reach = 1.25 * r + 1
         y0, y1 = max(0, int(cy - reach)), min(height, int(cy + reach) + 1)
         x0, x1 = max(0, int(cx - reach)), min(width, int(cx + reach) + 1)
         region = _shape_mask(cls, ys[y0:y1] - cy, xs[:, x0:x1] - cx, r, angle, rng)
         c0, c1 = _colors(rng, bg_mean, min_contrast, texture_contrast)
         texture = _texture(rng, ys[y0:y1], xs[:, x0:x1], c0, c1)
-        image[y0:y1, x0:x1][region] = texture[region]
-        mask[y0:y1, x0:x1][region] = cls
+        # copyto with where= writes through the slice views, faster than boolean indexing.
+        np.copyto(image[y0:y1, x0:x1], texture, where=region[..., None])
+        np.copyto(mask[y0:y1, x0:x1], np.uint8(cls), where=region)
 
     sigma = rng.uniform(0.0, max_noise_std)
     if sigma > 0:
-        image += rng.standard_normal(image.shape, dtype=np.float32) * np.float32(sigma)
-    return np.clip(image, 0.0, 255.0).astype(np.uint8), mask
+        # Grey (luminance) noise: one draw per pixel, a third of the cost of per-channel noise.
+        image += rng.standard_normal((height, width, 1), dtype=np.float32) * np.float32(sigma)
+    np.clip(image, 0.0, 255.0, out=image)
+    return image.astype(np.uint8), mask
 
 
 class SyntheticShapes(Dataset):
@@ -209,12 +214,13 @@ class SyntheticShapes(Dataset):
         seed: int = 0,
         transform: Transform | None = None,
         skip_bad: bool = False,
-        shapes_per_image: tuple[int, int] = (1, 4),
-        size_range: tuple[float, float] = (0.15, 0.4),
+        shapes_per_image: tuple[int, int] = (2, 5),
+        size_range: tuple[float, float] = (0.18, 0.42),
         max_clutter: int = 8,
         max_noise_std: float = 8.0,
         min_contrast: float = 90.0,
         texture_contrast: tuple[float, float] = (20.0, 80.0),
+        rotate: bool = True,
     ) -> None:
         # root and skip_bad are accepted so every dataset takes the same arguments; nothing is
         # read from disk and a generated sample cannot be bad.
@@ -243,6 +249,7 @@ class SyntheticShapes(Dataset):
         self.max_noise_std = float(max_noise_std)
         self.min_contrast = float(min_contrast)
         self.texture_contrast = (float(texture_contrast[0]), float(texture_contrast[1]))
+        self.rotate = bool(rotate)
         self.epoch = 0
         self.files: list[tuple[Path, Path]] = []  # nothing on disk
 
@@ -285,6 +292,7 @@ class SyntheticShapes(Dataset):
             max_noise_std=self.max_noise_std,
             min_contrast=self.min_contrast,
             texture_contrast=self.texture_contrast,
+            rotate=self.rotate,
         )
 
     def rng_for(self, index: int) -> np.random.Generator:

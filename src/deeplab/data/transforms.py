@@ -113,7 +113,7 @@ def random_scale(rng: np.random.Generator, *, scale_range: tuple[float, float], 
     return float(np.linspace(lo, hi, num_steps)[rng.integers(num_steps)])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainTransform:
     """The DeepLab training augmentation. Call as ``t(image, mask, rng)``.
 
@@ -183,7 +183,7 @@ class TrainTransform:
         return out_img.contiguous(), out_msk.contiguous()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalTransform:
     """Evaluation: no augmentation. Call as ``t(image, mask, rng=None)``; ``rng`` is unused.
 
