@@ -193,3 +193,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
         if a.is_floating_point():
             assert a.dtype == torch.float64 and torch.allclose(a, b, rtol=1e-7, atol=1e-9), key
     assert read_log(tmp_path / "one" / "log.csv") == pytest.approx(read_log(tmp_path / "two" / "log.csv"), abs=1e-6)
+
+
+def test_backbone_weights_start_training_from_an_imagenet_file(tmp_path):
+    # A file in torchvision's ResNet-50 layout (our resnet50 uses its names) plus its classifier, which is dropped.
+    torch.manual_seed(123)
+    source = deeplab.build_model(ModelConfig(backbone="resnet50", num_classes=6)).backbone.state_dict()
+    weights = {**source, "fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    torch.save(weights, tmp_path / "resnet50-imagenet.pth")
+    model = ModelConfig(backbone="resnet50", num_classes=6, aspp_channels=32, decoder_channels=32, low_level_channels=16)
+    cfg = replace(TINY_TRAIN, steps=1, lr=0.0, crop_size=32, batch_size=2, val_limit=1, val_images=1,
+                  backbone_weights=str(tmp_path / "resnet50-imagenet.pth"))
+    fit(model, cfg, out_dir=tmp_path / "run", progress=False)
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["state_dict"]
+    for key, value in source.items():
+        if "running" not in key and "num_batches" not in key:  # lr 0: parameters stay what the file holds
+            assert torch.equal(trained[f"backbone.{key}"], value), key
