@@ -26,8 +26,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_state_dict_strict, read_checkpoint
 from .config import ModelConfig, Preprocessing
-from .distributed import DistInfo, all_reduce_sum, convert_sync_batchnorm, init_distributed
-from .metrics import MetricAccumulator
+from .distributed import all_reduce_sum, convert_sync_batchnorm, init_distributed
 from .model import DeepLab, build_model
 
 
@@ -234,39 +233,6 @@ def build_datasets(train_cfg: TrainConfig, preprocessing: Preprocessing):
     return train_ds, val_ds
 
 
-@torch.no_grad()
-def evaluate_dataset(
-    model: DeepLab,
-    dataset,
-    *,
-    device: torch.device,
-    dist_info: DistInfo = DistInfo(),
-    amp: str = "off",
-    channels_last: bool = False,
-    progress: bool = False,
-    limit: int | None = None,
-) -> dict[str, Any]:
-    """mIoU etc. of `model` over `dataset` (each process takes every world_size-th image; matrices are summed)."""
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
-    acc = MetricAccumulator(num_classes=model.config.num_classes, ignore_index=dataset.ignore_index, device=device)
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-    indices = range(dist_info.rank, total, dist_info.world_size)
-    for i in tqdm(indices, desc="val", leave=False, disable=not progress, dynamic_ncols=True):
-        image, mask = dataset[i]
-        x = image.unsqueeze(0).to(device, dtype=next(model.parameters()).dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
-            logits = model(x)
-        acc.update(logits.argmax(1).cpu(), mask.unsqueeze(0))
-    acc.all_reduce()
-    model.train(was_training)
-    return acc.compute(class_names=model.class_names)
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -399,12 +365,12 @@ def fit(
 
     def validate() -> dict[str, Any]:
         nonlocal best_miou, last_metrics
-        eval_model = model
-        if train_cfg.eval_output_stride and train_cfg.eval_output_stride != model_cfg.output_stride:
-            eval_model = eval_model.with_output_stride(train_cfg.eval_output_stride)
-        metrics = evaluate_dataset(
-            eval_model, val_ds, device=device, dist_info=dist_info, amp=train_cfg.amp,
-            channels_last=train_cfg.channels_last, progress=progress and dist_info.is_main, limit=train_cfg.val_limit,
+        from .evaluate import evaluate
+
+        # The same evaluation as `deeplab eval` (single scale, native size), sharded across processes.
+        metrics = evaluate(
+            model, val_ds, input_size=None, output_stride=train_cfg.eval_output_stride, device=device,
+            progress=progress and dist_info.is_main, limit=train_cfg.val_limit,
         )
         metrics["step"] = step
         last_metrics = metrics
