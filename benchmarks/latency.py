@@ -2,7 +2,8 @@
 
     python benchmarks/latency.py                       # the paper's configurations at 513x513
     python benchmarks/latency.py --sizes 257,513,769,1025 --configs resnet101_beta:16:dec
-    python benchmarks/latency.py --bf16 --channels-last
+    python benchmarks/latency.py --bf16
+    python benchmarks/latency.py --no-fast           # the plain eager model (no BN folding, NCHW, every tap)
 
 One JSON line per result. The peak is measured in the same run with a large 3x3 convolution (fp32 and bf16); a
 model's achieved GFLOP/s counts only "effective" multiply-adds (filter taps that read inside the feature map), two
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from deeplab import ModelConfig, build_model
+from deeplab import ModelConfig, build_model, optimize_for_inference
 from deeplab.profile import profile_model
 
 PAPER_CONFIGS = [
@@ -62,7 +63,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="deeplab.optimize_for_inference: BN folded, channels_last, padding-only taps skipped")
+    p.add_argument("--channels-last", action="store_true", help="with --no-fast: channels_last only")
     args = p.parse_args()
     peak = {"fp32": conv_peak(bf16=False, runs=args.runs), "bf16": conv_peak(bf16=True, runs=args.runs)}
     print(json.dumps({"kind": "peak", "threads": torch.get_num_threads(), "gflops_fp32": round(peak["fp32"], 1),
@@ -71,19 +74,22 @@ def main() -> None:
     for text in args.configs.split(","):
         cfg = parse_config(text)
         model = build_model(cfg).eval()
-        if args.channels_last:
+        if args.fast:
+            model = optimize_for_inference(model)
+        elif args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         for size in (int(s) for s in args.sizes.split(",")):
             prof, _ = profile_model(cfg, size=(size, size))
             x = torch.randn(1, 3, size, size)
-            if args.channels_last:
+            if args.channels_last or args.fast:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
                 t = timed(lambda: model(x), warmup=args.warmup, runs=args.runs)
             med = statistics.median(t)
             achieved = 2 * prof.multiply_adds_effective / med / 1e9
             print(json.dumps({
-                "kind": "latency", "config": text, "size": size, "dtype": dtype, "channels_last": args.channels_last,
+                "kind": "latency", "config": text, "size": size, "dtype": dtype, "fast": args.fast,
+                "channels_last": args.channels_last or args.fast,
                 "median_ms": round(1e3 * med, 1), "min_ms": round(1e3 * min(t), 1), "max_ms": round(1e3 * max(t), 1),
                 "multiply_adds_effective": prof.multiply_adds_effective, "gflops": round(achieved, 1),
                 "percent_of_peak": round(100 * achieved / peak[dtype], 1),

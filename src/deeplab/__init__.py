@@ -2,6 +2,7 @@
 
 from .checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig, Preprocessing, default_atrous_rates
+from .fast import optimize_for_inference
 from .model import DeepLab, build_model
 from .predict import predict  # the function: `deeplab.predict` names it, so import helpers `from deeplab.predict`
 
@@ -15,6 +16,7 @@ __all__ = [
     "build_model",
     "default_atrous_rates",
     "load",
+    "optimize_for_inference",
     "predict",
     "save_checkpoint",
 ]

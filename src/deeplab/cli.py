@@ -213,6 +213,55 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
         "models: 257x257 / 513x513) and the logits back; 'native': the image's own size; or HxW",
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="the inference fast path: BatchNorm folded, channels_last, no padding-only taps; the same "
+                   "outputs up to float rounding (default on)")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="run the network under autocast: bf16 (CPU or CUDA) or fp16 (CUDA); default off")
+    g.add_argument("--crf", action="store_true",
+                   help="refine with DeepLab v1/v2's dense CRF (defaults: 10 iterations, bilateral w 4, xy 67, rgb 3; "
+                   "Gaussian w 3, xy 1)")
+    g.add_argument("--crf-params", default=None,
+                   help="override CRF settings, e.g. iterations=5,bi_w=5,bi_xy_std=50,bi_rgb_std=3,pos_w=3,pos_xy_std=1")
+    g.add_argument("--crf-backend", default="torch", choices=["torch", "pydensecrf"],
+                   help="torch (built in) or pydensecrf (pip install 'deeplab[crf]'); default torch")
+    g.add_argument("--pointrend", action=argparse.BooleanOptionalAction, default=None,
+                   help="PointRend checkpoints refine by adaptive subdivision by default; --no-pointrend uses the "
+                   "coarse prediction alone (for comparison)")
+    g.add_argument("--pointrend-points", type=int, default=None,
+                   help="PointRend checkpoints: points refined per subdivision step (default: the checkpoint's, 8192)")
+    g.add_argument("--pointrend-steps", type=int, default=None,
+                   help="PointRend checkpoints: subdivision steps (default: up to the input resolution)")
+
+
+def _crf_params(args: argparse.Namespace):
+    from .crf import CRFParams
+
+    if args.crf_params and not args.crf:
+        raise ValueError("--crf-params needs --crf")
+    if not args.crf:
+        return None
+    values = {}
+    for item in (args.crf_params or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, text = item.partition("=")
+        if not sep or name.strip() not in CRFParams.__dataclass_fields__:
+            raise ValueError(f"--crf-params: {item!r} is not NAME=VALUE with NAME one of {sorted(CRFParams.__dataclass_fields__)}")
+        values[name.strip()] = int(text) if name.strip() == "iterations" else float(text)
+    return CRFParams(**values)
+
+
+def _with_pointrend_options(model, args: argparse.Namespace):
+    changes = {k: v for k, v in (("pointrend_points", args.pointrend_points), ("pointrend_steps", args.pointrend_steps))
+               if v is not None}
+    if args.pointrend is False:
+        changes["pointrend_steps"] = 0  # no subdivision: the coarse prediction, resized
+    if (changes or args.pointrend) and not model.config.pointrend:
+        raise ValueError("--pointrend options apply to checkpoints trained with --pointrend; this one has no point head")
+    if changes:
+        model.config = model.config.replace(**changes)
+    return model
 
 
 def _device(name: str):
@@ -250,12 +299,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--{next(iter(folder)).replace('_', '-')} applies to --dataset folder only, not {args.dataset!r}")
     results = {}
     for label, path in zip(checkpoint_labels(args.checkpoint), args.checkpoint):
-        model = load(path)
+        model = _with_pointrend_options(load(path), args)
         dataset = build_eval_dataset(model, args.dataset, root=args.data_root, split=split, skip_bad=args.skip_bad, **folder)
         res = evaluate(
             model, dataset, scales=args.scales, flip=args.flip, window=args.window, overlap=args.overlap,
             input_size=args.input_size, output_stride=args.eval_output_stride, trimap_widths=args.trimap or (),
             per_image=args.per_image, device=device, progress=not args.quiet and not args.json, limit=args.limit,
+            fast=args.fast, amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend,
         )
         results[label] = {"checkpoint": str(path), "dataset": args.dataset, "split": split, **res}
     if not dist_info.is_main:
@@ -291,11 +341,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load
     from .predict import predict_files
 
-    model = load(args.checkpoint).to(_device(args.device))
+    model = _with_pointrend_options(load(args.checkpoint), args).to(_device(args.device))
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
         scales=args.scales, flip=args.flip, window=args.window, overlap=args.overlap, input_size=args.input_size,
-        progress=not args.quiet,
+        progress=not args.quiet, fast=args.fast, amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend,
     )
     for _name, message in report.failed:
         print(f"deeplab predict: {message}", file=sys.stderr)

@@ -38,6 +38,10 @@ class ModelConfig:
     align_corners: bool = False  # TF-converted models need True
     depth_multiplier: float = 1.0  # MobileNetV2 only
     bn_momentum: float = 0.0003  # PyTorch convention for TF's decay 0.9997 (epsilon is each block's TF value)
+    pointrend: bool = False  # a PointRend point head on the stride-4 features (deeplab.pointrend)
+    pointrend_train_points: int = 2048  # points per image in training (detectron2's semantic PointRend)
+    pointrend_points: int = 8192  # points refined per subdivision step at inference
+    pointrend_steps: int | None = None  # subdivision steps at inference; None: up to the input resolution
 
     def __post_init__(self) -> None:
         if self.output_stride not in OUTPUT_STRIDES:
@@ -50,6 +54,13 @@ class ModelConfig:
             raise ValueError(f"multi_grid must be positive integers, got {self.multi_grid!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.pointrend_train_points < 1 or self.pointrend_points < 1:
+            raise ValueError(
+                f"pointrend_train_points and pointrend_points must be positive, got "
+                f"{self.pointrend_train_points} and {self.pointrend_points}"
+            )
+        if self.pointrend_steps is not None and self.pointrend_steps < 0:
+            raise ValueError(f"pointrend_steps must be >= 0 or None, got {self.pointrend_steps!r}")
         if self.depth_multiplier <= 0:
             raise ValueError(f"depth_multiplier must be positive, got {self.depth_multiplier!r}")
         # Tuples survive a JSON round trip as lists; normalise so equal configs compare equal.

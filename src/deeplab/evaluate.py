@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .crf import CRFParams, dense_crf
+from .data.transforms import denormalize
+from .fast import is_fast, optimize_for_inference
 from .inference import check_options, segment_probs
 from .metrics import MetricAccumulator, confusion_matrix, segmentation_scores
 from .predict import resolve_input_size
@@ -86,11 +89,18 @@ def evaluate(
     device: torch.device | str = "cpu",
     progress: bool = False,
     limit: int | None = None,
+    fast: bool = True,
+    amp: str = "off",
+    crf: CRFParams | None = None,
+    crf_backend: str = "torch",
 ) -> dict[str, Any]:
     """Scores of `model` on `dataset` (yielding normalised (3, H, W) images and (H, W) labels at native size).
 
     Inference options as `deeplab.inference.segment_probs`; `input_size="model"` uses the checkpoint's fixed input
     size (None: native size). `output_stride` re-dilates the model first (e.g. 8 for a model trained at 16).
+    `fast` evaluates a copy with the inference fast path (`deeplab.fast`: BatchNorm folded, channels_last, no
+    padding-only taps); `amp="bf16"` runs the network under bf16 autocast. `crf` post-processes every image's
+    probabilities with the dense CRF (`deeplab.crf`), on the image's RGB recovered from the model's preprocessing.
     Returns a JSON-ready dict: `segmentation_scores` (miou, per_class_iou, per_class_accuracy, pixel_accuracy,
     mean_accuracy, fw_iou, num_pixels), `trimap` (width -> mIoU), `num_images`, `confusion_matrix` (K x K list,
     rows ground truth), `settings`, and with `per_image` a `per_image` list of {image, miou, per_class_iou,
@@ -104,6 +114,8 @@ def evaluate(
         model = model.with_output_stride(output_stride)
     was_training = model.training
     model.eval().to(device)
+    if fast and not is_fast(model):
+        model = optimize_for_inference(model)
     num_classes = model.config.num_classes
     ignore_index = getattr(dataset, "ignore_index", 255)
     acc = MetricAccumulator(num_classes=num_classes, ignore_index=ignore_index, trimap_widths=trimap_widths)
@@ -120,8 +132,11 @@ def evaluate(
             image, mask = dataset[i]
             probs = segment_probs(
                 model, image[None].to(device), scales=scales, flip=flip, window=window, overlap=overlap,
-                input_size=size,
+                input_size=size, amp=amp,
             )
+            if crf is not None:
+                rgb = denormalize(image, model.preprocessing)
+                probs = dense_crf(rgb, probs[0], params=crf, backend=crf_backend)[None]
             pred = probs.argmax(dim=1).cpu()  # (1, H, W)
             target = mask[None].cpu()
             acc.update(pred, target)
@@ -142,6 +157,7 @@ def evaluate(
     result["settings"] = {
         "scales": list(scales), "flip": bool(flip), "window": window, "overlap": overlap if window else None,
         "input_size": list(size) if size else None, "output_stride": model.config.output_stride,
+        "fast": bool(fast), "amp": amp, "crf": None if crf is None else {**vars(crf), "backend": crf_backend},
     }
     if per_image:
         result["per_image"] = [entry for _, entry in sorted(_gather(images), key=lambda e: e[0])]

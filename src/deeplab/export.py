@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fast import optimize_for_inference
+
 FORMATS = ("onnx", "torchscript", "pt2")
 DEFAULT_CHECK_SIZES: tuple[tuple[int, int], ...] = ((257, 257), (193, 321))
 MIN_OPSET = 17
@@ -218,29 +220,40 @@ def export_model(
     atol: float = 1e-4,
     opset: int = MIN_OPSET,
     dynamo: bool = False,
+    fold_bn: bool = True,
 ) -> dict[str, Any]:
     """Export `model` (in eval mode, on CPU, float32) to `path` and verify it at every size in `sizes`.
 
     Returns {"path", "format", "max_abs_diff": {"HxW": diff}, "seconds"}. On a failed check the file is removed and
-    ExportCheckError raised. `opset` and `dynamo` apply to ONNX only.
+    ExportCheckError raised. `opset` and `dynamo` apply to ONNX only. With `fold_bn` the exported graph has its
+    BatchNorms folded into the convolutions (`deeplab.fast`); it is still checked against the unfolded eager model.
+    Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose from {list(FORMATS)}")
     if len(sizes) < 2:
         raise ValueError(f"check at two sizes at least (got {list(sizes)}), so a size frozen into the graph shows")
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "pointrend", False) and len({tuple(int(v) for v in size) for size in sizes}) > 1:
+        raise ValueError(
+            "a PointRend model exports at one fixed input size: its subdivision schedule (how many 2x steps, how many "
+            "points each) is computed from the input size while tracing, so the graph holds it as constants. Pass the "
+            f"size you will run at twice, e.g. --check-sizes 513x513,513x513 (got {[list(s) for s in sizes]})"
+        )
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("export a model on the CPU: load it with deeplab.load(path), which maps to the CPU")
     started = time.perf_counter()
     path = Path(path)
     was_training = model.training
     model.eval()
+    graph = optimize_for_inference(model, channels_last=False, skip_taps=False) if fold_bn else model
     try:
         if format == "onnx":
-            export_onnx(model, path, opset=opset, dynamo=dynamo, example_size=sizes[0])
+            export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=sizes[0])
         elif format == "torchscript":
-            export_torchscript(model, path, example_size=sizes[0])
+            export_torchscript(graph, path, example_size=sizes[0])
         else:
-            export_pt2(model, path, example_size=sizes[0])
+            export_pt2(graph, path, example_size=sizes[0])
         try:
             diffs = check_export(path, model, format=format, sizes=sizes, atol=atol)
         except ExportCheckError:

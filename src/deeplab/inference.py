@@ -119,8 +119,23 @@ def sliding_window_logits(
     return (sums / count)[:, :, :h, :w]
 
 
-def _logits(model: nn.Module, x: torch.Tensor, *, window: int | Sequence[int] | None, overlap: float) -> torch.Tensor:
-    return model(x) if window is None else sliding_window_logits(model, x, window=window, overlap=overlap)
+def autocast(device_type: str, amp: str):
+    """torch.autocast for ``amp`` = "off", "bf16" (CPU or CUDA) or "fp16" (CUDA only)."""
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+    if amp == "off":
+        return torch.autocast(device_type, enabled=False)
+    if amp == "fp16" and device_type != "cuda":
+        raise ValueError("amp='fp16' needs a CUDA device; on CPU use amp='bf16'")
+    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _logits(
+    model: nn.Module, x: torch.Tensor, *, window: int | Sequence[int] | None, overlap: float, amp: str
+) -> torch.Tensor:
+    with autocast(x.device.type, amp):
+        out = model(x) if window is None else sliding_window_logits(model, x, window=window, overlap=overlap)
+    return out.float()  # resize and softmax in float32 whatever the autocast dtype
 
 
 @torch.no_grad()
@@ -134,13 +149,15 @@ def segment_probs(
     overlap: float = 0.33,
     input_size: Sequence[int] | None = None,
     align_corners: bool | None = None,
+    amp: str = "off",
 ) -> torch.Tensor:
     """Class probabilities (N, K, H, W) of a normalised batch `x` (N, 3, H, W), at `x`'s size.
 
     The softmax of every (scale, flip) pass is averaged (TF DeepLab's rule; see the module docstring). `flip` adds
     each scale's horizontally mirrored image, whose output is mirrored back. `window` tiles each pass (sliding
     window, `overlap` a fraction of the window). `input_size` (H, W) resizes the image before everything else.
-    `align_corners` defaults to the model's own (`model.config.align_corners`). The model should be in eval mode.
+    `align_corners` defaults to the model's own (`model.config.align_corners`). `amp="bf16"` runs the network under
+    bf16 autocast (resizing and softmax stay float32). The model should be in eval mode.
     """
     scales = check_options(scales=scales, window=window, overlap=overlap)
     if x.dim() != 4 or x.shape[1] != 3:
@@ -157,7 +174,7 @@ def segment_probs(
     for scale in scales:
         xs = base if scale == 1.0 else _resize(base, scaled_size(base_size, scale, align_corners=ac), align_corners=ac)
         for mirrored in (False, True) if flip else (False,):
-            logits = _logits(model, xs.flip(-1) if mirrored else xs, window=window, overlap=overlap)
+            logits = _logits(model, xs.flip(-1) if mirrored else xs, window=window, overlap=overlap, amp=amp)
             if mirrored:
                 logits = logits.flip(-1)
             logits = _resize(logits, out_size, align_corners=ac)  # (N, K, H, W)
@@ -178,10 +195,11 @@ def segment(
     overlap: float = 0.33,
     input_size: Sequence[int] | None = None,
     align_corners: bool | None = None,
+    amp: str = "off",
 ) -> torch.Tensor:
     """Class indices (N, H, W) int64: the argmax of `segment_probs` (same arguments)."""
     probs = segment_probs(
         model, x, scales=scales, flip=flip, window=window, overlap=overlap, input_size=input_size,
-        align_corners=align_corners,
+        align_corners=align_corners, amp=amp,
     )
     return probs.argmax(dim=1)

@@ -10,7 +10,9 @@ from torch import nn
 
 from .backbones import BACKBONES, Backbone
 from .config import ModelConfig, Preprocessing
+from . import pointrend
 from .layers import ASPP, Decoder, conv_bn
+from .pointrend import PointHead
 
 
 class DeepLab(nn.Module):
@@ -31,6 +33,7 @@ class DeepLab(nn.Module):
         class_names: Sequence[str],
         preprocessing: Preprocessing,
         head_conv: nn.Module | None = None,
+        point_head: PointHead | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -41,16 +44,33 @@ class DeepLab(nn.Module):
         self.decoder = decoder
         self.head_conv = head_conv
         self.classifier = classifier
+        self.point_head = point_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits (N, K, H, W). With PointRend in training mode, a dict: `logits` (the coarse prediction at input
+        size), `point_logits` (N, K, P) and `point_coords` (N, P, 2) for the point loss (`deeplab.pointrend`)."""
         features = self.backbone(x)
         y = self.aspp(features["out"])  # (N, 256, H/os, W/os)
         if self.decoder is not None:
             y = self.decoder(y, features["low_level"])  # (N, 256, H/4, W/4)
         if self.head_conv is not None:
             y = self.head_conv(y)
-        y = self.classifier(y)  # (N, K, H/os or H/4, ...)
-        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=self.config.align_corners)
+        y = self.classifier(y)  # (N, K, H/os or H/4, ...): with PointRend, the coarse prediction
+        cfg = self.config
+        if self.point_head is None:
+            # x.shape[-2:] (not ints) keeps height and width symbolic when the model is traced for export.
+            return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=cfg.align_corners)
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        fine = features["low_level"]
+        if self.training:
+            coords = pointrend.training_points(y, cfg.pointrend_train_points)
+            point_logits = self.point_head(pointrend.point_sample(fine, coords), pointrend.point_sample(y, coords))
+            logits = F.interpolate(y, size=size, mode="bilinear", align_corners=cfg.align_corners)
+            return {"logits": logits, "point_logits": point_logits, "point_coords": coords}
+        return pointrend.subdivide(
+            self.point_head, y, fine, size, num_points=cfg.pointrend_points, steps=cfg.pointrend_steps,
+            align_corners=cfg.align_corners,
+        )
 
     def with_output_stride(self, output_stride: int) -> "DeepLab":
         """The same weights at another output stride (the paper's train-at-16, evaluate-at-8 protocol).
@@ -112,6 +132,7 @@ def build_model(
     head_channels = cfg.decoder_channels if cfg.decoder else cfg.aspp_channels
     head_conv = conv_bn(head_channels, head_channels, kernel_size=3) if cfg.head_conv else None
     classifier = nn.Conv2d(head_channels, cfg.num_classes, 1)
+    point_head = PointHead(backbone.channels["low_level"], cfg.num_classes) if cfg.pointrend else None
     model = DeepLab(
         config=cfg,
         backbone=backbone,
@@ -121,6 +142,7 @@ def build_model(
         class_names=class_names,
         preprocessing=preprocessing or Preprocessing(),
         head_conv=head_conv,
+        point_head=point_head,
     )
     _initialize(model, bn_momentum=cfg.bn_momentum)
     return model

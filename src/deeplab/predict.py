@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .crf import CRFParams, dense_crf
+from .fast import is_fast, optimize_for_inference
 from .inference import check_options, segment_probs
 
 if TYPE_CHECKING:
@@ -108,6 +110,9 @@ def predict_probs(
     window: int | None = None,
     overlap: float = 0.33,
     input_size: Sequence[int] | str | None = "model",
+    amp: str = "off",
+    crf: CRFParams | None = None,
+    crf_backend: str = "torch",
 ) -> np.ndarray:
     """Class probabilities (K, H, W) float32 at the image's size; the arguments as for `predict`."""
     rgb = load_image(image)
@@ -116,10 +121,12 @@ def predict_probs(
     try:
         probs = segment_probs(
             model, _normalised(model, rgb), scales=scales, flip=flip, window=window, overlap=overlap,
-            input_size=resolve_input_size(model, input_size),
+            input_size=resolve_input_size(model, input_size), amp=amp,
         )
     finally:
         model.train(was_training)
+    if crf is not None:
+        return dense_crf(rgb, probs[0].cpu(), params=crf, backend=crf_backend).numpy()
     return probs[0].cpu().numpy()
 
 
@@ -132,15 +139,22 @@ def predict(
     window: int | None = None,
     overlap: float = 0.33,
     input_size: Sequence[int] | str | None = "model",
+    amp: str = "off",
+    crf: CRFParams | None = None,
+    crf_backend: str = "torch",
 ) -> np.ndarray:
     """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array) at the image's size.
 
     uint8 for up to 256 classes (int64 beyond). `scales` / `flip` average softmax probabilities over rescaled and
     mirrored copies; `window` / `overlap` tile large images (see `deeplab.inference`). `input_size="model"` uses the
     checkpoint's fixed input size if it has one, `None` runs at the image's own size, (H, W) forces a size.
+    `amp="bf16"` runs the network under bf16 autocast. `crf` (a `deeplab.crf.CRFParams`) refines the probabilities
+    with DeepLab v1/v2's dense CRF (`crf_backend` "torch" or "pydensecrf"). For many images, pass the model through
+    `deeplab.optimize_for_inference` once first (BatchNorm folded, channels_last: the same outputs, faster).
     """
     probs = predict_probs(
-        model, image, scales=scales, flip=flip, window=window, overlap=overlap, input_size=input_size
+        model, image, scales=scales, flip=flip, window=window, overlap=overlap, input_size=input_size, amp=amp,
+        crf=crf, crf_backend=crf_backend,
     )
     labels = probs.argmax(axis=0)
     return labels.astype(np.uint8) if probs.shape[0] <= 256 else labels.astype(np.int64)
@@ -298,6 +312,10 @@ def predict_files(
     overlap: float = 0.33,
     input_size: Sequence[int] | str | None = "model",
     progress: bool = False,
+    fast: bool = True,
+    amp: str = "off",
+    crf: CRFParams | None = None,
+    crf_backend: str = "torch",
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
 
@@ -305,7 +323,8 @@ def predict_files(
     the palette draws them in the dataset's colours), with `overlay_alpha` NAME_overlay.png (the image blended with
     the colours), and with `save_probs` NAME_probs.npy (float16, K x H x W). A video (only with the optional
     imageio package) writes NAME/frame_000000.png and so on. An input that cannot be read is recorded in the
-    report's `failed` as (input, message naming it) and the others still run.
+    report's `failed` as (input, message naming it) and the others still run. `fast` predicts with a copy of the
+    model on the inference fast path (`deeplab.fast`); `amp="bf16"` runs it under bf16 autocast.
     """
     class_names = getattr(model, "class_names", None)
     if not class_names:
@@ -316,6 +335,8 @@ def predict_files(
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
     size = resolve_input_size(model, input_size)
+    if fast and not is_fast(model):
+        model = optimize_for_inference(model)
     palette = palette_for(class_names)
     out = Path(out_dir)
     files, problems = expand_inputs(inputs)
@@ -323,7 +344,8 @@ def predict_files(
 
     def run(rgb: np.ndarray) -> np.ndarray:
         return predict_probs(
-            model, rgb, scales=scales, flip=flip, window=window, overlap=overlap, input_size=size
+            model, rgb, scales=scales, flip=flip, window=window, overlap=overlap, input_size=size, amp=amp,
+            crf=crf, crf_backend=crf_backend,
         )
 
     from tqdm import tqdm

@@ -27,6 +27,8 @@ from torch import nn
 from .checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_state_dict_strict, read_checkpoint
 from .config import ModelConfig, Preprocessing
 from .distributed import all_reduce_sum, convert_sync_batchnorm, init_distributed
+from .inference import autocast
+from .pointrend import point_loss
 from .model import DeepLab, build_model
 
 
@@ -203,14 +205,6 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return torch.autocast(device.type, enabled=False)
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("amp='fp16' needs a CUDA device; on CPU use amp='bf16'")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def build_datasets(train_cfg: TrainConfig, preprocessing: Preprocessing):
@@ -415,18 +409,28 @@ def fit(
                 masks = masks.to(device, non_blocking=True)
                 if train_cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, train_cfg.amp):
-                    logits = train_model(images)
+                with autocast(device.type, train_cfg.amp):
+                    outputs = train_model(images)
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs
                 loss_sum, count = pixel_loss(
                     logits, masks, ignore_index=train_cfg.ignore_index, class_weights=class_weights,
                     hard_pixel_fraction=train_cfg.hard_pixel_fraction,
                 )
+                point_sum = point_count = torch.zeros((), device=device)
+                if isinstance(outputs, dict):  # PointRend: the point loss is added to the main loss
+                    point_sum, point_count = point_loss(
+                        outputs["point_logits"], outputs["point_coords"], masks, ignore_index=train_cfg.ignore_index
+                    )
                 # Divide by the global number of counted pixels (times the world size, which DDP's gradient
                 # averaging divides out): the gradient then equals one process's over the whole batch.
-                stats = all_reduce_sum(torch.stack([loss_sum.detach().double(), count.double()]))
-                global_count = stats[1].clamp_min(1)
+                stats = all_reduce_sum(torch.stack([
+                    loss_sum.detach().double(), count.double(), point_sum.detach().double(), point_count.double(),
+                ]))
+                global_count, global_points = stats[1].clamp_min(1), stats[3].clamp_min(1)
                 loss = loss_sum * (dist_info.world_size / global_count).to(loss_sum.dtype)
-                loss_value = float(stats[0] / global_count)
+                if isinstance(outputs, dict):
+                    loss = loss + point_sum * (dist_info.world_size / global_points).to(point_sum.dtype)
+                loss_value = float(stats[0] / global_count + stats[2] / global_points)
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
                         f"the loss is {loss_value} at step {step} (learning rate {lr:.3g}); "

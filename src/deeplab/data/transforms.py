@@ -97,6 +97,14 @@ def normalize(
     return _normalize(img, _triple(mean, "mean"), _triple(std, "std")).contiguous()
 
 
+def denormalize(image: torch.Tensor, preprocessing) -> np.ndarray:
+    """A normalised (3, H, W) image back to (H, W, 3) uint8 RGB with `preprocessing`'s mean and std (for the CRF)."""
+    m = torch.tensor(preprocessing.mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(preprocessing.std, dtype=torch.float32).view(3, 1, 1)
+    rgb = (image.detach().float().cpu() * s + m).round_().clamp_(0, 255)
+    return rgb.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
 def random_scale(rng: np.random.Generator, *, scale_range: tuple[float, float], scale_step: float) -> float:
     """TF DeepLab's ``get_random_scale``: uniform in the range, or uniform over its steps.
 
