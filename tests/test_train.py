@@ -224,3 +224,39 @@ def test_backbone_weights_start_training_from_an_imagenet_file(tmp_path):
     for key, value in source.items():
         if "running" not in key and "num_batches" not in key:  # lr 0: parameters stay what the file holds
             assert torch.equal(trained[f"backbone.{key}"], value), key
+
+
+def test_folded_batchnorms_get_measured_statistics_without_changing_the_model():
+    # A TF Lite import stores each BN as an identity carrying the folded bias. Re-measured, inference must be
+    # unchanged exactly, and training-mode BN on the very images it was measured on must equal inference: batch
+    # statistics then equal the stored ones, layer by layer.
+    from deeplab.train import folded_batchnorms, recalibrate_folded_batchnorms
+
+    torch.manual_seed(0)
+    model = deeplab.build_model(replace(TINY_MODEL, dropout=0.0)).eval()
+    state = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            state.update({f"{name}.weight": torch.ones_like(m.weight), f"{name}.bias": torch.randn_like(m.bias),
+                          f"{name}.running_mean": torch.zeros_like(m.running_mean),
+                          f"{name}.running_var": torch.full_like(m.running_var, 1.0 - m.eps)})
+    model.load_state_dict(state, strict=False)
+    names = folded_batchnorms(model, state)
+    assert len(names) == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    images = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        before = model(images)
+    # The first BN's input, by hand: the stem conv's output moments over all pixels of the four images.
+    stem_out = model.backbone.stem.conv(images)
+    recalibrate_folded_batchnorms(model, names, iter(images))
+    with torch.no_grad():
+        after = model(images)
+        torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+        model.train()
+        trained_mode = model(images)
+    torch.testing.assert_close(trained_mode, before, rtol=1e-3, atol=1e-3)
+    stem_bn = model.backbone.stem.bn
+    torch.testing.assert_close(stem_bn.running_mean, stem_out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(stem_bn.running_var, stem_out.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+    # A BN that was not folded (ordinary statistics) is left alone.
+    assert folded_batchnorms(deeplab.build_model(TINY_MODEL), deeplab.build_model(TINY_MODEL).state_dict()) == []

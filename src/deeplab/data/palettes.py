@@ -152,7 +152,7 @@ _CAMVID_COLORS: tuple[RGB, ...] = (
     (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
 )  # fmt: skip
 
-SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "disc", "square", "triangle", "ring", "cross")
+SYNTHETIC_CLASSES: tuple[str, ...] = ("background", "disc", "square", "ring", "cross")
 
 _VOC_CMAP = voc_colormap(256)
 
