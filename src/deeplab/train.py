@@ -526,13 +526,13 @@ def recalibrate_folded_batchnorms(model: nn.Module, names: list[str], images: It
     trains in its usual parametrisation.
     """
     modules = dict(model.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # per BN: sum, sum of squares, count
 
     def hook(name):
         def record(_module, inputs):
-            x = inputs[0].detach().double().transpose(0, 1).flatten(1)
-            acc = sums.setdefault(name, [torch.zeros(x.shape[0], dtype=torch.float64)] * 2 + [0])
-            sums[name] = [acc[0] + x.sum(1).cpu(), acc[1] + (x * x).sum(1).cpu(), acc[2] + x.shape[1]]
+            x = inputs[0].detach().double().transpose(0, 1).flatten(1).cpu()  # (C, pixels)
+            s1, s2, n = sums.get(name, (0.0, 0.0, 0))
+            sums[name] = (s1 + x.sum(1), s2 + (x * x).sum(1), n + x.shape[1])
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]

@@ -251,14 +251,17 @@ class SyntheticShapes(Dataset):
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.seed = int(seed)
         self.transform = transform if transform is not None else EvalTransform()
-        self.shapes_per_image = (int(lo), int(hi))
-        self.size_range = (float(size_range[0]), float(size_range[1]))
-        self.max_clutter = int(max_clutter)
-        self.max_noise_std = float(max_noise_std)
-        self.min_contrast = float(min_contrast)
-        self.texture_contrast = (float(texture_contrast[0]), float(texture_contrast[1]))
-        self.background_max = float(background_max)
-        self.rotate = bool(rotate)
+        # render_shapes's arguments, normalised once; load() passes them on.
+        self.render_options = dict(
+            shapes_per_image=(int(lo), int(hi)),
+            size_range=(float(size_range[0]), float(size_range[1])),
+            max_clutter=int(max_clutter),
+            max_noise_std=float(max_noise_std),
+            min_contrast=float(min_contrast),
+            texture_contrast=(float(texture_contrast[0]), float(texture_contrast[1])),
+            background_max=float(background_max),
+            rotate=bool(rotate),
+        )
         self.epoch = 0
         self.files: list[tuple[Path, Path]] = []  # nothing on disk
         # Rendered samples, kept: a sample never changes, and rendering costs about as much as a training step's
@@ -293,26 +296,13 @@ class SyntheticShapes(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} samples")
-        if index in self._rendered:
-            image, mask = self._rendered[index]
-            return image.copy(), mask.copy()
-        rng = np.random.default_rng([_STREAM_TAG, self.seed, _SPLIT_STREAMS[self.split], index])
-        sample = render_shapes(
-            rng,
-            height=self.image_size[0],
-            width=self.image_size[1],
-            shapes_per_image=self.shapes_per_image,
-            size_range=self.size_range,
-            max_clutter=self.max_clutter,
-            max_noise_std=self.max_noise_std,
-            min_contrast=self.min_contrast,
-            texture_contrast=self.texture_contrast,
-            background_max=self.background_max,
-            rotate=self.rotate,
-        )
-        if self.image_size[0] * self.image_size[1] * self.length <= 2**25:  # cache up to 128 MB of samples
-            self._rendered[index] = (sample[0].copy(), sample[1].copy())
-        return sample
+        sample = self._rendered.get(index)
+        if sample is None:
+            rng = np.random.default_rng([_STREAM_TAG, self.seed, _SPLIT_STREAMS[self.split], index])
+            sample = render_shapes(rng, height=self.image_size[0], width=self.image_size[1], **self.render_options)
+            if self.image_size[0] * self.image_size[1] * self.length <= 2**25:  # cache up to 128 MB of samples
+                self._rendered[index] = sample
+        return sample[0].copy(), sample[1].copy()  # callers may write into what they get
 
     def rng_for(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
