@@ -618,6 +618,17 @@ def test_synthetic_colour_is_no_shortcut_to_the_class():
     assert bayes_accuracy < majority + 0.05, (bayes_accuracy, majority)
 
 
+def test_synthetic_preset_class_weights_are_sqrt_median_frequency_of_the_train_split():
+    from deeplab.train import SYNTHETIC_TRAIN
+
+    ds = SyntheticShapes(split="train", length=400)  # the first 400 of the 2000 training images
+    counts = sum(np.bincount(ds.load(i)[1].ravel(), minlength=5) for i in range(len(ds)))
+    freq = counts / counts.sum()
+    expected = np.sqrt(np.median(freq) / freq)
+    np.testing.assert_allclose(SYNTHETIC_TRAIN.class_weights, expected, atol=0.03)
+    assert 0.6 < freq[0] < 0.75 and (freq[1:] > 0.05).all()  # background dominates; no shape class is rare
+
+
 def test_folder_label_map_reads_black_and_white_binary_masks(tmp_path):
     _save_image(tmp_path / "image" / "0.png", _image(6, 6)[..., 0])  # greyscale image, read as RGB
     _save_mask(tmp_path / "label" / "0.png", _label_grid(6, 6, [0, 255]))

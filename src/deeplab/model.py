@@ -149,7 +149,8 @@ def build_model(
 
 
 def _initialize(model: nn.Module, *, bn_momentum: float) -> None:
-    """He-normal convs (TF's resnet/xception scopes use variance scaling), unit BN, and TF's BN decay everywhere."""
+    """He-normal convs (TF's resnet/xception scopes use variance scaling), unit BN, TF's BN decay everywhere, and
+    TF's small-normal logits layer."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             if m.weight.device.type != "meta":
@@ -161,3 +162,9 @@ def _initialize(model: nn.Module, *, bn_momentum: float) -> None:
             if m.weight is not None and m.weight.device.type != "meta":
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+    # TF's get_branch_logits: the logits layer starts from truncated_normal(stddev=0.01), so the first loss is
+    # about log(num_classes) instead of the several nats a He-initialised classifier gives.
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Conv2d) and classifier.weight.device.type != "meta":
+        nn.init.trunc_normal_(classifier.weight, std=0.01, a=-0.02, b=0.02)
+        nn.init.zeros_(classifier.bias)

@@ -115,11 +115,16 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-# The built-in default: `deeplab train` with no arguments trains on the synthetic shapes on 2 CPU cores in about
+# The built-in default: `deeplab train` with no arguments trains on the synthetic shapes on 2 CPU cores in under
 # three minutes. It departs from the paper where a three-minute run must: a MobileNetV2 at depth multiplier 0.5 with
 # separable ASPP and decoder of 128 channels, whole 64x64 images (no rescaling, only flips: the images are already
-# small and the shapes fill them), a higher learning rate (0.1) for the few steps there are, and PyTorch's BN
-# momentum 0.1 (TF's 0.9997 decay needs thousands of steps before its running statistics are usable).
+# small and the shapes fill them), a higher learning rate (0.1) for the few steps there are, PyTorch's BN momentum
+# 0.1 (TF's 0.9997 decay needs thousands of steps before its running statistics are usable), channels_last (about a
+# third faster per step here), and class weights: the square root of median-frequency balancing (Eigen & Fergus),
+# sqrt(median(f) / f_c) over the training split's pixel frequencies f (background 68%, each shape 7-9%), the same
+# rule as the CamVid recipe in the README. Without them the background dominates the loss and the shape classes
+# learn slowly: 0.669 against 0.765 validation mIoU after the 900 steps (one thread each).
+SYNTHETIC_CLASS_WEIGHTS = (0.338, 0.919, 1.0, 1.002, 1.064)
 SYNTHETIC_MODEL = ModelConfig(
     backbone="mobilenet_v2",
     num_classes=5,
@@ -133,7 +138,8 @@ SYNTHETIC_MODEL = ModelConfig(
 )
 SYNTHETIC_TRAIN = TrainConfig(
     dataset="synthetic", crop_size=64, min_scale=1.0, max_scale=1.0, scale_step=0.0, batch_size=16, steps=900,
-    lr=0.1, weight_decay=4e-5, val_every=450, checkpoint_every=300, workers=0,
+    lr=0.1, weight_decay=4e-5, class_weights=SYNTHETIC_CLASS_WEIGHTS, channels_last=True, val_every=450,
+    checkpoint_every=300, workers=0,
 )
 
 
@@ -352,8 +358,9 @@ def fit(
     writer = _tensorboard(out / "tensorboard") if dist_info.is_main else None
 
     def save_last() -> None:
-        # A step can leave non-finite weights behind a still-finite loss; never let them replace a good checkpoint.
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        # A step can leave non-finite weights (or BN statistics) behind a still-finite loss; never let them replace a
+        # good checkpoint.
+        if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
             raise TrainingDiverged(
                 f"the weights became non-finite at step {step} (learning rate {lr:.3g}); "
                 f"the last good checkpoint {last_path} is kept. Lower --lr or check the data."
