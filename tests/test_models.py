@@ -320,3 +320,34 @@ def test_onnx_export_with_dynamic_height_and_width():
         got = session.run(None, {"image": x.numpy()})[0]
         assert got.shape == expected.shape
         assert abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("size,dilation", [((5, 7), 1), ((9, 6), 2), ((4, 4), 2), ((4, 5), 6), ((17, 17), 6)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_depthwise_backward_equals_autograd_through_conv2d(size, dilation, channels_last):
+    # The stride-1 depthwise 3x3 trains through its own backward (deeplab.layers._DepthwiseConv3x3); its gradients
+    # must be torch's own, here in float64, including taps that only read padding (dilation >= the map size).
+    from deeplab.layers import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    c = 6
+    conv = DepthwiseConv2d(c, c, 3, padding=dilation, dilation=dilation, groups=c, bias=True).double()
+    x = torch.randn(3, c, *size, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, c, *size, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = conv(x1)
+    y.backward(g)
+    ours = (x1.grad, conv.weight.grad.clone(), conv.bias.grad.clone())
+    conv.zero_grad()
+    ref_y = nn.functional.conv2d(x2, conv.weight, conv.bias, 1, dilation, dilation, c)
+    ref_y.backward(g)
+    torch.testing.assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ours, (x2.grad, conv.weight.grad, conv.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # Every dilated stride-1 depthwise 3x3 of a model uses it; the others stay plain convolutions.
+    model = build_model(ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, separable=True))
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert all((type(m) is DepthwiseConv2d) == (m.stride == (1, 1) and m.dilation[0] > 1) for m in depthwise)
+    assert sum(type(m) is DepthwiseConv2d for m in depthwise) == 3 + 3  # blocks 14-16 at rate 2; ASPP 6, 12, 18

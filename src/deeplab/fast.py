@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import SHIFTED_DEPTHWISE_MIN_DILATION, DepthwiseConv2d, depthwise_shifted
+
 # (convolution, batch norm) child-name pairs that are applied in that order, directly: conv_bn's Sequential
 # ("conv", "bn"), ImagePooling ("conv", "bn"), torchvision's Bottleneck and stem ("convN", "bnN"), and a
 # downsample/shortcut Sequential ("0", "1").
@@ -64,38 +66,11 @@ def fold_batchnorm(model: nn.Module) -> int:
         children = dict(module.named_children())
         for conv_name, bn_name in _PAIRS:
             conv, bn = children.get(conv_name), children.get(bn_name)
-            if type(conv) in (nn.Conv2d, TapSkippingConv2d) and type(bn) is nn.BatchNorm2d:
+            if type(conv) in (nn.Conv2d, DepthwiseConv2d, TapSkippingConv2d) and type(bn) is nn.BatchNorm2d:
                 setattr(module, conv_name, fold_conv_bn(conv, bn))
                 setattr(module, bn_name, nn.Identity())
                 folded += 1
     return folded
-
-
-# oneDNN's channels_last depthwise convolution is slow at large dilations (measured here at 1 thread on a
-# 2048 x 33 x 33 map: 3 ms at dilation 2, 155 ms at 6, 114 ms at 18); from this dilation on, a depthwise 3x3 runs as
-# nine shifted multiply-adds over the valid window of each tap instead (11 ms at 6, 6 ms at 18).
-SHIFTED_DEPTHWISE_MIN_DILATION = 4
-
-
-def depthwise_shifted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: tuple[int, int]):
-    """A 'same'-padded, stride-1 depthwise 3x3 conv as nine shifted multiply-adds on an NHWC view of `x`.
-
-    Each tap touches only the output positions where it reads inside the map, so taps that read padding cost
-    nothing. Equal to F.conv2d up to summation order. `x` must be channels_last; so is the result.
-    """
-    n, c, h, w = x.shape
-    xn = x.permute(0, 2, 3, 1)  # (N, H, W, C), a view of the channels_last memory
-    k = weight.to(x.dtype).reshape(c, 9).t()  # (9, C): tap-major
-    out = xn * k[4] if bias is None else torch.addcmul(bias.to(x.dtype), xn, k[4])
-    dh, dw = dilation
-    for ky in (-1, 0, 1):
-        for kx in (-1, 0, 1):
-            oy, ox = ky * dh, kx * dw
-            if (ky == 0 and kx == 0) or abs(oy) >= h or abs(ox) >= w:
-                continue
-            y0, y1, x0, x1 = max(0, -oy), min(h, h - oy), max(0, -ox), min(w, w - ox)
-            out[:, y0:y1, x0:x1].addcmul_(xn[:, y0 + oy : y1 + oy, x0 + ox : x1 + ox], k[(ky + 1) * 3 + kx + 1])
-    return out.permute(0, 3, 1, 2)
 
 
 class TapSkippingConv2d(nn.Conv2d):
@@ -127,7 +102,7 @@ class TapSkippingConv2d(nn.Conv2d):
 
 def _skips_taps(conv: nn.Module) -> bool:
     return (
-        type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+        type(conv) in (nn.Conv2d, DepthwiseConv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
         and max(conv.dilation) > 1 and conv.padding == conv.dilation and conv.padding_mode == "zeros"
     )
 
