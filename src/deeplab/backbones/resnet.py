@@ -67,7 +67,9 @@ class Bottleneck(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.residual(x) + self.skip(x))
+        out = self.residual(x)
+        out += self.skip(x)  # in place: the residual branch's output is read by nothing else
+        return self.relu(out)
 
 
 def _stem_torchvision() -> nn.ModuleDict:

@@ -57,9 +57,10 @@ class SeparableConv(nn.Module):
         )
         self.pointwise = conv_bn(in_channels, out_channels, kernel_size=1, activation=act, bn_eps=BN_EPS)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         if not self.relu_inside:
-            x = F.relu(x)  # not in place: a module's input also feeds its shortcut
+            # In place only when nothing else reads x (a module's input also feeds its shortcut).
+            x = F.relu(x, inplace=inplace)
         return self.pointwise(self.depthwise(x))
 
 
@@ -94,19 +95,23 @@ class XceptionModule(nn.Module):
             else None
         )
 
-    def forward_with_tap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The module's output and its second separable conv's output (TF's `separable_conv2_pointwise`)."""
+    def forward_with_tap(self, x: torch.Tensor, *, keep_tap: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The module's output and its second separable conv's output (TF's `separable_conv2_pointwise`).
+
+        Intermediate ReLUs run in place (a BN output that nothing else reads), saving a full-size copy each; the
+        tap is kept intact only when asked for.
+        """
         y = self.convs[0](x)
-        tap = self.convs[1](y)
-        y = self.convs[2](tap)
+        tap = self.convs[1](y, inplace=True)
+        y = self.convs[2](tap, inplace=not keep_tap)
         if self.skip == "conv":
             y = y + self.shortcut(x)
         elif self.skip == "sum":
             y = y + x
-        return y, tap
+        return y, (tap if keep_tap else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_tap(x)[0]
+        return self.forward_with_tap(x, keep_tap=False)[0]
 
 
 class Xception(Backbone):
