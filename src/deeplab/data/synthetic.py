@@ -25,8 +25,10 @@ A sample is a pure function of ``(seed, split, index)``: it is regenerated, neve
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -198,6 +200,10 @@ def render_shapes(
     return image.astype(np.uint8), mask
 
 
+# The options SyntheticShapes passes on to render_shapes (everything but the generator and the image size).
+_RENDER_OPTIONS = frozenset(inspect.signature(render_shapes).parameters) - {"rng", "height", "width"}
+
+
 class SyntheticShapes(Dataset):
     """Shapes on clutter, generated on the fly; no download. See the module docstring.
 
@@ -221,15 +227,9 @@ class SyntheticShapes(Dataset):
         seed: int = 0,
         transform: Transform | None = None,
         skip_bad: bool = False,
-        shapes_per_image: tuple[int, int] = (1, 3),
-        size_range: tuple[float, float] = (0.4, 0.7),
-        max_clutter: int = 6,
-        max_noise_std: float = 6.0,
-        min_contrast: float = 150.0,
-        texture_contrast: tuple[float, float] = (90.0, 150.0),
-        background_max: float = 70.0,
-        rotate: bool = True,
+        **render_options: Any,
     ) -> None:
+        """``render_options``: ``render_shapes``'s keyword arguments (its defaults are the dataset's)."""
         # root and skip_bad are accepted so every dataset takes the same arguments; nothing is
         # read from disk and a generated sample cannot be bad.
         del root, skip_bad
@@ -241,27 +241,23 @@ class SyntheticShapes(Dataset):
         length = _DEFAULT_LENGTH[split] if length is None else int(length)
         if length < 1:
             raise ValueError(f"length must be at least 1, got {length}")
-        lo, hi = shapes_per_image
-        if not 0 <= lo <= hi:
-            raise ValueError(f"shapes_per_image must be (min, max) with 0 <= min <= max, got {shapes_per_image!r}")
-        if not 0 < size_range[0] <= size_range[1] <= 1:
-            raise ValueError(f"size_range must be fractions 0 < min <= max <= 1 of the shorter side, got {size_range!r}")
+        unknown = sorted(set(render_options) - _RENDER_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown synthetic option(s) {unknown}; choose from {sorted(_RENDER_OPTIONS)}")
+        if "shapes_per_image" in render_options:
+            lo, hi = render_options["shapes_per_image"]
+            if not 0 <= lo <= hi:
+                raise ValueError(f"shapes_per_image must be (min, max) with 0 <= min <= max, got {(lo, hi)!r}")
+        if "size_range" in render_options:
+            lo, hi = render_options["size_range"]
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"size_range must be fractions 0 < min <= max <= 1 of the shorter side, got {(lo, hi)!r}")
         self.split = split
         self.length = length
         self.image_size: tuple[int, int] = (int(size[0]), int(size[1]))
         self.seed = int(seed)
         self.transform = transform if transform is not None else EvalTransform()
-        # render_shapes's arguments, normalised once; load() passes them on.
-        self.render_options = dict(
-            shapes_per_image=(int(lo), int(hi)),
-            size_range=(float(size_range[0]), float(size_range[1])),
-            max_clutter=int(max_clutter),
-            max_noise_std=float(max_noise_std),
-            min_contrast=float(min_contrast),
-            texture_contrast=(float(texture_contrast[0]), float(texture_contrast[1])),
-            background_max=float(background_max),
-            rotate=bool(rotate),
-        )
+        self.render_options = render_options  # passed on to render_shapes by load()
         self.epoch = 0
         self.files: list[tuple[Path, Path]] = []  # nothing on disk
         # Rendered samples, kept: a sample never changes, and rendering costs about as much as a training step's
