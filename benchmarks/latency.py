@@ -8,6 +8,13 @@
 One JSON line per result. The peak is measured in the same run with a large 3x3 convolution (fp32 and bf16); a
 model's achieved GFLOP/s counts only "effective" multiply-adds (filter taps that read inside the feature map), two
 FLOPs each, so padding-only taps at large atrous rates earn nothing.
+
+Timing is interleaved, because this kind of machine (a shared VM) drifts by 10-30% over minutes: each of the --runs
+rounds runs the peak convolution (three times) and then the model once at every size, in turn. A model's median is
+over the rounds; its percentage of peak compares like with like: its median against the median of the peak runs
+(`percent_of_peak`), and its fastest run against the fastest peak run (`percent_of_best_peak`). Sizes measured in
+the same rounds make the cost per megapixel comparable across sizes (`spread_per_megapixel`: slowest over fastest
+size, minus one, on the medians).
 """
 
 from __future__ import annotations
@@ -39,12 +46,17 @@ def timed(fn, *, warmup: int, runs: int) -> list[float]:
     return out
 
 
-@torch.inference_mode()
-def conv_peak(*, bf16: bool, runs: int) -> float:
-    """GFLOP/s of a large 3x3 convolution (256 -> 256 channels on 128x128), the machine's practical peak."""
+def _peak_problem() -> tuple[torch.Tensor, torch.nn.Module, int]:
+    """A large 3x3 convolution (256 -> 256 channels on 128x128, channels_last) and its FLOPs: the practical peak."""
     x = torch.randn(1, 256, 128, 128).contiguous(memory_format=torch.channels_last)
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
-    flops = 2 * 128 * 128 * 256 * 256 * 9
+    return x, conv, 2 * 128 * 128 * 256 * 256 * 9
+
+
+@torch.inference_mode()
+def conv_peak(*, bf16: bool, runs: int) -> float:
+    """GFLOP/s of the peak convolution, its fastest of `runs`."""
+    x, conv, flops = _peak_problem()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         t = timed(lambda: conv(x), warmup=2, runs=runs)
     return flops / min(t) / 1e9
@@ -60,7 +72,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default=",".join(PAPER_CONFIGS), help="backbone:os:dec|nodec[:sep], comma-separated")
     p.add_argument("--sizes", default="513")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=7, help="rounds; each runs the peak conv and every size once")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
@@ -71,6 +83,8 @@ def main() -> None:
     print(json.dumps({"kind": "peak", "threads": torch.get_num_threads(), "gflops_fp32": round(peak["fp32"], 1),
                       "gflops_bf16": round(peak["bf16"], 1)}), flush=True)
     dtype = "bf16" if args.bf16 else "fp32"
+    sizes = [int(s) for s in args.sizes.split(",")]
+    x_peak, conv_peak_layer, peak_flops = _peak_problem()
     for text in args.configs.split(","):
         cfg = parse_config(text)
         model = build_model(cfg).eval()
@@ -78,22 +92,45 @@ def main() -> None:
             model = optimize_for_inference(model)
         elif args.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        for size in (int(s) for s in args.sizes.split(",")):
-            prof, _ = profile_model(cfg, size=(size, size))
+        inputs = {}
+        for size in sizes:
             x = torch.randn(1, 3, size, size)
-            if args.channels_last or args.fast:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                t = timed(lambda: model(x), warmup=args.warmup, runs=args.runs)
+            inputs[size] = x.contiguous(memory_format=torch.channels_last) if args.channels_last or args.fast else x
+        times = {size: [] for size in sizes}
+        peak_times = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            for _ in range(args.warmup):
+                for size in sizes:
+                    model(inputs[size])
+            for _ in range(args.runs):
+                peak_times += timed(lambda: conv_peak_layer(x_peak), warmup=0, runs=3)
+                for size in sizes:
+                    times[size] += timed(lambda: model(inputs[size]), warmup=0, runs=1)
+        peak_median = peak_flops / statistics.median(peak_times) / 1e9
+        peak_best = peak_flops / min(peak_times) / 1e9
+        per_mp = {}
+        for size in sizes:
+            prof, _ = profile_model(cfg, size=(size, size))
+            t = times[size]
             med = statistics.median(t)
             achieved = 2 * prof.multiply_adds_effective / med / 1e9
+            achieved_best = 2 * prof.multiply_adds_effective / min(t) / 1e9
+            per_mp[size] = 1e3 * med / (size * size / 1e6)
             print(json.dumps({
                 "kind": "latency", "config": text, "size": size, "dtype": dtype, "fast": args.fast,
-                "channels_last": args.channels_last or args.fast,
+                "channels_last": args.channels_last or args.fast, "threads": torch.get_num_threads(),
                 "median_ms": round(1e3 * med, 1), "min_ms": round(1e3 * min(t), 1), "max_ms": round(1e3 * max(t), 1),
                 "multiply_adds_effective": prof.multiply_adds_effective, "gflops": round(achieved, 1),
-                "percent_of_peak": round(100 * achieved / peak[dtype], 1),
-                "ms_per_megapixel": round(1e3 * med / (size * size / 1e6), 1),
+                "peak_gflops_median": round(peak_median, 1), "percent_of_peak": round(100 * achieved / peak_median, 1),
+                "peak_gflops_best": round(peak_best, 1),
+                "percent_of_best_peak": round(100 * achieved_best / peak_best, 1),
+                "ms_per_megapixel": round(per_mp[size], 1),
+            }), flush=True)
+        if len(sizes) > 1:
+            print(json.dumps({
+                "kind": "flatness", "config": text, "sizes": sizes,
+                "ms_per_megapixel": [round(per_mp[s], 1) for s in sizes],
+                "spread_per_megapixel": round(max(per_mp.values()) / min(per_mp.values()) - 1, 3),
             }), flush=True)
 
 

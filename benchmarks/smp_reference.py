@@ -1,4 +1,4 @@
-"""segmentation_models.pytorch's DeepLabV3Plus, timed the way benchmarks/latency.py times ours (issue 6's reference).
+"""segmentation_models.pytorch's DeepLabV3Plus against ours, timed in alternation (issue 6's reference).
 
 smp cannot be a dependency (unpinned, it replaces the CPU torch with a CUDA build) and torchvision's compiled ops do
 not load on a CPU-only torch. To run this comparison, install smp and its pure-Python dependencies beside the venv
@@ -9,8 +9,12 @@ without letting pip touch torch, and put them on PYTHONPATH:
     PYTHONPATH=/tmp/smpdeps python benchmarks/smp_reference.py --size 512
 
 torchvision's Python modules import once its two operator schemas exist; this script defines them (never the
-library). One JSON line per model: median/min/max ms at batch 1, fp32, eval mode, and multiply-adds counted with
-torch's FlopCounterMode (all taps; 2 FLOPs per multiply-add, halved).
+library). Every model is built first; then each round runs every model once, in turn, so a slow spell of a shared
+machine falls on all of them alike (timing one model after another lets the machine's drift decide the ranking).
+One JSON line per model: median/min/max ms over the rounds at batch 1, fp32, eval mode, and multiply-adds counted
+with torch's FlopCounterMode (all taps; 2 FLOPs per multiply-add, halved). smp runs as shipped (NCHW) and, with
+--channels-last, also moved to channels_last; ours runs its inference fast path (`optimize_for_inference`), as
+`deeplab eval` and `deeplab predict` do.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from deeplab import ModelConfig, build_model, optimize_for_inference
 
 
 def _import_smp():
@@ -32,38 +39,68 @@ def _import_smp():
     return smp, lib
 
 
+def _ours(text: str) -> torch.nn.Module:
+    """backbone:os:dec|nodec[:sep], as in benchmarks/latency.py."""
+    parts = text.split(":")
+    cfg = ModelConfig(backbone=parts[0], output_stride=int(parts[1]), decoder="dec" in parts[2:],
+                      separable="sep" in parts[2:], num_classes=21)
+    return optimize_for_inference(build_model(cfg))
+
+
+@torch.inference_mode()
+def _gmacs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops() / 2e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoders", default="resnet101,tu-xception65")
+    p.add_argument("--ours", default="resnet101_beta:16:dec:sep,xception65:16:dec:sep",
+                   help="our configurations (backbone:os:dec|nodec[:sep]), comma-separated; empty for none")
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=7, help="rounds; each runs every model once")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="also time smp moved to channels_last")
     args = p.parse_args()
     smp, _lib = _import_smp()
-    from torch.utils.flop_counter import FlopCounterMode
-
+    x = torch.randn(1, 3, args.size, args.size)
+    entries = []  # (name, channels_last, model, input)
     for encoder in args.encoders.split(","):
         model = smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=None, classes=21).eval()
-        x = torch.randn(1, 3, args.size, args.size)
+        entries.append((f"smp.DeepLabV3Plus({encoder})", False, model, x))
         if args.channels_last:
-            model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            with FlopCounterMode(display=False) as counter:
-                model(x)
-            for _ in range(args.warmup):
-                model(x)
-            times = []
-            for _ in range(args.runs):
+            entries.append((f"smp.DeepLabV3Plus({encoder})", True, model, None))
+    for text in filter(None, args.ours.split(",")):
+        entries.append((f"deeplab {text}", True, _ours(text), x.contiguous(memory_format=torch.channels_last)))
+    # smp in channels_last shares the NCHW model's parameters: move a copy.
+    entries = [(n, cl, (m if inp is not None else _channels_last_copy(m)),
+                inp if inp is not None else x.contiguous(memory_format=torch.channels_last))
+               for n, cl, m, inp in entries]
+    gmacs = [_gmacs(m, inp) for _, _, m, inp in entries]
+    times = [[] for _ in entries]
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            for _, _, m, inp in entries:
+                m(inp)
+        for _ in range(args.runs):
+            for i, (_, _, m, inp) in enumerate(entries):
                 t0 = time.perf_counter()
-                model(x)
-                times.append(1000 * (time.perf_counter() - t0))
+                m(inp)
+                times[i].append(1000 * (time.perf_counter() - t0))
+    for (name, cl, _, _), g, t in zip(entries, gmacs, times):
         print(json.dumps({
-            "model": f"smp.DeepLabV3Plus({encoder})", "size": args.size, "threads": torch.get_num_threads(),
-            "channels_last": args.channels_last, "gmacs": round(counter.get_total_flops() / 2e9, 2),
-            "ms_median": round(statistics.median(times), 1), "ms_min": round(min(times), 1),
-            "ms_max": round(max(times), 1),
+            "model": name, "size": args.size, "threads": torch.get_num_threads(), "channels_last": cl,
+            "gmacs": round(g, 2), "ms_median": round(statistics.median(t), 1), "ms_min": round(min(t), 1),
+            "ms_max": round(max(t), 1),
         }), flush=True)
+
+
+def _channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+"""The benchmark scripts run and print what their docstrings promise (figures themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_latency_prints_interleaved_results_and_flatness():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--configs", "mobilenet_v2:16:nodec",
+         "--sizes", "65,97", "--runs", "2", "--warmup", "0"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [d["kind"] for d in lines] == ["peak", "latency", "latency", "flatness"]
+    small, large = lines[1], lines[2]
+    assert (small["size"], large["size"]) == (65, 97)
+    for d in (small, large):
+        assert d["min_ms"] <= d["median_ms"] <= d["max_ms"]
+        # Each percentage is the achieved rate over the peak measured in the same rounds.
+        assert abs(d["percent_of_peak"] - 100 * d["gflops"] / d["peak_gflops_median"]) < 0.2
+        assert d["peak_gflops_best"] >= d["peak_gflops_median"]
+        megapixels = d["size"] ** 2 / 1e6
+        # median_ms is rounded to 0.1 ms, ms_per_megapixel to 0.1 as well
+        assert abs(d["ms_per_megapixel"] - d["median_ms"] / megapixels) <= 0.05 / megapixels + 0.06
+    flat = lines[3]
+    per_mp = flat["ms_per_megapixel"]
+    assert per_mp == [small["ms_per_megapixel"], large["ms_per_megapixel"]]
+    assert abs(flat["spread_per_megapixel"] - (max(per_mp) / min(per_mp) - 1)) < 1e-3
