@@ -20,14 +20,20 @@ with torch's FlopCounterMode (all taps; 2 FLOPs per multiply-add, halved). smp r
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from deeplab import ModelConfig, build_model, optimize_for_inference
+from deeplab import build_model, optimize_for_inference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from latency import parse_config  # noqa: E402  (one spelling of "backbone:os:dec|nodec[:sep]" for both scripts)
 
 
 def _import_smp():
@@ -37,14 +43,6 @@ def _import_smp():
     import segmentation_models_pytorch as smp
 
     return smp, lib
-
-
-def _ours(text: str) -> torch.nn.Module:
-    """backbone:os:dec|nodec[:sep], as in benchmarks/latency.py."""
-    parts = text.split(":")
-    cfg = ModelConfig(backbone=parts[0], output_stride=int(parts[1]), decoder="dec" in parts[2:],
-                      separable="sep" in parts[2:], num_classes=21)
-    return optimize_for_inference(build_model(cfg))
 
 
 @torch.inference_mode()
@@ -66,18 +64,16 @@ def main() -> None:
     args = p.parse_args()
     smp, _lib = _import_smp()
     x = torch.randn(1, 3, args.size, args.size)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     entries = []  # (name, channels_last, model, input)
     for encoder in args.encoders.split(","):
         model = smp.DeepLabV3Plus(encoder_name=encoder, encoder_weights=None, classes=21).eval()
         entries.append((f"smp.DeepLabV3Plus({encoder})", False, model, x))
         if args.channels_last:
-            entries.append((f"smp.DeepLabV3Plus({encoder})", True, model, None))
+            entries.append((f"smp.DeepLabV3Plus({encoder})", True,
+                            copy.deepcopy(model).to(memory_format=torch.channels_last), x_cl))
     for text in filter(None, args.ours.split(",")):
-        entries.append((f"deeplab {text}", True, _ours(text), x.contiguous(memory_format=torch.channels_last)))
-    # smp in channels_last shares the NCHW model's parameters: move a copy.
-    entries = [(n, cl, (m if inp is not None else _channels_last_copy(m)),
-                inp if inp is not None else x.contiguous(memory_format=torch.channels_last))
-               for n, cl, m, inp in entries]
+        entries.append((f"deeplab {text}", True, optimize_for_inference(build_model(parse_config(text))), x_cl))
     gmacs = [_gmacs(m, inp) for _, _, m, inp in entries]
     times = [[] for _ in entries]
     with torch.inference_mode():
@@ -95,12 +91,6 @@ def main() -> None:
             "gmacs": round(g, 2), "ms_median": round(statistics.median(t), 1), "ms_min": round(min(t), 1),
             "ms_max": round(max(t), 1),
         }), flush=True)
-
-
-def _channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import SHIFTED_DEPTHWISE_MIN_DILATION, DepthwiseConv2d, depthwise_shifted
+from .layers import DepthwiseConv2d, depthwise_shifted, runs_shifted
 
 # (convolution, batch norm) child-name pairs that are applied in that order, directly: conv_bn's Sequential
 # ("conv", "bn"), ImagePooling ("conv", "bn"), torchvision's Bottleneck and stem ("convN", "bnN"), and a
@@ -81,11 +81,7 @@ class TapSkippingConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self.groups == self.in_channels == self.out_channels
-            and min(self.dilation) >= SHIFTED_DEPTHWISE_MIN_DILATION
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
+        if self.groups == self.in_channels == self.out_channels and runs_shifted(x, self.dilation):
             return depthwise_shifted(x, self.weight, self.bias, self.dilation)
         h, w = x.shape[-2:]
         dh, dw = self.dilation

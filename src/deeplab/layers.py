@@ -85,8 +85,13 @@ class _DepthwiseConv3x3(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def runs_shifted(x: torch.Tensor, dilation: tuple[int, int]) -> bool:
+    """Whether a depthwise 3x3 at this dilation on `x` runs as `depthwise_shifted` (see SHIFTED_DEPTHWISE_MIN_DILATION)."""
+    return min(dilation) >= SHIFTED_DEPTHWISE_MIN_DILATION and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: tuple[int, int]):
-    if min(dilation) >= SHIFTED_DEPTHWISE_MIN_DILATION and x.is_contiguous(memory_format=torch.channels_last):
+    if runs_shifted(x, dilation):
         return depthwise_shifted(x, weight, bias, dilation)
     return F.conv2d(x, weight, bias, 1, dilation, dilation, x.shape[1])
 
