@@ -32,7 +32,7 @@ from deeplab.crf import CRFParams, dense_crf
 from deeplab.data import EvalTransform, build_dataset
 from deeplab.data.transforms import denormalize
 from deeplab.evaluate import evaluate
-from deeplab.fast import optimize_for_inference
+from deeplab.fast import optimize_for_inference, retain_freed_memory
 from deeplab.inference import segment_probs
 
 OPTIONS = ("os8", "crf", "bf16", "coarse")
@@ -86,6 +86,7 @@ def main() -> None:
     args = p.parse_args()
     if not (Path(args.data_root) / "val.txt").is_file():
         sys.exit(f"CamVid not found at {args.data_root} (expected val.txt there); pass --data-root")
+    retain_freed_memory()  # as the deeplab command does
 
     curves = {}
     for label, path, options in map(parse_variant, args.variant):

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from deeplab import build_model, optimize_for_inference
+from deeplab import build_model, optimize_for_inference, retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import parse_config  # noqa: E402  (one spelling of "backbone:os:dec|nodec[:sep]" for both scripts)
@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--channels-last", action="store_true", help="also time smp moved to channels_last")
     args = p.parse_args()
+    retain_freed_memory()  # the same allocator for both libraries (the deeplab command sets it)
     smp, _lib = _import_smp()
     x = torch.randn(1, 3, args.size, args.size)
     x_cl = x.contiguous(memory_format=torch.channels_last)

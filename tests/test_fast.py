@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from deeplab import ModelConfig, build_model, optimize_for_inference
-from deeplab.fast import TapSkippingConv2d, fold_conv_bn
+from deeplab.fast import PackedConv2d, TapSkippingConv2d, fold_conv_bn, prepack_weights
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -101,3 +107,111 @@ def test_tap_skipping_conv_matches_conv_on_thin_maps():
     for h, w in [(5, 9), (9, 5), (3, 3), (6, 6)]:  # rows only, columns only, both, neither
         x = torch.randn(2, 4, h, w)
         assert torch.allclose(skip(x), conv(x), atol=1e-6)
+
+
+# --- prepacked weights (PackedConv2d) ---------------------------------------------------------------------------
+
+_CONV_CASES = [  # (in, out, kernel, stride, dilation, groups, map size)
+    (32, 48, 1, 1, 1, 1, 17), (24, 16, 3, 1, 1, 1, 20), (16, 16, 3, 1, 4, 1, 9), (8, 24, 3, 2, 1, 1, 21),
+    (32, 32, 3, 1, 1, 32, 13), (32, 32, 3, 1, 2, 32, 13), (40, 8, 1, 1, 1, 1, 1),
+]
+
+
+def _packed_pair(cin, cout, k, stride, dilation, groups, shapes=2):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=dilation * (k // 2), dilation=dilation, groups=groups)
+    conv = conv.to(memory_format=torch.channels_last).requires_grad_(False)
+    packed = copy.deepcopy(conv)
+    assert prepack_weights(packed, shapes=shapes) == 1 and type(packed) is PackedConv2d
+    return conv, packed
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, dilation, groups, hw", _CONV_CASES)
+def test_prepacked_conv_equals_conv(cin, cout, k, stride, dilation, groups, hw):
+    conv, packed = _packed_pair(cin, cout, k, stride, dilation, groups)
+    x = torch.randn(2, cin, hw, hw + 3)  # NCHW: the prepacked path takes it channels_last, as F.conv2d does
+    with torch.inference_mode():
+        ref, out = conv(x), packed(x)
+    assert len(packed._packed) == 1, "the prepacked path did not run"
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(out, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
+def test_prepacked_conv_keeps_the_last_shapes_and_follows_weight_changes():
+    conv, packed = _packed_pair(16, 16, 3, 1, 1, 1, shapes=2)
+    xs = [torch.randn(1, 16, h, h).contiguous(memory_format=torch.channels_last) for h in (9, 10, 11)]
+    with torch.no_grad():
+        for x in xs + [xs[1]]:
+            assert torch.allclose(packed(x), conv(x), atol=1e-5)
+        assert [key[0][-1] for key in packed._packed] == [11, 10], "least recently used first, at most 2 shapes"
+        # A weight changed in place (load_state_dict, an optimizer step) is packed again, not served stale.
+        for m in (conv, packed):
+            m.weight.mul_(-2.0)
+        assert torch.allclose(packed(xs[2]), conv(xs[2]), atol=1e-5)
+        assert len(packed._packed) == 2
+
+
+def test_prepacked_conv_stands_aside_where_the_op_does_not_apply():
+    conv, packed = _packed_pair(8, 8, 3, 1, 1, 1)
+    x = torch.randn(1, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed(x).dtype == torch.bfloat16
+    with torch.no_grad(), FlopCounterMode(display=False) as count:  # a dispatch mode sees a conv it can count
+        packed(x)
+    assert count.get_total_flops() == 2 * 8 * 8 * 9 * 12 * 12
+    xg = x.clone().requires_grad_(True)
+    packed(xg).sum().backward()  # gradients: a plain conv, differentiable
+    assert xg.grad is not None
+    assert not getattr(packed, "_packed", {}), "the prepacked path ran where it must not"
+
+
+def test_fast_model_copies_and_pickles_without_its_packed_weights():
+    cfg = ModelConfig(backbone="mobilenet_v2", num_classes=3, output_stride=16)
+    fast = optimize_for_inference(build_model(cfg).eval(), prepacked_shapes=2)
+    x = torch.randn(1, 3, 65, 65)
+    with torch.inference_mode():
+        ref = fast(x)
+    convs = [m for m in fast.modules() if isinstance(m, PackedConv2d)]
+    assert convs and all(m._packed for m in convs)
+    for twin in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert not any(getattr(m, "_packed", None) for m in twin.modules())
+        with torch.inference_mode():
+            assert torch.equal(twin(x), ref)
+    plain = optimize_for_inference(build_model(cfg).eval(), prepacked_shapes=0)
+    assert not any(m.prepacked_shapes for m in plain.modules() if isinstance(m, PackedConv2d))
+    with pytest.raises(ValueError, match="prepacked_shapes=-1"):
+        optimize_for_inference(fast, prepacked_shapes=-1)
+
+
+_FAULTS = """
+import ctypes, resource, sys
+from deeplab import retain_freed_memory
+kept = retain_freed_memory() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(2):
+    p = libc.malloc(size); ctypes.memset(p, 1, size); libc.free(p)
+before = faults()
+p = libc.malloc(size); ctypes.memset(p, 1, size)
+print(kept, faults() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="retain_freed_memory acts on glibc's malloc only")
+def test_retain_freed_memory_stops_page_faults_on_reallocation():
+    # In child processes: the setting is process-wide, and the test process should keep glibc's defaults.
+    def run(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        kept, faults = out.stdout.split()
+        return kept == "True", int(faults)
+
+    kept, faults_kept = run("keep")
+    _, faults_default = run("default")
+    assert kept
+    # 64 MiB is 16384 pages of 4 KiB: by default each is faulted in (and zeroed) again; kept, the heap reuses them.
+    assert faults_default > 8000, f"glibc default: {faults_default} page faults (expected ~16384)"
+    assert faults_kept < 1000, f"with retain_freed_memory: {faults_kept} page faults"

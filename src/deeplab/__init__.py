@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig, Preprocessing, default_atrous_rates
-from .fast import optimize_for_inference
+from .fast import optimize_for_inference, retain_freed_memory
 from .model import DeepLab, build_model
 from .predict import predict  # the function: `deeplab.predict` names it, so import helpers `from deeplab.predict`
 
@@ -18,5 +18,6 @@ __all__ = [
     "load",
     "optimize_for_inference",
     "predict",
+    "retain_freed_memory",
     "save_checkpoint",
 ]

@@ -473,5 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> int:
+    """The `deeplab` command (console script and ``python -m deeplab``): `main` in a process of its own, so it
+    first keeps freed memory for reuse (`deeplab.fast.retain_freed_memory`; tests call `main` directly)."""
+    from .fast import retain_freed_memory
+
+    retain_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

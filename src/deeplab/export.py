@@ -246,7 +246,7 @@ def export_model(
     path = Path(path)
     was_training = model.training
     model.eval()
-    graph = optimize_for_inference(model, channels_last=False, skip_taps=False) if fold_bn else model
+    graph = optimize_for_inference(model, channels_last=False, skip_taps=False, prepacked_shapes=0) if fold_bn else model
     try:
         if format == "onnx":
             export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=sizes[0])
