@@ -13,6 +13,13 @@
   columns when w <= d): a 3x1, 1x3 or 1x1 convolution that gives exactly the same numbers, since every dropped
   tap multiplied zero. This is decided per call from the input's size, so one model serves every size; at 513x513
   and output stride 16 no tap qualifies, at 257x257 ASPP's rate-18 branch does.
+- **Prepacked weights.** On CPU, PyTorch hands oneDNN plain weights and oneDNN reorders them into its blocked
+  layout on every call (0.28 ms of a 2.5 ms 728->728 1x1 conv on a 17x17 map). Each convolution here keeps the
+  reordered weight per input shape (`PackedConv2d`; oneDNN picks the layout from the shape, so a weight packed for
+  one shape can be the wrong one for another) and calls oneDNN's convolution on it directly, the op that
+  ``torch.compile`` uses for frozen weights. The outputs equal F.conv2d's up to float rounding (bit-identical in
+  most shapes). The last `prepacked_shapes` input shapes are kept per convolution, each costing one more copy of
+  the weights.
 
 The folded model is for inference only: it has no BatchNorm left to train, and its state dict differs from the
 checkpoint's. `eval`, `predict` and `benchmarks/latency.py` use it by default (``--no-fast`` turns it off); export
