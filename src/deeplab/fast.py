@@ -104,18 +104,21 @@ class PackedConv2d(nn.Conv2d):
 
     For the last `prepacked_shapes` input shapes it keeps ``torch.ops.mkldnn._reorder_convolution_weight``'s result
     and calls ``torch.ops.mkldnn._convolution_pointwise`` on it, with the input in channels_last; anywhere else (GPU,
-    bf16 autocast, gradients, tracing, export, `prepacked_shapes` 0) it is a plain Conv2d. A weight changed in place or replaced is packed again (the
-    cache key holds its storage pointer and version counter).
+    bf16 autocast, gradients, tracing, export, `prepacked_shapes` 0) it is a plain Conv2d. A weight changed in
+    place or replaced is packed again (the cache key holds its storage pointer and version counter).
+
+    `variant` names a kernel derived from the weight (`TapSkippingConv2d`'s cropped taps): `make_weight()` builds
+    it, and only when it is needed, on a plain call or a cache miss.
     """
 
     prepacked_shapes = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, self.weight, self.padding, variant=None)
+        return self._conv(x, lambda: self.weight, self.padding, variant=None)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, padding, *, variant) -> torch.Tensor:
-        if not _prepackable(x, weight, self):
-            return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+    def _conv(self, x: torch.Tensor, make_weight, padding, *, variant) -> torch.Tensor:
+        if not _prepackable(x, self.weight, self):
+            return F.conv2d(x, make_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
         # NHWC, as F.conv2d would make it for a channels_last weight (ASPP's concatenation of a broadcast pooling
         # branch comes out NCHW)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -126,7 +129,7 @@ class PackedConv2d(nn.Conv2d):
         packed = cache.pop(key, None)  # re-inserted below: the dict's order is least recently used first
         if packed is None:
             packed = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, list(padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)
+                make_weight(), list(padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)
             )
             while len(cache) >= self.prepacked_shapes:
                 del cache[next(iter(cache))]
@@ -156,12 +159,15 @@ class TapSkippingConv2d(PackedConv2d):
         skip_rows, skip_cols = dh >= h, dw >= w
         if not (skip_rows or skip_cols):
             return super().forward(x)
-        weight = self.weight[:, :, 1:2] if skip_rows else self.weight
-        weight = weight[:, :, :, 1:2] if skip_cols else weight
-        if x.is_contiguous(memory_format=torch.channels_last):
-            weight = weight.contiguous(memory_format=torch.channels_last)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+
+        def cropped_weight() -> torch.Tensor:  # built on a plain call or a cache miss only
+            weight = self.weight[:, :, 1:2] if skip_rows else self.weight
+            weight = weight[:, :, :, 1:2] if skip_cols else weight
+            return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
+
         padding = (0 if skip_rows else dh, 0 if skip_cols else dw)
-        return self._conv(x, weight, padding, variant=(skip_rows, skip_cols))
+        return self._conv(x, cropped_weight, padding, variant=(skip_rows, skip_cols))
 
 
 def _skips_taps(conv: nn.Module) -> bool:
@@ -217,10 +223,10 @@ def optimize_for_inference(
     if channels_last:
         fast.to(memory_format=torch.channels_last)
         fast.register_forward_pre_hook(_channels_last_input)
-    prepack_weights(fast, shapes=prepacked_shapes if channels_last else 0)
+    shapes = prepacked_shapes if channels_last else 0
+    prepack_weights(fast, shapes=shapes)
     fast.fast_path = {
-        "fold_bn": fold_bn, "channels_last": channels_last, "skip_taps": skip_taps,
-        "prepacked_shapes": prepacked_shapes if channels_last else 0,
+        "fold_bn": fold_bn, "channels_last": channels_last, "skip_taps": skip_taps, "prepacked_shapes": shapes,
     }
     return fast
 
