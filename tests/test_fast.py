@@ -10,11 +10,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from deeplab import ModelConfig, build_model, optimize_for_inference
-from deeplab.fast import PackedConv2d, TapSkippingConv2d, fold_conv_bn, prepack_weights
+from deeplab.fast import FusedBottleneck, PackedConv2d, TapSkippingConv2d, fold_conv_bn, prepack_weights
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -49,8 +50,8 @@ def test_fold_conv_bn_by_hand():
 
 @pytest.mark.parametrize(
     "backbone, decoder, separable",
-    [("resnet101", True, False), ("resnet50_beta", False, False), ("xception65", True, True),
-     ("mobilenet_v2", False, False), ("mobilenet_v2", True, True)],
+    [("resnet101", True, False), ("resnet50_beta", False, False), ("resnet50_beta", True, True),
+     ("xception65", True, True), ("mobilenet_v2", False, False), ("mobilenet_v2", True, True)],
 )
 def test_fast_path_equals_plain_model(backbone, decoder, separable):
     torch.manual_seed(0)
@@ -135,6 +136,57 @@ def test_prepacked_conv_equals_conv(cin, cout, k, stride, dilation, groups, hw):
     assert len(packed._packed) == 1, "the prepacked path did not run"
     assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("k, groups", [(1, 1), (3, 1), (3, 16)])
+def test_fused_activation_and_residual_equal_the_separate_ops_bit_for_bit(k, groups):
+    # ReLU, ReLU6 (oneDNN's hardtanh 0..6) and a residual sum as post-ops of the prepacked conv: exactly what
+    # the unfused conv followed by the separate ops gives, on the prepacked path and on the plain one.
+    _, packed = _packed_pair(16, 16, k, 1, 1, groups)
+    x = torch.randn(1, 16, 11, 13).contiguous(memory_format=torch.channels_last) * 4
+    r = torch.randn(1, 16, 11, 13).contiguous(memory_format=torch.channels_last) * 4
+    with torch.inference_mode():
+        y = packed(x)
+        expected = {
+            ("relu", ()): (torch.relu(y), torch.relu(packed(x) + r)),
+            ("hardtanh", (0.0, 6.0)): (y.clamp(0, 6), (packed(x) + r).clamp(0, 6)),
+        }
+        for (packed.activation, packed.activation_scalars), (ref, ref_residual) in expected.items():
+            assert (ref == 0).any() and (ref_residual == 0).any(), "the activation must clip something"
+            assert torch.equal(packed(x), ref)
+            assert torch.equal(packed(x, residual=r), ref_residual)
+            assert torch.equal(packed(x, residual=r[..., :: 1]), ref_residual)
+        plain = copy.deepcopy(packed)
+        plain.prepacked_shapes = 0
+        conv = F.conv2d(x, plain.weight, plain.bias, 1, plain.padding, 1, groups)
+        assert torch.equal(plain(x, residual=r), (conv + r).clamp(0, 6))
+
+
+def test_fast_path_fuses_activations_but_not_into_the_low_level_tap():
+    # The decoder reads the low-level feature before its ReLU (TF's end points): the convs producing it must not
+    # apply one. Everything else that a ReLU follows directly carries it.
+    for backbone in ("xception65", "resnet50_beta"):
+        cfg = ModelConfig(backbone=backbone, num_classes=3, decoder=True, output_stride=16)
+        model = _randomise_bn(build_model(cfg))
+        fast = optimize_for_inference(model)
+        x = torch.randn(1, 3, 65, 65)
+        with torch.no_grad():
+            ref, out = model.backbone(x)["low_level"], fast.backbone(x.contiguous(memory_format=torch.channels_last))
+        assert (ref < 0).any() and torch.allclose(out["low_level"], ref, atol=1e-5 * ref.abs().max().item())
+        if backbone == "xception65":
+            tap_block = fast.backbone.blocks[fast.backbone.low_level_index]
+            assert tap_block.convs[1].pointwise.conv.activation == "none" and tap_block.convs[2].relu_on_input
+            assert tap_block.convs[0].pointwise.conv.activation == "relu" and not tap_block.convs[1].relu_on_input
+            middle = fast.backbone.blocks[5]
+            assert [c.relu_on_input for c in middle.convs] == [True, False, False]  # the first also feeds the sum
+        else:
+            units = list(fast.backbone.layer1)
+            assert type(units[fast.backbone.low_level_unit]) is not FusedBottleneck
+            assert sum(type(u) is FusedBottleneck for u in fast.backbone.modules()) == 3 + 4 + 6 + 3 - 1
+    mnv2 = optimize_for_inference(build_model(ModelConfig(backbone="mobilenet_v2", num_classes=3)).eval())
+    assert not any(type(m) is nn.ReLU6 for m in mnv2.modules()), "a ReLU6 after a conv was left unfused"
+    xception = build_model(ModelConfig(backbone="xception65", num_classes=3)).eval()
+    assert optimize_for_inference(xception, prepacked_shapes=0).backbone.blocks[5].convs[1].relu_on_input
 
 
 def test_prepacked_conv_keeps_the_last_shapes_and_follows_weight_changes():

@@ -1,4 +1,5 @@
-"""The inference fast path: BatchNorm folded into convolutions, channels_last, and no work for padding-only taps.
+"""The inference fast path: BatchNorm folded into convolutions, channels_last, no work for padding-only taps, prepacked
+weights and fused activations.
 
 `optimize_for_inference(model)` returns a new model (the argument is untouched) that computes the same function:
 
@@ -20,6 +21,11 @@
   ``torch.compile`` uses for frozen weights. The outputs equal F.conv2d's up to float rounding (bit-identical in
   most shapes). The last `prepacked_shapes` input shapes are kept per convolution, each costing one more copy of
   the weights.
+- **Fused activations and residual sums.** On the prepacked path oneDNN applies a ReLU (ReLU6) that directly follows
+  a convolution as it writes the output, instead of a second pass over the map (`fuse_activations`): in every
+  Sequential, in Xception's ReLU before a separable conv, and in ResNet bottlenecks, whose third conv also adds the
+  shortcut. Never into the convs that produce the decoder's low-level feature, which is read before its ReLU.
+  Bit-identical to the separate ops.
 
 The folded model is for inference only: it has no BatchNorm left to train, and its state dict differs from the
 checkpoint's. `eval`, `predict` and `benchmarks/latency.py` use it by default (``--no-fast`` turns it off); export
@@ -38,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _python_dispatch
 
+from .backbones.resnet import Bottleneck, ResNet
+from .backbones.xception import Xception
 from .layers import DepthwiseConv2d, depthwise_shifted, runs_shifted
 
 # (convolution, batch norm) child-name pairs that are applied in that order, directly: conv_bn's Sequential
@@ -107,25 +115,42 @@ class PackedConv2d(nn.Conv2d):
     bf16 autocast, gradients, tracing, export, `prepacked_shapes` 0) it is a plain Conv2d. A weight changed in
     place or replaced is packed again (the cache key holds its storage pointer and version counter).
 
+    `activation` ("none", "relu" or "hardtanh" with `activation_scalars` (min, max), ReLU6's) is applied to the
+    output: by oneDNN as a post-op on the prepacked path, in place after F.conv2d otherwise (`fuse_activations`).
+
     `variant` names a kernel derived from the weight (`TapSkippingConv2d`'s cropped taps): `make_weight()` builds
     it, and only when it is needed, on a plain call or a cache miss.
     """
 
     prepacked_shapes = 0
+    activation = "none"
+    activation_scalars: tuple[float, ...] = ()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, lambda: self.weight, self.padding, variant=None)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation(conv(x) + residual)``; without `residual`, ``activation(conv(x))``."""
+        return self._conv(x, lambda: self.weight, self.padding, variant=None, residual=residual)
 
-    def _conv(self, x: torch.Tensor, make_weight, padding, *, variant) -> torch.Tensor:
-        if not _prepackable(x, self.weight, self):
-            return F.conv2d(x, make_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+    def _activate(self, y: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None:
+            y += residual
+        if self.activation == "relu":
+            return F.relu(y, inplace=True)
+        if self.activation == "hardtanh":
+            return F.hardtanh(y, *self.activation_scalars, inplace=True)
+        return y
+
+    def _conv(self, x: torch.Tensor, make_weight, padding, *, variant, residual=None) -> torch.Tensor:
+        weight = self.weight
+        if not _prepackable(x, weight, self) or (residual is not None and residual.dtype != torch.float32):
+            y = F.conv2d(x, make_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
+            return self._activate(y, residual)
         # NHWC, as F.conv2d would make it for a channels_last weight (ASPP's concatenation of a broadcast pooling
         # branch comes out NCHW)
         x = x.contiguous(memory_format=torch.channels_last)
         cache = self.__dict__.setdefault("_packed", {})
         # (inference tensors have no version counter: a weight made under inference_mode is taken as fixed)
-        version = None if self.weight.is_inference() else self.weight._version
-        key = (tuple(x.shape), variant, self.weight.data_ptr(), version)
+        version = None if weight.is_inference() else weight._version
+        key = (tuple(x.shape), variant, weight.data_ptr(), version)
         packed = cache.pop(key, None)  # re-inserted below: the dict's order is least recently used first
         if packed is None:
             packed = torch.ops.mkldnn._reorder_convolution_weight(
@@ -134,9 +159,20 @@ class PackedConv2d(nn.Conv2d):
             while len(cache) >= self.prepacked_shapes:
                 del cache[next(iter(cache))]
         cache[key] = packed
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, packed, self.bias, list(padding), list(self.stride), list(self.dilation), self.groups, "none", [], None
+        # The OpOverloads themselves: calling the packet re-resolves the overload on every call (~16 us here).
+        args = (list(padding), list(self.stride), list(self.dilation), self.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise.default(
+                x, packed, self.bias, *args, self.activation, list(self.activation_scalars), None
+            )
+        # oneDNN's binary post-op: the sum as the conv writes its output, then a ReLU (bit-equal to the separate
+        # ops); it takes no other activation after a sum.
+        residual = residual.contiguous(memory_format=torch.channels_last)
+        unary = {"none": None, "relu": "relu"}.get(self.activation, None)
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, packed, self.bias, *args, "add", None, unary, [], None
         )
+        return y if unary == "relu" else self._activate(y)
 
     def __getstate__(self):  # deepcopy and pickle: the packed weights are a cache, rebuilt on demand
         state = self.__dict__.copy()
@@ -151,14 +187,14 @@ class TapSkippingConv2d(PackedConv2d):
     on a channels_last input runs as shifted multiply-adds over each tap's valid window (`depthwise_shifted`).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.groups == self.in_channels == self.out_channels and runs_shifted(x, self.dilation):
-            return depthwise_shifted(x, self.weight, self.bias, self.dilation)
+            return self._activate(depthwise_shifted(x, self.weight, self.bias, self.dilation), residual)
         h, w = x.shape[-2:]
         dh, dw = self.dilation
         skip_rows, skip_cols = dh >= h, dw >= w
         if not (skip_rows or skip_cols):
-            return super().forward(x)
+            return super().forward(x, residual)
         channels_last = x.is_contiguous(memory_format=torch.channels_last)
 
         def cropped_weight() -> torch.Tensor:  # built on a plain call or a cache miss only
@@ -167,7 +203,7 @@ class TapSkippingConv2d(PackedConv2d):
             return weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
 
         padding = (0 if skip_rows else dh, 0 if skip_cols else dw)
-        return self._conv(x, cropped_weight, padding, variant=(skip_rows, skip_cols))
+        return self._conv(x, cropped_weight, padding, variant=(skip_rows, skip_cols), residual=residual)
 
 
 def _skips_taps(conv: nn.Module) -> bool:
@@ -201,6 +237,89 @@ def prepack_weights(model: nn.Module, *, shapes: int) -> int:
     return count
 
 
+# Activation modules a PackedConv2d can apply as a oneDNN post-op: (attribute, its scalars from the module).
+_POST_OPS = {nn.ReLU: lambda act: ("relu", ()), nn.ReLU6: lambda act: ("hardtanh", (act.min_val, act.max_val))}
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Fold, in place, every ReLU/ReLU6 that follows a `PackedConv2d` in a Sequential (identities between them, as
+    folded BatchNorms leave) into that conv's `activation`; the activation becomes an identity. Returns how many.
+
+    A Sequential hands each child's output to the next child only, so nothing reads the conv's output before the
+    activation. oneDNN applies it to the output as it writes it, saving a pass over the map; the values are the
+    same (max(y, 0) and min(max(y, 0), 6) are exact). Backbones whose activations run inside a module's forward
+    fuse them with their own `fuse_activations` method (Xception's ReLU before each separable conv).
+    """
+    fused = 0
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for i, (_, conv) in enumerate(children):
+                if not isinstance(conv, PackedConv2d) or conv.activation != "none":
+                    continue
+                j = i + 1
+                while j < len(children) and type(children[j][1]) is nn.Identity:
+                    j += 1
+                if j < len(children) and type(children[j][1]) in _POST_OPS:
+                    conv.activation, conv.activation_scalars = _POST_OPS[type(children[j][1])](children[j][1])
+                    setattr(module, children[j][0], nn.Identity())
+                    children[j] = (children[j][0], nn.Identity())
+                    fused += 1
+        if isinstance(module, Xception):
+            fused += _fuse_xception_relus(module)
+        if isinstance(module, ResNet):
+            fused += _fuse_bottlenecks(module)
+    return fused
+
+
+class FusedBottleneck(Bottleneck):
+    """A ResNet bottleneck whose three ReLUs and residual addition run inside its convolutions (same parameters):
+    conv1 and conv2 apply their ReLU, conv3 adds the shortcut and applies the last one. Built by
+    `fuse_activations` from a bottleneck whose BatchNorms are folded (identities) and convs are `PackedConv2d`s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.conv2(self.conv1(x)), residual=self.skip(x))
+
+
+def _fuse_bottlenecks(backbone: ResNet) -> int:
+    """Every folded bottleneck but the one whose residual branch is the low-level tap (read before the addition)."""
+    fused = 0
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for index, unit in enumerate(getattr(backbone, name)):
+            convs = (unit.conv1, unit.conv2, unit.conv3)
+            if (
+                type(unit) is Bottleneck and not (name == "layer1" and index == backbone.low_level_unit)
+                and all(type(bn) is nn.Identity for bn in (unit.bn1, unit.bn2, unit.bn3))
+                and all(isinstance(c, PackedConv2d) and c.activation == "none" for c in convs)
+                and type(unit.relu) is nn.ReLU
+            ):
+                for conv in convs:
+                    conv.activation = "relu"
+                unit.__class__ = FusedBottleneck
+                fused += 3
+    return fused
+
+
+def _fuse_xception_relus(backbone: Xception) -> int:
+    """Xception's ReLU before a separable conv (TF's ``activation_fn_in_separable_conv=False``) into the previous
+    separable conv's pointwise conv, when that output feeds nothing else: not the first conv of a module (its
+    input also feeds the shortcut), nor the third of the module whose second conv's output is the low-level tap
+    (the decoder reads it before the ReLU)."""
+    fused = 0
+    for index, block in enumerate(backbone.blocks):
+        for j in (1, 2):
+            separable, previous = block.convs[j], block.convs[j - 1]
+            conv, *rest = previous.pointwise
+            if (
+                separable.relu_on_input and not (index == backbone.low_level_index and j == 2)
+                and isinstance(conv, PackedConv2d) and conv.activation == "none"
+                and all(type(m) is nn.Identity for m in rest)
+            ):
+                conv.activation, separable.relu_on_input = "relu", False
+                fused += 1
+    return fused
+
+
 def optimize_for_inference(
     model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True, skip_taps: bool = True,
     prepacked_shapes: int = 4,
@@ -225,6 +344,8 @@ def optimize_for_inference(
         fast.register_forward_pre_hook(_channels_last_input)
     shapes = prepacked_shapes if channels_last else 0
     prepack_weights(fast, shapes=shapes)
+    if shapes:
+        fuse_activations(fast)
     fast.fast_path = {
         "fold_bn": fold_bn, "channels_last": channels_last, "skip_taps": skip_taps, "prepacked_shapes": shapes,
     }

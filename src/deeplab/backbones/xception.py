@@ -45,12 +45,14 @@ class SeparableConv(nn.Module):
 
     `relu_inside=False`: ReLU on the input, none inside (TF's `activation_fn_in_separable_conv=False`).
     `relu_inside=True`: ReLU after each BN.
+    `relu_on_input` is False where the inference fast path has fused that ReLU into the previous conv.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, stride: int, dilation: int, relu_inside: bool) -> None:
         super().__init__()
         act = "relu" if relu_inside else None
         self.relu_inside = relu_inside
+        self.relu_on_input = not relu_inside  # the inference fast path may fuse it into the previous conv
         self.depthwise = conv_bn(
             in_channels, in_channels, kernel_size=3, stride=stride, dilation=dilation, groups=in_channels,
             activation=act, bn_eps=BN_EPS,
@@ -58,7 +60,7 @@ class SeparableConv(nn.Module):
         self.pointwise = conv_bn(in_channels, out_channels, kernel_size=1, activation=act, bn_eps=BN_EPS)
 
     def forward(self, x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
-        if not self.relu_inside:
+        if self.relu_on_input:
             # In place only when nothing else reads x (a module's input also feeds its shortcut).
             x = F.relu(x, inplace=inplace)
         return self.pointwise(self.depthwise(x))
