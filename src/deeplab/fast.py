@@ -247,8 +247,9 @@ def fuse_activations(model: nn.Module) -> int:
 
     A Sequential hands each child's output to the next child only, so nothing reads the conv's output before the
     activation. oneDNN applies it to the output as it writes it, saving a pass over the map; the values are the
-    same (max(y, 0) and min(max(y, 0), 6) are exact). Backbones whose activations run inside a module's forward
-    fuse them with their own `fuse_activations` method (Xception's ReLU before each separable conv).
+    same (max(y, 0) and min(max(y, 0), 6) are exact). Activations applied inside a backbone's forward are fused
+    where the backbone's structure allows: Xception's ReLU before a separable conv (`_fuse_xception_relus`) and
+    ResNet's bottleneck ReLUs and residual sum (`_fuse_bottlenecks`).
     """
     fused = 0
     for module in list(model.modules()):
