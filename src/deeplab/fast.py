@@ -168,7 +168,7 @@ class PackedConv2d(nn.Conv2d):
         # oneDNN's binary post-op: the sum as the conv writes its output, then a ReLU (bit-equal to the separate
         # ops); it takes no other activation after a sum.
         residual = residual.contiguous(memory_format=torch.channels_last)
-        unary = {"none": None, "relu": "relu"}.get(self.activation, None)
+        unary = "relu" if self.activation == "relu" else None
         y = torch.ops.mkldnn._convolution_pointwise.binary(
             x, residual, packed, self.bias, *args, "add", None, unary, [], None
         )
@@ -264,7 +264,6 @@ def fuse_activations(model: nn.Module) -> int:
                 if j < len(children) and type(children[j][1]) in _POST_OPS:
                     conv.activation, conv.activation_scalars = _POST_OPS[type(children[j][1])](children[j][1])
                     setattr(module, children[j][0], nn.Identity())
-                    children[j] = (children[j][0], nn.Identity())
                     fused += 1
         if isinstance(module, Xception):
             fused += _fuse_xception_relus(module)
