@@ -1,6 +1,6 @@
 """CamVid val report for trained checkpoints: mIoU, per-class IoU, trimap curve and ms per 360x480 image.
 
-The training runs themselves are `deeplab train` commands (README, "CamVid on two CPU cores"). This script scores
+The training runs themselves are `deeplab train` commands (docs/camvid.md). This script scores
 what they wrote, each variant on the 101 val images at native 360x480 with void (11) ignored, and prints one JSON
 line per variant. A variant is LABEL=CHECKPOINT[:option,...] with options
 

@@ -397,14 +397,15 @@ def test_folder_pairs_images_and_masks_by_stem_with_classes_txt(tmp_path):
     np.testing.assert_array_equal(ds.load(0)[1], _label_grid(10, 14, [0, 1, 2]))
 
 
-def test_folder_split_file_selects_stems_and_a_missing_split_explains_the_fix(tmp_path):
+def test_folder_split_file_selects_stems_train_is_its_complement_and_a_missing_split_explains_the_fix(tmp_path):
     root = _make_folder(tmp_path)
     (root / "splits").mkdir()
     (root / "splits" / "val.txt").write_text("img2\nimg0.jpg\n")
     ds = build_dataset("folder", root=root, split="val")
     assert [f[0].name for f in ds.files] == ["img2.jpg", "img0.jpg"]
-    with pytest.raises(DatasetError, match=r"train\.txt.*split='all'"):
-        build_dataset("folder", root=root, split="train")
+    assert [f[0].name for f in build_dataset("folder", root=root, split="train").files] == ["img1.jpg"]
+    with pytest.raises(DatasetError, match=r"test\.txt.*--split all"):
+        build_dataset("folder", root=root, split="test")
 
 
 def test_folder_reads_colour_masks_through_palette_txt(tmp_path):
@@ -468,7 +469,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     root = _make_folder(tmp_path)
     (root / "images" / "img1.jpg").write_bytes(b"definitely not a jpeg")
     ds = build_dataset("folder", root=root, split="all")
-    with pytest.raises(DatasetError, match=r"img1\.jpg.*cannot decode image.*skip_bad=True"):
+    with pytest.raises(DatasetError, match=r"img1\.jpg.*cannot decode image.*--skip-bad"):
         ds.load(1)
 
 
@@ -641,5 +642,5 @@ def test_folder_label_map_reads_black_and_white_binary_masks(tmp_path):
     np.testing.assert_array_equal(mask, _label_grid(6, 6, [0, 1]))
     # A stored value the map does not list is an error that points at label_map.
     _save_mask(tmp_path / "label" / "0.png", _label_grid(6, 6, [0, 128]))
-    with pytest.raises(DatasetError, match=r"0\.png: label value\(s\) 128 .*label_map"):
+    with pytest.raises(DatasetError, match=r"0\.png: label value\(s\) 128 .*--label-map"):
         ds.load(0)

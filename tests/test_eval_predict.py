@@ -291,10 +291,21 @@ def test_predict_never_overwrites_an_input_image_with_its_result(tmp_path):
     Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(tmp_path / "y.jpg")
     before = (tmp_path / "x.png").read_bytes()
     report = predict_files(tiny_model(), [tmp_path], out_dir=tmp_path)
-    assert report.failed == [(str(tmp_path / "x.png"), f"{tmp_path / 'x.png'}: its index PNG would overwrite the "
-                              "image itself; choose another out_dir")]
+    assert report.failed == [(str(tmp_path / "x.png"), f"{tmp_path / 'x.png'}: its output {tmp_path / 'x.png'} is an "
+                              "input of this command and would be overwritten before it is read; choose another --out")]
     assert (tmp_path / "x.png").read_bytes() == before
     assert [p.name for p in report.written[str(tmp_path / "y.jpg")]] == ["y.png"]
+
+
+def test_predict_never_overwrites_another_input_of_the_same_command(tmp_path):
+    # a.jpg's mask is a.png; with a.png an input too it must not replace a.png before a.png is read.
+    Image.fromarray(np.full((24, 32, 3), 7, dtype=np.uint8)).save(tmp_path / "a.jpg")
+    Image.fromarray(np.full((24, 32, 3), 9, dtype=np.uint8)).save(tmp_path / "a.png")
+    before = (tmp_path / "a.png").read_bytes()
+    report = predict_files(tiny_model(), [tmp_path], out_dir=tmp_path, overlay_alpha=0.5)
+    assert (tmp_path / "a.png").read_bytes() == before
+    assert str(tmp_path / "a.jpg") in {f for f, _ in report.failed}
+    assert all("is an input of this command" in message for _, message in report.failed)
 
 
 def _eval_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

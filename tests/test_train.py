@@ -104,6 +104,31 @@ def test_an_existing_run_is_never_overwritten(tmp_path):
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
+def test_a_finished_run_without_last_pt_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"the user's best model")
+    (run / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"already holds a run \(best.pt, metrics.json\): it has no last.pt"):
+        fit(TINY_MODEL, replace(TINY_TRAIN, steps=2), out_dir=run, progress=False)
+    assert (run / "best.pt").read_bytes() == b"the user's best model"
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "metrics.json"]  # the lock file is gone too
+
+
+def test_a_second_run_on_a_busy_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    from deeplab.cli import main
+    from deeplab.train import RunFolderLock
+
+    lock = RunFolderLock(tmp_path / "run")
+    try:
+        code = main(["train", "--out", str(tmp_path / "run"), "--steps", "2", "--quiet"])
+    finally:
+        lock.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"in use by another deeplab train (PID {os.getpid()})" in err[0]
+    assert not (tmp_path / "run").exists()  # the holder left nothing, so its folder is gone
+
+
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     cfg = replace(TINY_TRAIN, steps=40, lr=1e6, checkpoint_every=1)
     with pytest.raises(TrainingDiverged, match=r"at step \d+") as info:

@@ -5,6 +5,7 @@ from .config import ModelConfig, Preprocessing, default_atrous_rates
 from .fast import optimize_for_inference, retain_freed_memory
 from .model import DeepLab, build_model
 from .predict import predict  # the function: `deeplab.predict` names it, so import helpers `from deeplab.predict`
+from .train import TrainConfig, fit
 
 __version__ = "0.1.0"
 
@@ -13,8 +14,10 @@ __all__ = [
     "DeepLab",
     "ModelConfig",
     "Preprocessing",
+    "TrainConfig",
     "build_model",
     "default_atrous_rates",
+    "fit",
     "load",
     "optimize_for_inference",
     "predict",

@@ -114,6 +114,21 @@ TRAIN_HELP = {
     "eval_output_stride": "validate at this output stride (e.g. 8 for a model trained at 16)",
     "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
     "backbone": "backbone network: " + ", ".join(sorted(BACKBONES)),
+    "dataset_options": "extra dataset arguments NAME=VALUE,..., e.g. image_size=96 for synthetic",
+    "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
+    "val_scales": "validate with these image scales, softmax averaged, e.g. 1.5 for thin structures (deeplab eval "
+                  "of the checkpoint uses them too)",
+    "val_flip": "validate with the mirrored image averaged in (deeplab eval of the checkpoint does too)",
+    "ignore_data_warnings": "train although the data report says the masks look read wrong",
+    "image_dir": "folder dataset: images folder under --data-root (default images)",
+    "mask_dir": "folder dataset: masks folder under --data-root (default masks)",
+    "image_suffix": "folder dataset: image file name ending when images and masks share a folder, e.g. _image.png",
+    "mask_suffix": "folder dataset: mask file name ending (default .png)",
+    "palette": "folder dataset: colour masks read with voc, cityscapes, ade20k, camvid, or a file of 'R G B' lines",
+    "mask_mode": "folder dataset: auto (by the PNG's mode), index or color",
+    "classes": "folder dataset: class names NAME,NAME,... (default classes.txt)",
+    "label_map": "folder dataset: stored mask value -> class, STORED:CLASS,... e.g. 0:0,255:1 (CLASS may be ignore)",
+    "val_fraction": "folder dataset: held-out validation fraction when there is no splits/val.txt (default 0.2)",
 }
 
 
@@ -142,8 +157,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  {'mIoU':<20} {100 * m['miou']:6.2f}\n  {'pixel accuracy':<20} {100 * m['pixel_accuracy']:6.2f}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad sample(s) (--skip-bad); first: {result.skipped[0][0]}: {result.skipped[0][1]}")
-    print(f"wrote {result.out_dir}/config.json, last.pt, best.pt, metrics.json, log.csv, predictions.png")
+    print(f"wrote {result.out_dir}: config.json, data_report.json, last.pt, best.pt, metrics.json, log.csv, val.csv, "
+          "curves.png, predictions.png")
     return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """The data report of a dataset's splits; exit status 1 when a warning says the masks look read wrong."""
+    from .data import build_dataset
+    from .data.report import data_report, format_report
+    from .train import TrainConfig
+
+    cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, seed=args.seed, **_flagged_folder_options(args))
+    datasets = {split: build_dataset(cfg.dataset, root=cfg.data_root, split=split, seed=cfg.seed,
+                                     skip_bad=args.skip_bad, **cfg.dataset_kwargs())
+                for split in args.splits}
+    report = data_report(datasets, max_masks=args.max_masks or None, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        where = f" at {cfg.data_root}" if cfg.data_root else ""
+        print(format_report(report, title=f"{cfg.dataset}{where}"))
+    return 1 if any(w["stop"] for w in report["warnings"]) else 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -203,8 +238,12 @@ def _sizes_arg(text: str) -> tuple[tuple[int, int], ...]:
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (softmax probabilities are averaged over scales and flips, as TF DeepLab does)")
-    g.add_argument("--scales", type=_float_tuple, default=(1.0,), help="image scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0)")
-    g.add_argument("--flip", action="store_true", help="also run the mirrored image and mirror its output back")
+    g.add_argument("--scales", type=_float_tuple, default=None,
+                   help="image scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0; eval: the scales the checkpoint "
+                   "was validated at in training, --val-scales)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the mirrored image and mirror its output back (default off; eval: as the checkpoint "
+                   "was validated in training, --val-flip)")
     g.add_argument("--window", type=int, default=None, help="sliding-window tile size in pixels, e.g. 513 (default: whole image)")
     g.add_argument("--overlap", type=float, default=0.33, help="sliding-window overlap as a fraction of the window (default %(default)s)")
     g.add_argument(
@@ -276,12 +315,60 @@ def _pct(v: float | None) -> str:
     return "     -" if v is None else f"{100 * v:6.2f}"
 
 
+def _add_folder_flags(p: argparse.ArgumentParser, note: str) -> None:
+    """The folder dataset's flags, shared with `deeplab train` (same names, same parsing, same help)."""
+    from .train import FOLDER_OPTIONS, TrainConfig
+
+    g = p.add_argument_group(f"folder dataset ({note})")
+    add_dataclass_flags(g, TrainConfig, only=FOLDER_OPTIONS, helps=TRAIN_HELP)
+    g.add_argument("--dataset-options", type=_str_tuple, default=None, help=TRAIN_HELP["dataset_options"])
+
+
+def _str_tuple(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _flagged_folder_options(args: argparse.Namespace) -> dict:
+    from .train import FOLDER_OPTIONS
+
+    return {name: getattr(args, name) for name in (*FOLDER_OPTIONS, "dataset_options") if getattr(args, name) is not None}
+
+
+def _eval_data(args: argparse.Namespace, trained: dict | None):
+    """(dataset, root, split, seed, dataset keyword arguments) for `deeplab eval`: the flags, with the training
+    data recorded in the checkpoint (`trained`, a TrainConfig dict) as the default for every flag not given."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .train import TrainConfig
+
+    cfg = TrainConfig.from_dict(trained) if trained else None
+    name = args.dataset or (cfg.dataset if cfg else None)
+    if name is None:
+        raise ValueError("--dataset: this checkpoint records no training data (converted or older); pass --dataset "
+                         "and --data-root")
+    same = cfg is not None and cfg.dataset == name
+    root = args.data_root or (cfg.data_root if same else None)
+    flagged = _flagged_folder_options(args)
+    # The training run's dataset options (label map, folders, classes, held-out fraction and seed) as defaults.
+    base = replace(cfg, data_root=root) if same else TrainConfig(dataset=name, data_root=root)
+    base = replace(base, **flagged)
+    trained_here = same and root is not None and cfg.data_root is not None and Path(root).resolve() == Path(cfg.data_root).resolve()
+    split = args.split
+    if split is None and trained_here:
+        split = cfg.val_split
+    elif split is None:
+        no_list = name == "folder" and not (root and (Path(root) / "splits" / "val.txt").is_file())
+        split = "all" if no_list else "val"
+    return name, root, split, base.seed, base.dataset_kwargs()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import os
 
     import torch
 
-    from .checkpoint import load
+    from .checkpoint import model_from_checkpoint, read_checkpoint
     from .distributed import init_distributed
     from .evaluate import build_eval_dataset, checkpoint_labels, evaluate, write_plots
 
@@ -289,25 +376,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dist_info = init_distributed(device_type=device.type)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
-    split = args.split or ("all" if args.dataset == "folder" else "val")
-    folder = {
-        k: v for k, v in (("image_dir", args.image_dir), ("mask_dir", args.mask_dir), ("image_suffix", args.image_suffix),
-                          ("mask_suffix", args.mask_suffix), ("palette", args.palette), ("mask_mode", args.mask_mode))
-        if v is not None
-    }
-    if folder and args.dataset != "folder":
-        raise ValueError(f"--{next(iter(folder)).replace('_', '-')} applies to --dataset folder only, not {args.dataset!r}")
     results = {}
     for label, path in zip(checkpoint_labels(args.checkpoint), args.checkpoint):
-        model = _with_pointrend_options(load(path), args)
-        dataset = build_eval_dataset(model, args.dataset, root=args.data_root, split=split, skip_bad=args.skip_bad, **folder)
+        data = read_checkpoint(path)
+        model = _with_pointrend_options(model_from_checkpoint(data, source=str(path)).eval(), args)
+        name, root, split, seed, options = _eval_data(args, data.get("train_config"))
+        trained = data.get("train_config") or {}
+        scales = args.scales or tuple(trained.get("val_scales") or (1.0,))
+        flip = args.flip if args.flip is not None else bool(trained.get("val_flip", False))
+        dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, skip_bad=args.skip_bad,
+                                     **options)
         res = evaluate(
-            model, dataset, scales=args.scales, flip=args.flip, window=args.window, overlap=args.overlap,
+            model, dataset, scales=scales, flip=flip, window=args.window, overlap=args.overlap,
             input_size=args.input_size, output_stride=args.eval_output_stride, trimap_widths=args.trimap or (),
             per_image=args.per_image, device=device, progress=not args.quiet and not args.json, limit=args.limit,
             fast=args.fast, amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend,
         )
-        results[label] = {"checkpoint": str(path), "dataset": args.dataset, "split": split, **res}
+        results[label] = {"checkpoint": str(path), "dataset": name, "split": split,
+                          "images": getattr(dataset, "description", split), **res}
     if not dist_info.is_main:
         return 0
     if args.plots:
@@ -321,8 +407,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         extras = [f"scales {','.join(f'{v:g}' for v in s['scales'])}"] + (["flip"] if s["flip"] else [])
         extras += [f"window {s['window']} overlap {s['overlap']:g}"] if s["window"] else []
         extras += [f"input {s['input_size'][0]}x{s['input_size'][1]}"] if s["input_size"] else []
-        print(f"{label} on {args.dataset} {split} ({res['num_images']} images, output stride {s['output_stride']}, "
-              f"{', '.join(extras)}):")
+        print(f"{label} on {res['dataset']} {res['split']}: {res['images']} ({res['num_images']} images, output "
+              f"stride {s['output_stride']}, {', '.join(extras)}):")
         for name, iou in res["per_class_iou"].items():
             print(f"  {name:<24}{_pct(iou)}")
         print(f"  {'mIoU':<24}{_pct(res['miou'])}\n  {'pixel accuracy':<24}{_pct(res['pixel_accuracy'])}\n"
@@ -344,7 +430,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = _with_pointrend_options(load(args.checkpoint), args).to(_device(args.device))
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
-        scales=args.scales, flip=args.flip, window=args.window, overlap=args.overlap, input_size=args.input_size,
+        scales=args.scales or (1.0,), flip=bool(args.flip), window=args.window, overlap=args.overlap,
+        input_size=args.input_size,
         progress=not args.quiet, fast=args.fast, amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend,
     )
     for _name, message in report.failed:
@@ -379,19 +466,16 @@ def _add_eval_predict_export(sub) -> None:
     p = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy, trimap of checkpoints on a dataset (torchrun-ready)")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="deeplab checkpoint; repeat to compare several (--json then prints {\"checkpoints\": [...]})")
-    p.add_argument("--dataset", required=True, help="voc, cityscapes, ade20k, camvid, folder, synthetic")
-    p.add_argument("--data-root", default=None, help="dataset folder")
-    p.add_argument("--split", default=None, help="(default: val; all for --dataset folder)")
+    p.add_argument("--dataset", default=None,
+                   help="voc, cityscapes, ade20k, camvid, folder, synthetic (default: the checkpoint's training data)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
+    p.add_argument("--split", default=None,
+                   help="(default val: for the folder a checkpoint was trained on, the same held-out images; for "
+                   "another folder without splits/val.txt, all)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")
-    g = p.add_argument_group("folder dataset (e.g. the VOC samples: --image-dir . --mask-dir . --image-suffix _image.png "
-                             "--mask-suffix _target.png --palette voc)")
-    g.add_argument("--image-dir", default=None, help="images folder under --data-root (default images)")
-    g.add_argument("--mask-dir", default=None, help="masks folder under --data-root (default masks)")
-    g.add_argument("--image-suffix", default=None, help="image file name ending, e.g. _image.png")
-    g.add_argument("--mask-suffix", default=None, help="mask file name ending (default .png)")
-    g.add_argument("--palette", default=None, help="read colour masks with this palette: voc, cityscapes, ade20k, camvid")
-    g.add_argument("--mask-mode", default=None, choices=["auto", "index", "color"], help="(default auto)")
+    _add_folder_flags(p, "e.g. the VOC samples: --image-dir . --mask-dir . --image-suffix _image.png "
+                      "--mask-suffix _target.png --palette voc; default: what the checkpoint was trained with")
     _add_inference_flags(p)
     p.add_argument("--eval-output-stride", type=int, default=None, choices=OUTPUT_STRIDES,
                    help="evaluate at this output stride (e.g. 8 for a model trained at 16)")
@@ -448,6 +532,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="report a dataset before training: images, classes, pixel shares, sizes, and "
+                       "warnings that name the flag to fix (exit status 1 when the masks look read wrong)")
+    p.add_argument("--dataset", required=True, help="voc, cityscapes, ade20k, camvid, folder, synthetic")
+    p.add_argument("--data-root", default=None, help="dataset folder")
+    p.add_argument("--splits", type=_str_tuple, default=("train", "val"), help="splits to report (default train,val)")
+    p.add_argument("--seed", type=int, default=0, help="picks the held-out split of a folder, as in training (default 0)")
+    p.add_argument("--max-masks", type=int, default=1000,
+                   help="read at most N masks per split, evenly spaced (0: all; default %(default)s)")
+    p.add_argument("--skip-bad", action="store_true", help="count unreadable samples instead of stopping")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_folder_flags(p, "the same flags as deeplab train")
+    p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("convert", help="import a TFLite model or torchvision/timm weights as a deeplab checkpoint")
     p.add_argument("src", help="official TF DeepLab .tflite, torchvision deeplabv3 .pth, or an ImageNet backbone .pth")

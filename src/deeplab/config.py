@@ -151,16 +151,20 @@ __all__ = [
 def _flag_parser(annotation: Any):
     import typing
 
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if args else annotation
+    import types
+
+    base = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: parse as X
+        base = next(a for a in typing.get_args(annotation) if a is not type(None))
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
+        example = "a,b,c" if item is str else "1,2,4"
 
         def parse_tuple(text: str) -> tuple:
             try:
-                return tuple(item(v) for v in text.split(",") if v.strip())
+                return tuple(item(v.strip()) for v in text.split(",") if v.strip())
             except ValueError:
-                raise _argparse_error(f"expected comma-separated {item.__name__} values like 1,2,4, got {text!r}") from None
+                raise _argparse_error(f"expected comma-separated {item.__name__} values like {example}, got {text!r}") from None
 
         return parse_tuple
     return base
@@ -172,15 +176,19 @@ def _argparse_error(message: str) -> Exception:
     return argparse.ArgumentTypeError(message)
 
 
-def add_dataclass_flags(parser: Any, cls: type, *, skip: tuple[str, ...] = (), helps: dict[str, str] | None = None) -> None:
-    """Add `--field-name` for every field of dataclass `cls` (booleans get --x/--no-x), default None."""
+def add_dataclass_flags(
+    parser: Any, cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
+    """Add `--field-name` for every field of dataclass `cls` (or the fields in `only`; booleans get --x/--no-x),
+    default None."""
     import argparse
     import typing
 
     hints = typing.get_type_hints(cls)
     helps = helps or {}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
         default_text = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""

@@ -31,26 +31,33 @@ __all__ = ["build_eval_dataset", "checkpoint_labels", "evaluate", "write_plots"]
 
 
 def build_eval_dataset(
-    model: nn.Module, name: str, *, root: str | os.PathLike | None, split: str, skip_bad: bool = False, **options: Any
+    model: nn.Module, name: str, *, root: str | os.PathLike | None, split: str, seed: int = 0, skip_bad: bool = False,
+    **options: Any,
 ):
     """Dataset `name` (see `deeplab.data.DATASETS`) at native size, normalised with the model's mean and std.
 
     `options` go to the dataset (for the 'folder' dataset: image_dir, mask_dir, image_suffix, mask_suffix, palette,
-    ...). Raises ValueError when the dataset's class count differs from the model's.
+    classes, label_map, val_fraction, ...; `seed` picks a held-out split as in training). A folder without
+    classes.txt, --classes or a named palette takes the model's class names. Raises ValueError when the dataset's
+    class count differs from the model's.
     """
     from .data import EvalTransform, build_dataset
 
     pre = model.preprocessing
+    if (name == "folder" and root is not None and "classes" not in options and "palette" not in options
+            and not (Path(root) / "classes.txt").is_file()):
+        options = {**options, "classes": tuple(model.class_names)}
     dataset = build_dataset(
-        name, root=root, split=split, transform=EvalTransform(mean=pre.mean, std=pre.std), skip_bad=skip_bad,
-        **options,
+        name, root=root, split=split, transform=EvalTransform(mean=pre.mean, std=pre.std), seed=seed,
+        skip_bad=skip_bad, **options,
     )
     k = model.config.num_classes
     if dataset.num_classes != k:
         where = f" at {root}" if root else ""
         raise ValueError(
             f"dataset {name!r}{where} has {dataset.num_classes} classes but the model predicts {k}; "
-            "evaluate a checkpoint trained for this dataset (or, for a folder dataset, fix classes.txt / --palette)"
+            "evaluate a checkpoint trained for this dataset (or, for a folder dataset, fix classes.txt, --classes or "
+            "--palette)"
         )
     return dataset
 

@@ -191,7 +191,7 @@ class ImagePooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = self.conv(x.mean(dim=(2, 3), keepdim=True))  # (N, C, 1, 1)
-        if self.training and y.shape[0] == 1 and type(self.bn) is nn.BatchNorm2d:
+        if self.bn.training and y.shape[0] == 1 and type(self.bn) is nn.BatchNorm2d:
             bn = self.bn
             y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
         else:

@@ -1,9 +1,10 @@
-"""Evaluation plots saved as PNG: confusion matrix, per-class IoU, mIoU against trimap width.
+"""Plots saved as PNG: confusion matrix, per-class IoU, mIoU against trimap width (evaluation); training curves
+and the validation picture of a run folder (`plot_training_curves`, `draw_predictions`).
 
 matplotlib is an optional extra (``pip install 'deeplab[plots]'``) and is imported inside each
 function, so ``import deeplab.plots`` never needs it. Figures are drawn on an explicit Agg
 canvas instead of through ``pyplot``: no global backend switch, no figure registry to leak,
-safe in headless jobs and threads.
+safe in headless jobs and threads. `draw_predictions` needs only Pillow.
 
 Scores are taken as fractions in [0, 1], as ``deeplab.metrics`` returns them, and drawn as
 percentages, as the papers print them.
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["plot_confusion_matrix", "plot_per_class_iou", "plot_trimap"]
+__all__ = ["draw_predictions", "plot_confusion_matrix", "plot_per_class_iou", "plot_training_curves", "plot_trimap"]
 
 
 def _new_figure(figsize: tuple[float, float]) -> Any:
@@ -35,9 +36,12 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Through a temporary file and a rename: a run folder's pictures are redrawn while someone may look at them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
     return path
 
 
@@ -147,3 +151,138 @@ def plot_trimap(curves: Mapping[str, Mapping[int, float | None]], *, path: str |
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
     return _save(fig, path)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_training_curves(log_csv: str | Path, val_csv: str | Path, path: str | Path) -> Path | None:
+    """curves.png of a run folder: training loss against step (with a moving average) and validation mIoU and pixel
+    accuracy against step. Returns None (and draws nothing) without matplotlib."""
+    try:
+        fig = _new_figure((11, 4))
+    except ImportError:
+        return None
+    steps = [(int(r["step"]), float(r["loss"])) for r in _read_csv(Path(log_csv))]
+    vals = [(int(r["step"]), r["miou"], r["pixel_accuracy"]) for r in _read_csv(Path(val_csv))]
+    ax_loss, ax_val = fig.subplots(1, 2)
+    if steps:
+        x, y = zip(*steps)
+        ax_loss.plot(x, y, color="0.75", linewidth=0.8, label="per step")
+        k = max(1, len(y) // 50)
+        if k > 1:
+            smooth = [sum(y[max(0, i - k + 1) : i + 1]) / len(y[max(0, i - k + 1) : i + 1]) for i in range(len(y))]
+            ax_loss.plot(x, smooth, color="C0", linewidth=1.5, label=f"mean of {k} steps")
+        ax_loss.legend(loc="upper right")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title("Training loss")
+    ax_loss.grid(alpha=0.3)
+    points = [(s, float(m), float(a)) for s, m, a in vals if m != "-"]
+    if points:
+        x, miou, acc = zip(*points)
+        ax_val.plot(x, [100 * v for v in miou], marker="o", color="C1", label="mIoU")
+        ax_val.plot(x, [100 * v for v in acc], marker=".", linestyle="--", color="C2", label="pixel accuracy")
+        for s, m in zip(x, miou):
+            ax_val.annotate(f"{100 * m:.1f}", (s, 100 * m), textcoords="offset points", xytext=(0, 6), ha="center",
+                            fontsize=8)
+        ax_val.legend(loc="lower right")
+    ax_val.set_xlim(left=0, right=max([s for s, _ in steps] + [1]))
+    ax_val.set_ylim(0, 100)
+    ax_val.set_xlabel("step")
+    ax_val.set_ylabel("%")
+    ax_val.set_title("Validation")
+    ax_val.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+_TILE = 320  # pixels on the longer side of each picture in predictions.png
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+@torch.no_grad()
+def draw_predictions(model: Any, dataset: Any, path: str | Path, *, count: int, device: Any = "cpu",
+                     step: int | None = None) -> Path | None:
+    """predictions.png: one row per validation image (image | ground truth | prediction, each about 320 px on its
+    longer side, named with the image's file and mIoU), column titles, and a legend of the classes shown."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from .data import colorize
+    from .metrics import confusion_matrix, segmentation_scores
+
+    n = min(count, len(dataset))
+    if n == 0:
+        return None
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    files = getattr(dataset, "files", None) or []
+    rows, shown = [], set()
+    ignore = getattr(dataset, "ignore_index", 255)
+    try:
+        for i in range(n):
+            image, gt = dataset.load(i)
+            x, _ = dataset[i]
+            pred = model(x[None].to(device, dtype=dtype)).argmax(1)[0].cpu().numpy().astype(np.uint8)
+            scores = segmentation_scores(
+                confusion_matrix(torch.from_numpy(pred)[None].long(), torch.from_numpy(gt)[None].long(),
+                                 num_classes=len(dataset.class_names), ignore_index=ignore),
+                class_names=dataset.class_names)
+            shown |= set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())
+            name = Path(files[i][0]).name if i < len(files) else f"sample {i}"
+            miou = "-" if scores["miou"] is None else f"{100 * scores['miou']:.1f}%"
+            rows.append((f"{name}   mIoU {miou}", [Image.fromarray(image).convert("RGB")]
+                         + [colorize(m, dataset.palette).convert("RGB") for m in (gt, pred)]))
+    finally:
+        model.train(was_training)
+    sizes = [(max(1, round(t[0].width * _TILE / max(t[0].size))), max(1, round(t[0].height * _TILE / max(t[0].size))))
+             for _, t in rows]
+    tile_w = max(sw for sw, _ in sizes)
+    font, small = _font(18), _font(14)
+    pad, title_h, caption_h = 8, 28, 22
+    names = list(dataset.class_names)
+    legend = [(names[c], tuple(dataset.palette.colors[c])) for c in sorted(shown) if c < len(names)]
+    if ignore in shown:
+        legend.append(("ignore", tuple(dataset.palette.void_color)))
+    width = 3 * tile_w + 4 * pad
+    per_line = max(1, width // 170)
+    legend_h = 24 * ((len(legend) + per_line - 1) // per_line) + pad
+    height = title_h + sum(caption_h + sh + pad for _, sh in sizes) + legend_h
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    titles = ("image", "ground truth", "prediction" + (f" (step {step})" if step is not None else ""))
+    for j, title in enumerate(titles):
+        draw.text((pad + j * (tile_w + pad), 4), title, fill="black", font=font)
+    y = title_h
+    for (caption, tiles), (sw, sh) in zip(rows, sizes):
+        draw.text((pad, y + 2), caption, fill=(60, 60, 60), font=small)
+        y += caption_h
+        for j, tile in enumerate(tiles):
+            # Masks keep hard edges; the image is resampled smoothly when it shrinks.
+            method = Image.Resampling.LANCZOS if (j == 0 and sw < tile.width) else Image.Resampling.NEAREST
+            canvas.paste(tile.resize((sw, sh), method), (pad + j * (tile_w + pad), y))
+        y += sh + pad
+    for k, (label, color) in enumerate(legend):
+        lx, ly = pad + (k % per_line) * 170, y + (k // per_line) * 24
+        draw.rectangle((lx, ly + 2, lx + 16, ly + 18), fill=color, outline="black")
+        draw.text((lx + 22, ly + 1), label[:18], fill="black", font=small)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -21,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from .crf import CRFParams, dense_crf
+from .data.base import image_to_rgb
 from .fast import is_fast, optimize_for_inference
 from .inference import check_options, segment_probs
 
@@ -48,7 +49,8 @@ __all__ = [
 
 
 def load_image(image: ImageLike) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB array from a PIL image, a path, or an (H, W, 3) uint8 array (grey and RGBA converted).
+    """An (H, W, 3) uint8 RGB array from a PIL image, a path, or an (H, W, 3) uint8 array (grey, RGBA and 16-bit
+    converted as the datasets convert them: `deeplab.data.base.image_to_rgb`).
 
     Raises ValueError naming the file for a missing or undecodable file, and for an array of the wrong shape / dtype.
     """
@@ -60,7 +62,7 @@ def load_image(image: ImageLike) -> np.ndarray:
             )
         return image
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return image_to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -68,7 +70,7 @@ def load_image(image: ImageLike) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im.load()  # decode now: a truncated file fails here, by name
-                return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+                return image_to_rgb(im)  # as training reads it: 16-bit scaled, not clipped
         except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{path}: cannot read image ({exc}); pass a JPEG/PNG/BMP/TIFF/WebP file") from None
     raise TypeError(f"image must be a PIL image, a path or an (H, W, 3) uint8 array, got {type(image).__name__}")
@@ -341,6 +343,9 @@ def predict_files(
     out = Path(out_dir)
     files, problems = expand_inputs(inputs)
     report = PredictReport(failed=list(problems))
+    # Every input, not only the current one: with a.jpg and a.png in one folder predicted into that folder, a.jpg's
+    # mask would replace a.png before a.png is read.
+    inputs_resolved = {path.resolve() for path, _ in files}
 
     def run(rgb: np.ndarray) -> np.ndarray:
         return predict_probs(
@@ -360,8 +365,13 @@ def predict_files(
                         overlay_alpha=overlay_alpha, save_probs=save_probs, run=run,
                     )
             else:
-                if (out / f"{name}.png").resolve() == path.resolve():
-                    raise ValueError(f"{path}: its index PNG would overwrite the image itself; choose another out_dir")
+                suffixes = [".png"] + ["_overlay.png"] * (overlay_alpha is not None) + ["_probs.npy"] * save_probs
+                for target in (out / f"{name}{suffix}" for suffix in suffixes):
+                    if target.resolve() in inputs_resolved:
+                        raise ValueError(
+                            f"{path}: its output {target} is an input of this command and would be overwritten before "
+                            "it is read; choose another --out"
+                        )
                 written = _write_outputs(
                     load_image(path), out / name, palette=palette, overlay_alpha=overlay_alpha,
                     save_probs=save_probs, run=run,

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,11 @@ def dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+# TrainConfig fields that only the folder dataset reads; `deeplab eval` and `deeplab data` take the same flags.
+FOLDER_OPTIONS = ("image_dir", "mask_dir", "image_suffix", "mask_suffix", "palette", "mask_mode", "classes",
+                  "label_map", "val_fraction")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training protocol; defaults are the DeepLabv3/v3+ papers' (TF DeepLab's train.py flags)."""
@@ -80,6 +85,8 @@ class TrainConfig:
     channels_last: bool = False
     val_every: int = 0  # steps between validations; 0: only at the end
     val_limit: int | None = None  # validate on the first N validation images only (quick checks)
+    val_scales: tuple[float, ...] = (1.0,)  # validation inference scales (softmax averaged, as deeplab eval --scales)
+    val_flip: bool = False  # validation also averages the mirrored image (deeplab eval --flip)
     checkpoint_every: int = 500
     eval_output_stride: int | None = None  # validate at another output stride (the paper trains at 16, tests at 8)
     seed: int = 0
@@ -89,6 +96,20 @@ class TrainConfig:
     init_checkpoint: str | None = None  # start from a deeplab checkpoint (e.g. a converted TF model)
     device: str = "auto"
     val_images: int = 4  # validation images drawn in DIR/predictions.png
+    # BatchNorm statistics re-measured with the current weights on this many training images before every
+    # validation and the final checkpoint (deeplab.precise_bn); 0: off. Skipped with freeze_bn.
+    precise_bn_images: int = 128
+    ignore_data_warnings: bool = False  # train although the data report says the masks look read wrong
+    # The folder dataset (--dataset folder); None: the dataset's default.
+    image_dir: str | None = None  # images folder under data_root (default images)
+    mask_dir: str | None = None  # masks folder under data_root (default masks)
+    image_suffix: str | None = None  # image file name ending when images and masks share a folder, e.g. _image.png
+    mask_suffix: str | None = None  # mask file name ending (default .png)
+    palette: str | None = None  # colour masks: voc, cityscapes, ade20k, camvid, or a file of 'R G B' lines
+    mask_mode: str | None = None  # auto (by the PNG's mode), index or color
+    classes: tuple[str, ...] | None = None  # class names (default classes.txt, or the palette's)
+    label_map: str | None = None  # stored mask value -> class, e.g. "0:0,255:1"; a class may be "ignore"
+    val_fraction: float | None = None  # held-out fraction when there is no splits/val.txt (default 0.2)
 
     def __post_init__(self) -> None:
         if self.amp not in ("off", "bf16", "fp16"):
@@ -101,13 +122,33 @@ class TrainConfig:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
         object.__setattr__(self, "dataset_options", tuple(str(o) for o in self.dataset_options))
         dataset_options(self.dataset_options)  # fail early on a malformed option
+        if self.classes is not None:
+            object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "val_scales", tuple(float(v) for v in self.val_scales))
+        if not self.val_scales or any(v <= 0 for v in self.val_scales):
+            raise ValueError(f"--val-scales must be positive numbers like 1.0 or 0.75,1.0,1.25, got {self.val_scales}")
+        if self.precise_bn_images < 0:
+            raise ValueError(f"--precise-bn-images must be 0 (off) or positive, got {self.precise_bn_images}")
+        given = [f"--{name.replace('_', '-')}" for name in FOLDER_OPTIONS if getattr(self, name) is not None]
+        if given and self.dataset != "folder":
+            raise ValueError(f"{', '.join(given)} apply to --dataset folder only, not --dataset {self.dataset}")
+        if self.label_map is not None:
+            from .data import parse_label_map
+
+            parse_label_map(self.label_map)  # fail before any file is read
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["class_weights"] is not None:
-            d["class_weights"] = list(d["class_weights"])
+        for name in ("class_weights", "classes", "val_scales"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         d["dataset_options"] = list(d["dataset_options"])
         return d
+
+    def dataset_kwargs(self) -> dict[str, Any]:
+        """What the dataset's constructor gets besides root, split, transform, seed and skip_bad."""
+        folder = {name: getattr(self, name) for name in FOLDER_OPTIONS if getattr(self, name) is not None}
+        return {**folder, **dataset_options(self.dataset_options)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -122,7 +163,7 @@ class TrainConfig:
 # 0.1 (TF's 0.9997 decay needs thousands of steps before its running statistics are usable), channels_last (about a
 # third faster per step here), and class weights: the square root of median-frequency balancing (Eigen & Fergus),
 # sqrt(median(f) / f_c) over the training split's pixel frequencies f (background 68%, each shape 7-9%), the same
-# rule as the CamVid recipe in the README. Without them the background dominates the loss and the shape classes
+# rule as the CamVid recipe in docs/camvid.md. Without them the background dominates the loss and the shape classes
 # learn slowly: 0.669 against 0.765 validation mIoU after the 900 steps (one thread each).
 SYNTHETIC_CLASS_WEIGHTS = (0.338, 0.919, 1.0, 1.002, 1.064)
 SYNTHETIC_MODEL = ModelConfig(
@@ -229,7 +270,7 @@ def build_datasets(train_cfg: TrainConfig, preprocessing: Preprocessing):
     )
     eval_tf = EvalTransform(mean=preprocessing.mean, std=preprocessing.std, ignore_index=train_cfg.ignore_index)
     common = dict(root=train_cfg.data_root, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad,
-                  **dataset_options(train_cfg.dataset_options))
+                  **train_cfg.dataset_kwargs())
     train_ds = build_dataset(train_cfg.dataset, split=train_cfg.train_split, transform=train_tf, **common)
     val_ds = build_dataset(train_cfg.dataset, split=train_cfg.val_split, transform=eval_tf, **common)
     return train_ds, val_ds
@@ -243,6 +284,47 @@ class TrainResult:
     best_miou: float
     seconds: float
     skipped: list = None  # (file, reason) of samples skipped with skip_bad (this process's count)
+    data_report: dict[str, Any] | None = None  # deeplab.data.report.data_report of the run's splits (new runs)
+
+
+class DataCheckError(ValueError):
+    """The data report says the masks look read wrong; the message names the flag that fixes it."""
+
+
+@dataclass
+class _Run:
+    """What a training run holds between its steps (built by `_start`)."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dist: Any  # deeplab.distributed.DistInfo
+    say: Callable[[str], None]
+    progress: bool
+    train_ds: Any
+    val_ds: Any
+    model: DeepLab
+    train_model: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    class_weights: torch.Tensor | None
+    log: "_CsvLog"
+    val_log: "_CsvLog"
+    writer: Any  # TensorBoard, if installed
+    report: dict[str, Any] | None
+    step: int = 0
+    best_miou: float = -1.0
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    lr: float = 0.0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def per_rank(self) -> int:
+        return self.train_cfg.batch_size // self.dist.world_size
 
 
 def fit(
@@ -254,51 +336,218 @@ def fit(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Train a DeepLab and write DIR/config.json, DIR/last.pt, DIR/best.pt, DIR/metrics.json, DIR/log.csv."""
+    """Train a DeepLab. The run folder `out_dir` gets config.json, data_report.json, last.pt, best.pt, metrics.json,
+    log.csv (one row per step), val.csv (one row per validation), curves.png and predictions.png.
+
+    In order: `_start` (device, resume state, datasets and their data report, model, optimizer, run folder),
+    `_train_steps` (`_train_step` per batch; `_validate` every val_every steps; `_save_last` every checkpoint_every
+    steps), then a last `_validate` and `_save_last`. `echo` receives the progress lines (e.g. `print`).
+    """
     started = time.time()
+    out = Path(out_dir)
+    lock = RunFolderLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        run = _start(model_cfg, train_cfg, out=out, resume=resume, progress=progress, echo=echo)
+        try:
+            _train_steps(run)
+        finally:
+            run.log.close()
+        try:
+            metrics = _validate(run)
+            _save_last(run)
+        finally:
+            run.val_log.close()
+        if run.dist.is_main:
+            _write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+            if run.writer is not None:
+                run.writer.close()
+    finally:
+        if lock is not None:
+            lock.release()
+    skipped = list(getattr(run.train_ds, "bad_files", [])) + list(getattr(run.val_ds, "bad_files", []))
+    return TrainResult(out_dir=run.out, step=run.step, metrics=metrics, best_miou=run.best_miou,
+                       seconds=time.time() - started, skipped=skipped, data_report=run.report)
+
+
+def _start(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: Path, resume: bool, progress: bool,
+    echo: Callable[[str], None] | None,
+) -> _Run:
+    """Everything before the first step; says what it loaded."""
     device = _resolve_device(train_cfg.device)
     dist_info = init_distributed(device_type=device.type)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     say = echo if (echo is not None and dist_info.is_main) else (lambda _msg: None)
-    out = Path(out_dir)
-    last_path, best_path = out / "last.pt", out / "best.pt"
-
-    resume_state: dict[str, Any] | None = None
-    if resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(f"--resume: {last_path} does not exist; start a new run without --resume")
-        resume_state = read_checkpoint(last_path)
-        saved_train = resume_state.get("train_config", {})
+    resume_state = _resume_state(out / "last.pt", resume)
+    if resume_state is not None:
         model_cfg = ModelConfig.from_dict(resume_state["model_config"])
-        train_cfg = replace(TrainConfig.from_dict(saved_train), device=train_cfg.device, workers=train_cfg.workers)
-    elif last_path.exists():
-        raise FileExistsError(
-            f"{last_path} already exists: pass --resume to continue that run, or choose another --out"
-        )
+        train_cfg = replace(TrainConfig.from_dict(resume_state.get("train_config", {})), device=train_cfg.device,
+                            workers=train_cfg.workers)
 
     torch.manual_seed(train_cfg.seed)
-    init_preprocessing = Preprocessing()
-    init_data: dict[str, Any] | None = None
-    if train_cfg.init_checkpoint and resume_state is None:
-        init_data = read_checkpoint(train_cfg.init_checkpoint)
-        # The imported normalisation stays; a fixed input size (a TF Lite graph's) does not: training is at any size.
-        init_preprocessing = replace(Preprocessing.from_dict(init_data["preprocessing"]), input_size=None)
-    preprocessing = Preprocessing.from_dict(resume_state["preprocessing"]) if resume_state else init_preprocessing
+    init_data = read_checkpoint(train_cfg.init_checkpoint) if train_cfg.init_checkpoint and not resume_state else None
+    preprocessing = _preprocessing(resume_state, init_data)
     train_ds, val_ds = build_datasets(train_cfg, preprocessing)
+    report = None if resume_state is not None else _check_data(train_cfg, train_ds, val_ds, say=say, progress=progress)
     if model_cfg.num_classes != train_ds.num_classes:
         model_cfg = model_cfg.replace(num_classes=train_ds.num_classes)
     if len(train_ds) < train_cfg.batch_size:
         raise ValueError(
-            f"{train_ds!r} has {len(train_ds)} samples, fewer than the batch size {train_cfg.batch_size}; lower --batch-size"
+            f"{train_ds!r} has {len(train_ds)} samples, fewer than --batch-size {train_cfg.batch_size}; lower it"
         )
     if train_cfg.batch_size % dist_info.world_size:
         raise ValueError(
-            f"batch size {train_cfg.batch_size} does not split over {dist_info.world_size} processes; "
+            f"--batch-size {train_cfg.batch_size} does not split over {dist_info.world_size} processes; "
             "use a multiple of --nproc_per_node"
         )
 
+    model = _initial_model(model_cfg, train_cfg, train_ds, preprocessing, init_data, fresh=resume_state is None, say=say)
+    if resume_state is not None:
+        load_state_dict_strict(model, resume_state["state_dict"], source=str(out / "last.pt"))
+    train_model, optimizer = _placed_and_optimized(model, train_cfg, device=device, dist_info=dist_info)
+    class_weights = None if train_cfg.class_weights is None else torch.tensor(train_cfg.class_weights, device=device)
+    if class_weights is not None and len(class_weights) != model_cfg.num_classes:
+        raise ValueError(f"--class-weights has {len(class_weights)} values for {model_cfg.num_classes} classes; "
+                         "give one per class")
+
+    step, best_miou, last_metrics = 0, -1.0, {}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = int(resume_state["step"])
+        best_miou = float(resume_state.get("best_miou", -1.0))
+        last_metrics = resume_state.get("metrics", {})
+        torch.set_rng_state(resume_state["rng_state"])
+        say(f"resumed {out / 'last.pt'} at step {step}")
+    main = dist_info.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(out / "config.json", json.dumps(
+            {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
+             "class_names": list(train_ds.class_names)}, indent=2))
+        if report is not None:
+            _write_text(out / "data_report.json", json.dumps(report, indent=2))
+    say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
+        f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
+        f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
+        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f"; writing {out}")
+    return _Run(
+        model_cfg=model_cfg, train_cfg=train_cfg, out=out, device=device, dist=dist_info, say=say, progress=progress,
+        train_ds=train_ds, val_ds=val_ds, model=model, train_model=train_model, optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=train_cfg.amp == "fp16"), class_weights=class_weights,
+        log=_CsvLog(out / "log.csv", _CsvLog.step_columns, keep_below=step, enabled=main),
+        val_log=_CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main),
+        writer=_tensorboard(out / "tensorboard") if main else None, report=report,
+        step=step, best_miou=best_miou, last_metrics=last_metrics, lr=train_cfg.lr,
+    )
+
+
+def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: torch.device, dist_info: Any):
+    """The model on its device and layout, wrapped for DDP (synchronized BN) when distributed; its SGD optimizer."""
+    model.to(device)
+    if train_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if train_cfg.freeze_bn:
+        _set_bn_frozen(model)
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        if not train_cfg.freeze_bn:
+            train_model = convert_sync_batchnorm(model, device_type=device.type)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    decay = train_cfg.weight_decay if train_cfg.weight_decay is not None else default_weight_decay(model.config.backbone)
+    optimizer = torch.optim.SGD(_param_groups(train_model, decay), lr=train_cfg.lr, momentum=train_cfg.momentum)
+    return train_model, optimizer
+
+
+def _preprocessing(resume_state: dict[str, Any] | None, init_data: dict[str, Any] | None) -> Preprocessing:
+    if resume_state is not None:
+        return Preprocessing.from_dict(resume_state["preprocessing"])
+    if init_data is not None:
+        # The imported normalisation stays; a fixed input size (a TF Lite graph's) does not: training is at any size.
+        return replace(Preprocessing.from_dict(init_data["preprocessing"]), input_size=None)
+    return Preprocessing()
+
+
+# Files that make a folder a run folder: a new run never writes over them.
+RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.json", "log.csv", "val.csv")
+
+
+def _resume_state(last_path: Path, resume: bool) -> dict[str, Any] | None:
+    if resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(f"--resume: {last_path} does not exist; start a new run without --resume")
+        return read_checkpoint(last_path)
+    found = [name for name in RUN_FILES if (last_path.parent / name).exists()]
+    if found:
+        hint = "pass --resume to continue that run" if "last.pt" in found else "it has no last.pt to resume from"
+        raise FileExistsError(
+            f"{last_path.parent} already holds a run ({', '.join(found)}): {hint}, or choose another --out"
+        )
+    return None
+
+
+class RunFolderBusy(FileExistsError):
+    """Another process is training in the run folder."""
+
+
+class RunFolderLock:
+    """An exclusive lock on a run folder (`DIR/.lock`, holding the PID) while a run uses it, so two `deeplab train
+    --out DIR` never interleave their logs and checkpoints. The lock is the kernel's (flock): a killed run leaves no
+    stale lock behind. A folder the lock created is removed again if the run leaves nothing in it."""
+
+    def __init__(self, out: Path) -> None:
+        self.created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.path = out, out / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): no lock
+            pass
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise RunFolderBusy(
+                f"{out} is in use by another deeplab train (PID {holder}); wait for it to finish or choose another --out"
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.file.close()
+        if self.created and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def _check_data(train_cfg: TrainConfig, train_ds, val_ds, *, say: Callable[[str], None], progress: bool):
+    """The data report of both splits, said; raises DataCheckError on a warning that stops training."""
+    from .data.report import data_report, format_report
+
+    report = data_report({"train": train_ds, "val": val_ds}, progress=False)
+    where = f" at {train_cfg.data_root}" if train_cfg.data_root else ""
+    say(format_report(report, title=f"{train_cfg.dataset}{where}"))
+    stops = [w["message"] for w in report["warnings"] if w["stop"]]
+    if stops and not train_cfg.ignore_data_warnings:
+        raise DataCheckError(
+            f"the data looks read wrong, so training did not start: {stops[0]}"
+            + (f" (and {len(stops) - 1} more problem(s) above)" if len(stops) > 1 else "")
+            + ". Fix that, or pass --ignore-data-warnings to train anyway"
+        )
+    return report
+
+
+def _initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ds, preprocessing: Preprocessing,
+                   init_data: dict[str, Any] | None, *, fresh: bool, say: Callable[[str], None]) -> DeepLab:
+    """The model before the first step: random, from a deeplab checkpoint, or with an ImageNet backbone."""
     model = build_model(model_cfg, class_names=train_ds.class_names, preprocessing=preprocessing)
     if init_data is not None:
         matched = _load_init(model, init_data, source=str(train_cfg.init_checkpoint), say=say)
@@ -309,185 +558,205 @@ def fit(
             say(f"{len(folded)} BatchNorms of {train_cfg.init_checkpoint} were folded into their convs; "
                 f"their statistics were re-measured on {count} training crops so that training-mode BN keeps "
                 "the imported function")
-    if train_cfg.backbone_weights and resume_state is None:
+    if train_cfg.backbone_weights and fresh:
         from .convert.torch_weights import backbone_state_dict
 
         weights = backbone_state_dict(train_cfg.backbone_weights, backbone=model_cfg.backbone)
         load_state_dict_strict(model.backbone, weights, source=str(train_cfg.backbone_weights))
         say(f"backbone weights loaded from {train_cfg.backbone_weights}")
-    if resume_state is not None:
-        load_state_dict_strict(model, resume_state["state_dict"], source=str(last_path))
-    model.to(device)
-    if train_cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if train_cfg.freeze_bn:
-        _set_bn_frozen(model)
+    return model
 
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        if not train_cfg.freeze_bn:
-            train_model = convert_sync_batchnorm(model, device_type=device.type)
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    weight_decay = train_cfg.weight_decay if train_cfg.weight_decay is not None else default_weight_decay(model_cfg.backbone)
-    optimizer = torch.optim.SGD(
-        _param_groups(train_model, weight_decay), lr=train_cfg.lr, momentum=train_cfg.momentum
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=train_cfg.amp == "fp16")
-    class_weights = (
-        torch.tensor(train_cfg.class_weights, device=device) if train_cfg.class_weights is not None else None
-    )
 
-    step, best_miou, last_metrics = 0, -1.0, {}
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        step = int(resume_state["step"])
-        best_miou = float(resume_state.get("best_miou", -1.0))
-        last_metrics = resume_state.get("metrics", {})
-        torch.set_rng_state(resume_state["rng_state"])
-        say(f"resumed {last_path} at step {step}")
-
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(
-            json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-                        "preprocessing": preprocessing.to_dict(), "class_names": list(train_ds.class_names)}, indent=2)
-        )
-    log = _CsvLog(out / "log.csv", keep_below=step, enabled=dist_info.is_main)
-    writer = _tensorboard(out / "tensorboard") if dist_info.is_main else None
-
-    def save_last() -> None:
-        # A step can leave non-finite weights (or BN statistics) behind a still-finite loss; never let them replace a
-        # good checkpoint.
-        if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
-            raise TrainingDiverged(
-                f"the weights became non-finite at step {step} (learning rate {lr:.3g}); "
-                f"the last good checkpoint {last_path} is kept. Lower --lr or check the data."
-            )
-        if dist_info.is_main:
-            atomic_save(
-                checkpoint_dict(
-                    model, step=step, optimizer=optimizer.state_dict(), rng_state=torch.get_rng_state(),
-                    best_miou=best_miou, metrics=last_metrics, train_config=train_cfg.to_dict(),
-                ),
-                last_path,
-            )
-
-    def validate() -> dict[str, Any]:
-        nonlocal best_miou, last_metrics
-        from .evaluate import evaluate
-
-        # The same evaluation as `deeplab eval` (single scale, native size), sharded across processes.
-        metrics = evaluate(
-            model, val_ds, input_size=None, output_stride=train_cfg.eval_output_stride, device=device,
-            progress=progress and dist_info.is_main, limit=train_cfg.val_limit,
-        )
-        metrics["step"] = step
-        last_metrics = metrics
-        if writer is not None:
-            writer.add_scalar("val/miou", metrics["miou"], step)
-        say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel accuracy {metrics['pixel_accuracy']:.4f}")
-        if metrics["miou"] is not None and metrics["miou"] > best_miou and dist_info.is_main:
-            best_miou = metrics["miou"]
-            atomic_save(checkpoint_dict(model, step=step, metrics=metrics), best_path)
-        return metrics
-
+def _train_steps(run: _Run) -> None:
+    """Steps from run.step to train_cfg.steps, an epoch's seeded permutation at a time."""
     from tqdm import tqdm
 
-    steps_per_epoch = len(train_ds) // train_cfg.batch_size
-    per_rank = train_cfg.batch_size // dist_info.world_size
-    bar = tqdm(total=train_cfg.steps, initial=step, desc="train", disable=not (progress and dist_info.is_main),
+    cfg = run.train_cfg
+    steps_per_epoch = len(run.train_ds) // cfg.batch_size
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", disable=not (run.progress and run.dist.is_main),
                dynamic_ncols=True)
-    images_per_s, lr = 0.0, train_cfg.lr
-    param_dtype = next(model.parameters()).dtype  # float32, or float64 when built under that default dtype
-    train_model.train()
-    if train_cfg.freeze_bn:
-        _set_bn_frozen(train_model)
+    _train_mode(run)
     try:
-        while step < train_cfg.steps:
-            epoch, first = divmod(step, steps_per_epoch)
-            batches = epoch_batches(len(train_ds), train_cfg.batch_size, seed=train_cfg.seed, epoch=epoch)
-            rank_batches = [b[dist_info.rank * per_rank : (dist_info.rank + 1) * per_rank] for b in batches[first:]]
-            train_ds.set_epoch(epoch)
+        while run.step < cfg.steps:
+            epoch, first = divmod(run.step, steps_per_epoch)
+            batches = epoch_batches(len(run.train_ds), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            rank = run.dist.rank
+            rank_batches = [b[rank * run.per_rank : (rank + 1) * run.per_rank] for b in batches[first:]]
+            run.train_ds.set_epoch(epoch)
             loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=rank_batches, num_workers=train_cfg.workers,
-                pin_memory=device.type == "cuda",
+                run.train_ds, batch_sampler=rank_batches, num_workers=cfg.workers,
+                pin_memory=run.device.type == "cuda",
                 # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and
                 # the extra draw of a resumed (mid-epoch) loader would shift the dropout masks after a resume.
-                generator=torch.Generator().manual_seed(train_cfg.seed * 7919 + epoch),
+                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
             )
             for images, masks in loader:
                 t0 = time.perf_counter()
-                lr = poly_lr(train_cfg.lr, step, train_cfg.steps, train_cfg.lr_power)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images = images.to(device, dtype=param_dtype, non_blocking=True)
-                masks = masks.to(device, non_blocking=True)
-                if train_cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                with autocast(device.type, train_cfg.amp):
-                    outputs = train_model(images)
-                logits = outputs["logits"] if isinstance(outputs, dict) else outputs
-                loss_sum, count = pixel_loss(
-                    logits, masks, ignore_index=train_cfg.ignore_index, class_weights=class_weights,
-                    hard_pixel_fraction=train_cfg.hard_pixel_fraction,
-                )
-                point_sum = point_count = torch.zeros((), device=device)
-                if isinstance(outputs, dict):  # PointRend: the point loss is added to the main loss
-                    point_sum, point_count = point_loss(
-                        outputs["point_logits"], outputs["point_coords"], masks, ignore_index=train_cfg.ignore_index
-                    )
-                # Divide by the global number of counted pixels (times the world size, which DDP's gradient
-                # averaging divides out): the gradient then equals one process's over the whole batch.
-                stats = all_reduce_sum(torch.stack([
-                    loss_sum.detach().double(), count.double(), point_sum.detach().double(), point_count.double(),
-                ]))
-                global_count, global_points = stats[1].clamp_min(1), stats[3].clamp_min(1)
-                loss = loss_sum * (dist_info.world_size / global_count).to(loss_sum.dtype)
-                if isinstance(outputs, dict):
-                    loss = loss + point_sum * (dist_info.world_size / global_points).to(point_sum.dtype)
-                loss_value = float(stats[0] / global_count + stats[2] / global_points)
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"the loss is {loss_value} at step {step} (learning rate {lr:.3g}); "
-                        f"the last good checkpoint {last_path} is kept. Lower --lr or check the data."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                dt = time.perf_counter() - t0
-                images_per_s = train_cfg.batch_size / max(dt, 1e-9)
-                log.write(step=step, epoch=epoch, loss=loss_value, lr=lr, images_per_s=images_per_s)
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr, step)
+                loss = _train_step(run, images, masks)
+                run.step += 1
+                images_per_s = cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                run.log.write(step=run.step, epoch=epoch, loss=repr(loss), lr=run.lr, images_per_s=f"{images_per_s:.2f}")
+                if run.writer is not None:
+                    run.writer.add_scalar("train/loss", loss, run.step)
+                    run.writer.add_scalar("train/lr", run.lr, run.step)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}")
-                if train_cfg.val_every and step % train_cfg.val_every == 0 and step < train_cfg.steps:
-                    validate()
-                    train_model.train()
-                    if train_cfg.freeze_bn:
-                        _set_bn_frozen(train_model)
-                if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
-                    save_last()
-                if step >= train_cfg.steps:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", img_s=f"{images_per_s:.1f}")
+                if cfg.val_every and run.step % cfg.val_every == 0 and run.step < cfg.steps:
+                    _validate(run)
+                    _train_mode(run)
+                if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                    _save_last(run)
+                if run.step >= cfg.steps:
                     break
     finally:
         bar.close()
-        log.close()
-    metrics = validate()
-    save_last()
-    if dist_info.is_main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _prediction_grid(model, val_ds, out / "predictions.png", count=train_cfg.val_images, device=device)
-        if writer is not None:
-            writer.close()
-    skipped = list(getattr(train_ds, "bad_files", [])) + list(getattr(val_ds, "bad_files", []))
-    return TrainResult(out_dir=out, step=step, metrics=metrics, best_miou=best_miou, seconds=time.time() - started,
-                       skipped=skipped)
+
+
+def _train_mode(run: _Run) -> None:
+    run.train_model.train()
+    if run.train_cfg.freeze_bn:
+        _set_bn_frozen(run.train_model)
+
+
+def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
+    """One SGD step on this process's share of a global batch; returns the global mean loss."""
+    cfg, device = run.train_cfg, run.device
+    run.lr = poly_lr(cfg.lr, run.step, cfg.steps, cfg.lr_power)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    images = images.to(device, dtype=next(run.model.parameters()).dtype, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device.type, cfg.amp):
+        outputs = run.train_model(images)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+    loss_sum, count = pixel_loss(logits, masks, ignore_index=cfg.ignore_index, class_weights=run.class_weights,
+                                 hard_pixel_fraction=cfg.hard_pixel_fraction)
+    point_sum = point_count = torch.zeros((), device=device)
+    if isinstance(outputs, dict):  # PointRend: the point loss is added to the main loss
+        point_sum, point_count = point_loss(outputs["point_logits"], outputs["point_coords"], masks,
+                                            ignore_index=cfg.ignore_index)
+    # Divide by the global number of counted pixels (times the world size, which DDP's gradient averaging divides
+    # out): the gradient then equals one process's over the whole batch.
+    stats = all_reduce_sum(torch.stack([
+        loss_sum.detach().double(), count.double(), point_sum.detach().double(), point_count.double(),
+    ]))
+    global_count, global_points = stats[1].clamp_min(1), stats[3].clamp_min(1)
+    world = run.dist.world_size
+    loss = loss_sum * (world / global_count).to(loss_sum.dtype)
+    if isinstance(outputs, dict):
+        loss = loss + point_sum * (world / global_points).to(point_sum.dtype)
+    loss_value = float(stats[0] / global_count + stats[2] / global_points)
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(
+            f"the loss is {loss_value} at step {run.step} (learning rate {run.lr:.3g}); "
+            f"{_kept(run)}. Lower --lr or check the data."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss_value
+
+
+def _kept(run: _Run) -> str:
+    if run.last_path.is_file():
+        return f"the last good checkpoint {run.last_path} is kept"
+    return "no checkpoint had been written yet"
+
+
+def _save_last(run: _Run) -> None:
+    # A step can leave non-finite weights (or BN statistics) behind a still-finite loss; never let them replace a
+    # good checkpoint.
+    if not all(torch.isfinite(v).all() for v in run.model.state_dict().values() if v.is_floating_point()):
+        raise TrainingDiverged(
+            f"the weights became non-finite at step {run.step} (learning rate {run.lr:.3g}); {_kept(run)}. "
+            "Lower --lr or check the data."
+        )
+    if run.dist.is_main:
+        atomic_save(
+            checkpoint_dict(
+                run.model, step=run.step, optimizer=run.optimizer.state_dict(), rng_state=torch.get_rng_state(),
+                best_miou=run.best_miou, metrics=run.last_metrics, train_config=run.train_cfg.to_dict(),
+            ),
+            run.last_path,
+        )
+
+
+def _precise_bn(run: _Run) -> int:
+    """Re-measure the BN statistics on `precise_bn_images` training images (the same ones in every process count
+    and order for a given step); returns the number of images used, 0 when switched off."""
+    from .precise_bn import recompute_bn_statistics
+
+    cfg = run.train_cfg
+    if cfg.precise_bn_images <= 0 or cfg.freeze_bn:
+        return 0
+    world, rank = run.dist.world_size, run.dist.rank
+    # Two images at least in one process: the image-pooling BN's statistics over one 1x1 feature are undefined (with
+    # several processes synchronized BN pools the batch across them, as in training).
+    per_rank = run.per_rank if world > 1 else max(2, run.per_rank)
+    n_batches = max(1, min(cfg.precise_bn_images, len(run.train_ds)) // (per_rank * world))
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step + 1)  # not torch's global RNG
+    perm = torch.randperm(len(run.train_ds), generator=g).tolist()
+    chosen = [perm[i % len(perm)] for i in range(n_batches * per_rank * world)]
+    mine = [chosen[(b * world + rank) * per_rank : (b * world + rank + 1) * per_rank] for b in range(n_batches)]
+    loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=mine, num_workers=cfg.workers)
+    dtype = next(run.model.parameters()).dtype
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    batches = (x.to(run.device, dtype=dtype).contiguous(memory_format=memory) for x, _ in loader)
+    return recompute_bn_statistics(run.model, batches) * world
+
+
+def _validate(run: _Run) -> dict[str, Any]:
+    """Precise BN, then the same evaluation as `deeplab eval` (at native size, with val_scales and val_flip, sharded
+    across processes); writes val.csv, best.pt, predictions.png and curves.png."""
+    from .evaluate import evaluate
+
+    cfg = run.train_cfg
+    measured = _precise_bn(run)
+    metrics = evaluate(run.model, run.val_ds, input_size=None, output_stride=cfg.eval_output_stride,
+                       scales=cfg.val_scales, flip=cfg.val_flip, device=run.device,
+                       progress=run.progress and run.dist.is_main, limit=cfg.val_limit)
+    metrics["step"] = run.step
+    metrics["precise_bn_images"] = measured
+    run.last_metrics = metrics
+    miou = metrics["miou"]
+    bn_note = f" (BatchNorm statistics re-measured on {measured} training images)" if measured else ""
+    run.say(f"step {run.step}: val mIoU {_fmt(miou)}, pixel accuracy {_fmt(metrics['pixel_accuracy'])}{bn_note}")
+    if not run.dist.is_main:
+        return metrics
+    if run.writer is not None and miou is not None:
+        run.writer.add_scalar("val/miou", miou, run.step)
+    run.val_log.write(step=run.step, miou=_fmt(miou), pixel_accuracy=_fmt(metrics["pixel_accuracy"]),
+                      **{f"iou_{n}": _fmt(v) for n, v in metrics["per_class_iou"].items()})
+    if miou is not None and miou > run.best_miou:
+        run.best_miou = miou
+        atomic_save(checkpoint_dict(run.model, step=run.step, metrics=metrics, train_config=cfg.to_dict()),
+                    run.out / "best.pt")
+    from .plots import draw_predictions, plot_training_curves
+
+    draw_predictions(run.model, run.val_ds, run.out / "predictions.png", count=cfg.val_images, device=run.device,
+                     step=run.step)
+    drawn = plot_training_curves(run.out / "log.csv", run.out / "val.csv", run.out / "curves.png")
+    if drawn is None and run.step == cfg.steps:
+        run.say("curves.png not drawn: it needs matplotlib (pip install 'deeplab[plots]')")
+    return metrics
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _val_columns(class_names) -> tuple[str, ...]:
+    return ("step", "miou", "pixel_accuracy", *(f"iou_{n}" for n in class_names), "time")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A small text file written through a temporary file and a rename (readable by the group, as umask allows)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _load_init(model: DeepLab, data: dict[str, Any], *, source: str, say: Callable[[str], None]) -> dict[str, Any]:
@@ -503,9 +772,9 @@ def _load_init(model: DeepLab, data: dict[str, Any], *, source: str, say: Callab
         )
     own.update(matched)
     model.load_state_dict(own)
-    return matched
     say(f"initialised from {source}: {len(matched)} tensors loaded, {len(skipped)} left at random init"
         + (f" ({', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''})" if skipped else ""))
+    return matched
 
 
 def folded_batchnorms(model: nn.Module, loaded: dict[str, Any]) -> list[str]:
@@ -565,11 +834,12 @@ def recalibrate_folded_batchnorms(model: nn.Module, names: list[str], images: It
 
 
 class _CsvLog:
-    """log.csv, one row per step; on resume, rows at or after the resumed step are dropped (they are re-run)."""
+    """A CSV file with one row per step (log.csv) or per validation (val.csv), flushed per row; on resume, rows
+    after the resumed step are dropped (they are run again)."""
 
-    columns = ("step", "epoch", "loss", "lr", "images_per_s", "time")
+    step_columns = ("step", "epoch", "loss", "lr", "images_per_s", "time")
 
-    def __init__(self, path: Path, *, keep_below: int, enabled: bool) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...], *, keep_below: int, enabled: bool) -> None:
         self.file = None
         if not enabled:
             return
@@ -578,7 +848,7 @@ class _CsvLog:
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_below]
         self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.columns)
+        self.writer = csv.DictWriter(self.file, fieldnames=columns, extrasaction="ignore")
         self.writer.writeheader()
         self.writer.writerows(rows)
         self.file.flush()
@@ -586,9 +856,7 @@ class _CsvLog:
     def write(self, **row: Any) -> None:
         if self.file is None:
             return
-        row["loss"] = repr(float(row["loss"]))  # full precision: resume tests compare to 1e-6
         row["time"] = f"{time.time():.3f}"
-        row["images_per_s"] = f"{row['images_per_s']:.2f}"
         self.writer.writerow(row)
         self.file.flush()
 
@@ -604,33 +872,3 @@ def _tensorboard(path: Path):
     except Exception:  # tensorboard not installed: an optional extra
         return None
     return SummaryWriter(str(path))
-
-
-@torch.no_grad()
-def _prediction_grid(model: DeepLab, dataset, path: Path, *, count: int, device: torch.device) -> None:
-    """A PNG with one row per validation image: image | ground truth | prediction."""
-    from PIL import Image
-
-    from .data import colorize
-
-    model.eval()
-    rows = []
-    for i in range(min(count, len(dataset))):
-        image, gt = dataset.load(i)
-        x, _ = dataset[i]
-        pred = model(x.unsqueeze(0).to(device, dtype=next(model.parameters()).dtype)).argmax(1)[0].cpu().numpy()
-        tiles = [Image.fromarray(image).convert("RGB")]
-        tiles += [colorize(m.astype(np.uint8), dataset.palette).convert("RGB") for m in (gt, pred)]
-        w, h = tiles[0].size
-        row = Image.new("RGB", (3 * w + 8, h), "white")
-        for j, t in enumerate(tiles):
-            row.paste(t, (j * (w + 4), 0))
-        rows.append(row)
-    if not rows:
-        return
-    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 4 for r in rows)), "white")
-    y = 0
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height + 4
-    grid.save(path)

@@ -9,6 +9,9 @@ from deeplab.data.datasets import (
     FolderDataset,
     VOCSegmentation,
     build_dataset,
+    format_label_map,
+    held_out_stems,
+    parse_label_map,
 )
 from deeplab.data.palettes import (
     ADE20K_CLASSES,
@@ -63,6 +66,9 @@ __all__ = [
     "colorize",
     "colors_to_index",
     "eval_transform",
+    "format_label_map",
+    "held_out_stems",
+    "parse_label_map",
     "normalize",
     "random_scale",
     "render_shapes",

@@ -30,18 +30,41 @@ class DatasetError(ValueError):
     """A dataset file or layout problem; the message names the file, the value and the fix."""
 
 
+# PIL modes of one-channel images wider than 8 bits; PIL's convert("RGB") would clip them at 255.
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def image_to_rgb(im: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from any PIL image.
+
+    Grayscale repeats its channel; RGBA and LA drop alpha (no compositing: the colours as stored); palette images
+    take their colours. 16-bit (and 32-bit integer) grayscale is scaled to 8 bits as value / 257, which maps the
+    full 0..65535 range onto 0..255 (PIL's own conversion clips every value above 255). Float images are read as
+    0..1 when no value exceeds 1, else as 0..255, and clipped.
+    """
+    if im.mode in WIDE_GREY_MODES:
+        arr = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            scaled = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
+        else:
+            scaled = arr / 257.0
+        grey = np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; raises DatasetError for a missing, unreadable or truncated file."""
+    """(H, W, 3) uint8 RGB (see `image_to_rgb`); raises DatasetError for a missing, unreadable or truncated file."""
     if not path.is_file():
         raise DatasetError(f"{path}: image file not found; check the dataset root and split list")
     try:
         with Image.open(path) as im:
             im.load()  # decode now, so a truncated file fails here and not inside a transform
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return image_to_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{path}: cannot decode image ({exc}); re-download or remove the file, "
-            "or pass skip_bad=True to skip bad samples"
+            "or pass --skip-bad to skip bad samples"
         ) from exc
 
 
@@ -50,7 +73,7 @@ def read_mask_file(path: Path) -> Image.Image:
     if not path.is_file():
         raise DatasetError(
             f"{path}: mask file not found; every image needs a mask with the matching name "
-            "(or pass skip_bad=True to skip images without one)"
+            "(or pass --skip-bad to skip images without one)"
         )
     try:
         im = Image.open(path)
@@ -59,7 +82,7 @@ def read_mask_file(path: Path) -> Image.Image:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DatasetError(
             f"{path}: cannot decode mask ({exc}); re-download or remove the file, "
-            "or pass skip_bad=True to skip bad samples"
+            "or pass --skip-bad to skip bad samples"
         ) from exc
 
 
@@ -167,6 +190,10 @@ class SegmentationDataset(Dataset):
 
     # -- loading ---------------------------------------------------------------------------
 
+    def stored_values(self, path: Path) -> np.ndarray | None:
+        """The mask's values as stored, before label mapping ((H, W) int64), or None for a colour mask."""
+        return index_values(read_mask_file(path), path)
+
     def read_mask(self, path: Path) -> np.ndarray:
         """Raw mask -> labels (uint8). The default reads an index mask through ``label_lut``."""
         raw = index_values(read_mask_file(path), path)
@@ -186,7 +213,7 @@ class SegmentationDataset(Dataset):
         return (
             f"{path}: label value(s) {describe_values(values)} are not valid for "
             f"{type(self).__name__} ({self.num_classes} classes, ignore label {self.ignore_index}); "
-            f"{self._label_hint()} Or pass skip_bad=True to skip such samples."
+            f"{self._label_hint()} Or pass --skip-bad to skip such samples."
         )
 
     def _label_hint(self) -> str:
@@ -203,7 +230,7 @@ class SegmentationDataset(Dataset):
             raise DatasetError(
                 f"{mask_path}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) differs from its image "
                 f"{image_path} {image.shape[1]}x{image.shape[0]}; masks must be pixel-aligned with their "
-                "images, so fix or remove the pair (or pass skip_bad=True)"
+                "images, so fix or remove the pair (or pass --skip-bad)"
             )
         return image, mask
 
@@ -267,6 +294,6 @@ class SegmentationDataset(Dataset):
             more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
             raise DatasetError(
                 f"{self.description}: {len(problems)} of {len(self.files)} samples are bad:\n  {listed}{more}\n"
-                "Fix or remove them, or pass skip_bad=True to skip them."
+                "Fix or remove them, or pass --skip-bad to skip them."
             )
         return [(self.files[i][0], reason) for i, reason in problems]

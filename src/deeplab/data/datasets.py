@@ -87,7 +87,7 @@ class VOCSegmentation(SegmentationDataset):
                 raise DatasetError(
                     f"split 'train_aug' needs {' and '.join(missing)}, which are missing; it is the SBD-augmented "
                     "set: put the SBD label PNGs converted to VOC index PNGs in SegmentationClassAug/ and the "
-                    "10,582 training ids in ImageSets/Segmentation/train_aug.txt, or use split='train'"
+                    "10,582 training ids in ImageSets/Segmentation/train_aug.txt, or use --train-split train"
                 )
         else:
             list_file = sets / f"{split}.txt"
@@ -275,6 +275,71 @@ def _parse_palette_file(path: Path) -> tuple[tuple[int, int, int], ...]:
     return tuple(colors)  # type: ignore[return-value]
 
 
+DEFAULT_VAL_FRACTION = 0.2
+
+
+def parse_label_map(text: str) -> dict[int, int]:
+    """'0:0,255:1' -> {0: 0, 255: 1}: stored mask value -> class index; a class of 'ignore' is the ignore label."""
+    out: dict[int, int] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        stored, sep, cls = item.partition(":")
+        try:
+            value = int(stored)
+            label = IGNORE_INDEX if cls.strip().lower() == "ignore" else int(cls)
+        except ValueError:
+            value = label = -1
+        if not sep or not 0 <= value <= 255 or label < 0:
+            raise DatasetError(
+                f"--label-map {text}: {item.strip()!r} is not STORED:CLASS with STORED a mask value 0..255 and CLASS "
+                "a class index or 'ignore' (e.g. --label-map 0:0,255:1)"
+            )
+        if value in out and out[value] != label:
+            raise DatasetError(f"--label-map {text}: stored value {value} is mapped twice")
+        out[value] = label
+    if not out:
+        raise DatasetError(f"--label-map {text!r}: no STORED:CLASS pairs (e.g. --label-map 0:0,255:1)")
+    return out
+
+
+def format_label_map(mapping: Mapping[int, int]) -> str:
+    """The inverse of `parse_label_map`."""
+    return ",".join(f"{k}:{'ignore' if v == IGNORE_INDEX else v}" for k, v in sorted(mapping.items()))
+
+
+def held_out_stems(stems: Sequence[str], *, fraction: float, seed: int) -> set[str]:
+    """The validation stems of a folder without split lists: round(fraction * n) of them (at least 1, at most n - 1).
+
+    Stems are ordered by a hash of (seed, stem), so the choice depends on the names and the seed only: not on the
+    listing order, and an image added later does not move the others between the splits.
+    """
+    import hashlib
+
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--val-fraction {fraction:g}: must be between 0 and 1 (e.g. 0.2)")
+    if len(stems) < 2:
+        raise DatasetError(
+            f"{len(stems)} image(s): too few to hold out a validation split; add images or write splits/val.txt"
+        )
+    k = min(len(stems) - 1, max(1, round(fraction * len(stems))))
+    order = sorted(stems, key=lambda s: hashlib.sha256(f"{seed}/{s}".encode()).hexdigest())
+    return set(order[:k])
+
+
+def _listed_stems(split_file: Path, found: dict[str, Path], image_suffix: str | None) -> list[str]:
+    stems = []
+    for tokens in _read_list(split_file):
+        name = tokens[0]
+        stem = name if name in found else Path(name).stem
+        if image_suffix and name.endswith(image_suffix):
+            stem = name[: -len(image_suffix)]
+        if stem not in found:
+            raise DatasetError(f"{split_file}: lists {name!r}, but no such image is in the image folder; fix the list")
+        stems.append(stem)
+    return stems
+
+
 class FolderDataset(SegmentationDataset):
     """Any ``images/`` + ``masks/`` folder pair; masks share the image's stem.
 
@@ -283,16 +348,18 @@ class FolderDataset(SegmentationDataset):
         images/<stem>.<jpg|png|...>     masks/<stem>.png     classes.txt     [palette.txt]
         [splits/<split>.txt]            # stems (or file names), one per line
 
-    ``split='all'`` takes every image; any other split needs ``splits/<split>.txt``.
-    Masks are index masks ('L'/'P' PNGs: the stored values are labels, 255 ignored) or colour
+    ``split='all'`` takes every image; a split with ``splits/<split>.txt`` takes that list. Without
+    list files, ``'train'`` and ``'val'`` split the images by ``val_fraction`` (default 0.2) and
+    ``seed`` (`held_out_stems`); with only one of the two lists, the other split is its complement.
+    Images may be RGB, grayscale, RGBA or 16-bit (`deeplab.data.base.image_to_rgb`). Masks are index masks ('L'/'P' PNGs: the stored values are labels, 255 ignored) or colour
     masks (RGB PNGs mapped through the palette; the palette's void colour -> 255, unknown
     colours are an error). ``mask_mode`` is ``"auto"`` (by the PNG's mode), ``"index"`` or
     ``"color"``. ``label_map`` maps stored index values to classes when they differ, e.g.
-    ``{0: 0, 255: 1}`` for binary masks saved as black/white (the ISBI membrane data); values it
-    does not list are errors.
+    ``{0: 0, 255: 1}`` (or the flag's text ``"0:0,255:1"``) for binary masks saved as black/white
+    (the ISBI membrane data); values it does not list are errors.
 
-    ``classes`` (names) and ``palette`` (a name in ``PALETTES`` such as ``"voc"``, or a list of
-    RGB colours) override ``classes.txt`` / ``palette.txt``; a named palette also supplies the
+    ``classes`` (names) and ``palette`` (a name in ``PALETTES`` such as ``"voc"``, a palette file,
+    or a list of RGB colours) override ``classes.txt`` / ``palette.txt``; a named palette also supplies the
     class names. Files named ``<stem><image_suffix>`` / ``<stem><mask_suffix>`` can share a folder:
     the VOC samples ``1_image.png`` / ``1_target.png`` load with ``image_dir='.', mask_dir='.',
     image_suffix='_image.png', mask_suffix='_target.png', palette='voc'``.
@@ -313,9 +380,12 @@ class FolderDataset(SegmentationDataset):
         classes: Sequence[str] | None = None,
         palette: str | Palette | Sequence[Sequence[int]] | None = None,
         mask_mode: str = "auto",
-        label_map: Mapping[int, int] | None = None,
+        label_map: Mapping[int, int] | str | None = None,
+        val_fraction: float | None = None,
     ) -> None:
         root = Path(root)
+        if isinstance(label_map, str):
+            label_map = parse_label_map(label_map)
         if mask_mode not in ("auto", "index", "color"):
             raise DatasetError(f"unknown mask_mode {mask_mode!r}; choose from ['auto', 'color', 'index']")
         self.mask_mode = mask_mode
@@ -326,13 +396,14 @@ class FolderDataset(SegmentationDataset):
         else:
             bad = {raw: cls for raw, cls in label_map.items() if not (0 <= raw <= 255 and (0 <= cls < n or cls == IGNORE_INDEX))}
             if bad:
+                shown = ",".join(f"{k}:{v}" for k, v in bad.items())
                 raise DatasetError(
-                    f"label_map entries {bad} are invalid: stored values must be 0..255 and classes 0..{n - 1} "
-                    f"or {IGNORE_INDEX} (ignore)"
+                    f"--label-map {shown}: stored values must be 0..255 and classes 0..{n - 1} (the {n} classes) "
+                    "or 'ignore'"
                 )
             self.label_lut = make_lut(dict(label_map))
 
-        images = _require_dir(root / image_dir, "image", f"put the images in {root / image_dir} or pass image_dir=")
+        images = _require_dir(root / image_dir, "image", f"put the images in {root / image_dir} or pass --image-dir")
         masks = root / mask_dir
         if image_suffix:
             found = {p.name[: -len(image_suffix)]: p for p in images.iterdir() if p.name.endswith(image_suffix)}
@@ -340,33 +411,49 @@ class FolderDataset(SegmentationDataset):
             if images.resolve() == masks.resolve():
                 # Without an image suffix the masks in the same folder would be listed as images.
                 raise DatasetError(
-                    f"{images}: images and masks share this folder; pass image_suffix= and mask_suffix= "
-                    "(e.g. '_image.png' and '_target.png') to tell them apart"
+                    f"{images}: images and masks share this folder; pass --image-suffix and --mask-suffix "
+                    "(e.g. _image.png and _target.png) to tell them apart"
                 )
             found = {p.stem: p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-        if split == "all":
-            stems = sorted(found)
-            description = f"{images} (all)"
-        else:
-            split_file = root / "splits" / f"{split}.txt"
-            if not split_file.is_file():
-                have = sorted(p.stem for p in (root / "splits").glob("*.txt")) if (root / "splits").is_dir() else []
-                raise DatasetError(
-                    f"{split_file}: split list not found for split {split!r} (found: {have or 'none'}); "
-                    "write one stem per line there, or use split='all'"
-                )
-            stems = []
-            for tokens in _read_list(split_file):
-                name = tokens[0]
-                stem = name if name in found else Path(name).stem
-                if image_suffix and name.endswith(image_suffix):
-                    stem = name[: -len(image_suffix)]
-                if stem not in found:
-                    raise DatasetError(f"{split_file}: lists {name!r}, but no such image is in {images}; fix the list")
-                stems.append(stem)
-            description = str(split_file)
+        stems, description = self._split_stems(root, split, found, image_suffix, val_fraction=val_fraction, seed=seed)
+        self.split_source = description
         files = [(found[s], masks / f"{s}{mask_suffix}") for s in stems]
         super().__init__(files=files, transform=transform, seed=seed, skip_bad=skip_bad, description=description)
+
+    @staticmethod
+    def _split_stems(
+        root: Path, split: str, found: dict[str, Path], image_suffix: str | None, *, val_fraction: float | None,
+        seed: int,
+    ) -> tuple[list[str], str]:
+        """The stems of `split` and a description of where they came from.
+
+        'all' is every image; a split with a list file ``splits/<split>.txt`` is that list. Without one, 'train' and
+        'val' are derived: the complement of the other's list when only that one exists, otherwise a held-out
+        fraction (`val_fraction`, default 0.2) chosen by `seed` (see `held_out_stems`).
+        """
+        if split == "all":
+            return sorted(found), f"{root} (all {len(found)} images)"
+        split_dir = root / "splits"
+        split_file = split_dir / f"{split}.txt"
+        if split_file.is_file():
+            return _listed_stems(split_file, found, image_suffix), str(split_file)
+        if split not in ("train", "val"):
+            have = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
+            raise DatasetError(
+                f"{split_file}: split list not found for split {split!r} (found: {have or 'none'}); "
+                "write one image stem per line there, or use --split all"
+            )
+        other_file = split_dir / f"{'val' if split == 'train' else 'train'}.txt"
+        if other_file.is_file():
+            other = set(_listed_stems(other_file, found, image_suffix))
+            return sorted(s for s in found if s not in other), f"{root} (all images not in {other_file})"
+        fraction = DEFAULT_VAL_FRACTION if val_fraction is None else float(val_fraction)
+        val = held_out_stems(sorted(found), fraction=fraction, seed=seed)
+        stems = sorted(val) if split == "val" else sorted(s for s in found if s not in val)
+        return stems, (
+            f"{root} ({split}: {len(stems)} of {len(found)} images, held out by --val-fraction {fraction:g} "
+            f"and --seed {seed}; no splits/{split}.txt)"
+        )
 
     @staticmethod
     def _classes_and_palette(
@@ -376,9 +463,14 @@ class FolderDataset(SegmentationDataset):
     ) -> tuple[tuple[str, ...], Palette, bool]:
         named: Palette | None = None
         colors: tuple[tuple[int, int, int], ...] | None = None
-        if isinstance(palette, str):
-            if palette not in PALETTES:
-                raise DatasetError(f"unknown palette {palette!r}; choose from {sorted(PALETTES)} or give RGB colours")
+        if isinstance(palette, str) and palette not in PALETTES:
+            if not Path(palette).is_file():
+                raise DatasetError(
+                    f"--palette {palette}: neither a palette name ({', '.join(sorted(PALETTES))}) nor a file; "
+                    "give a name or a text file with one 'R G B' line per class"
+                )
+            colors = _parse_palette_file(Path(palette))
+        elif isinstance(palette, str):
             named = PALETTES[palette]
         elif isinstance(palette, Palette):
             named = palette
@@ -396,7 +488,7 @@ class FolderDataset(SegmentationDataset):
         else:
             raise DatasetError(
                 f"{root / 'classes.txt'}: not found; write one class name per line there, "
-                "or pass classes=[...] or a named palette (e.g. palette='voc')"
+                "or pass --classes NAME,NAME,... or a named --palette (e.g. --palette voc)"
             )
         if not 1 <= len(names) <= 255:
             raise DatasetError(f"{root}: {len(names)} classes; need 1..255 (255 is the ignore label)")
@@ -415,15 +507,22 @@ class FolderDataset(SegmentationDataset):
             return names, Palette(names, colors[: len(names)], void), True
         return names, default_palette(names), False
 
+    def _is_color(self, im) -> bool:
+        return im.mode in ("RGB", "RGBA") if self.mask_mode == "auto" else self.mask_mode == "color"
+
+    def stored_values(self, path: Path) -> np.ndarray | None:
+        im = read_mask_file(path)
+        return None if self._is_color(im) else index_values(im, path)
+
     def read_mask(self, path: Path) -> np.ndarray:
         im = read_mask_file(path)
-        is_color = im.mode in ("RGB", "RGBA") if self.mask_mode == "auto" else self.mask_mode == "color"
+        is_color = self._is_color(im)
         if not is_color:
             return self.map_labels(index_values(im, path), path)
         if not self._has_explicit_palette:
             raise DatasetError(
                 f"{path}: colour mask but no palette to read it with; add palette.txt (one 'R G B' per class) "
-                "or pass palette='voc' / a list of colours, or save masks as index PNGs"
+                "or pass --palette (a name such as voc, or a file), or save masks as index PNGs"
             )
         index, unknown = colors_to_index(np.asarray(im.convert("RGB")), self.palette, ignore_index=self.ignore_index)
         if len(unknown):
@@ -431,14 +530,15 @@ class FolderDataset(SegmentationDataset):
             more = f" ... ({len(unknown)} colours)" if len(unknown) > 6 else ""
             raise DatasetError(
                 f"{path}: colour(s) {shown}{more} are not in the palette; fix the palette "
-                "(palette.txt / palette=) or the mask, or pass skip_bad=True"
+                "(palette.txt / --palette) or the mask, or pass --skip-bad"
             )
         return index
 
     def _label_hint(self) -> str:
         return (
-            "index masks must store values below the number of classes in classes.txt, or 255; "
-            "pass label_map={stored: class} if they use other values (e.g. {0: 0, 255: 1} for black/white masks)."
+            "index masks must store values below the number of classes (classes.txt or --classes), or 255 (ignore); "
+            "pass --label-map STORED:CLASS,... if they use other values (e.g. --label-map 0:0,255:1 for black/white "
+            "masks; `deeplab data` shows the stored values)."
         )
 
 
@@ -469,7 +569,7 @@ def build_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
     if name != "synthetic" and root is None:
-        raise ValueError(f"dataset {name!r} reads files: pass root=<folder> (only 'synthetic' needs none)")
+        raise ValueError(f"--dataset {name} reads files: pass --data-root FOLDER (only synthetic needs none)")
     return DATASETS[name](root=root, split=split, transform=transform, seed=seed, skip_bad=skip_bad, **options)
 
 
@@ -484,4 +584,7 @@ __all__ = [
     "VOCSegmentation",
     "build_dataset",
     "describe_values",
+    "format_label_map",
+    "held_out_stems",
+    "parse_label_map",
 ]

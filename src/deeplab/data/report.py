@@ -1,0 +1,225 @@
+"""A data report: what a dataset holds, and loud warnings when it looks read wrong.
+
+`data_report` reads the masks of each split (up to `max_masks` per split, evenly spaced) and counts the values they
+store before label mapping, the labels those values become, and the image sizes and modes (from the file headers).
+`report_warnings` turns the counts into warnings that name the flag that fixes them; those marked `stop` make
+`deeplab train` refuse to start (a run on masks read wrong trains and validates happily on the wrong task: black/
+white masks with 255 read as the ignore label score val mIoU 1.0 on the one class left). `format_report` is the
+text `deeplab data` and `deeplab train` print.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from deeplab.data.base import DatasetError, describe_values
+
+__all__ = ["DataWarning", "SplitStats", "data_report", "format_report", "report_warnings"]
+
+_MODE_WORDS = {"L": "grayscale", "RGB": "RGB", "RGBA": "RGBA (alpha dropped)", "P": "palette", "LA": "grayscale+alpha",
+               "I;16": "16-bit grayscale (scaled by 1/257)", "I": "32-bit grayscale (scaled by 1/257)",
+               "F": "float grayscale", "CMYK": "CMYK"}
+
+
+@dataclass
+class SplitStats:
+    """Counts over the masks of one split that were read (`masks_read` of `images`)."""
+
+    split: str
+    images: int
+    masks_read: int
+    source: str  # where the split's list came from
+    class_pixels: list[int]  # per class, after label mapping
+    ignore_pixels: int
+    stored_values: dict[int, int]  # stored mask value -> pixels (index masks only)
+    invalid_values: dict[int, int]  # stored values that map to no class and are not the ignore label
+    image_sizes: dict[str, int]  # "WxH" -> images
+    image_modes: dict[str, int]  # PIL mode -> images
+    single_value_masks: list[str] = field(default_factory=list)  # "file: value"
+    unreadable: list[str] = field(default_factory=list)  # "file: reason"
+
+    @property
+    def labelled_pixels(self) -> int:
+        return sum(self.class_pixels) + self.ignore_pixels
+
+
+@dataclass
+class DataWarning:
+    message: str
+    stop: bool  # True: training would learn the wrong task; `deeplab train` refuses without --ignore-data-warnings
+
+
+def _evenly_spaced(n: int, k: int) -> list[int]:
+    if k <= 0 or n <= k:
+        return list(range(n))
+    return sorted({int(i * n / k) for i in range(k)})
+
+
+def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: bool) -> SplitStats:
+    k = dataset.num_classes
+    ignore = int(getattr(dataset, "ignore_index", 255))
+    files = list(getattr(dataset, "files", []) or [])
+    indices = _evenly_spaced(len(dataset), max_masks if max_masks is not None else len(dataset))
+    class_pixels = np.zeros(k, dtype=np.int64)
+    stored = np.zeros(256, dtype=np.int64)
+    invalid = np.zeros(256, dtype=np.int64)
+    ignore_pixels = 0
+    sizes: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    single: list[str] = []
+    unreadable: list[str] = []
+    lut = getattr(dataset, "label_lut", None)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc=f"reading {split} masks", unit="mask", dynamic_ncols=True)
+    for i in indices:
+        try:
+            if files:
+                image_path, mask_path = files[i]
+                with Image.open(image_path) as im:  # the header only: size and mode
+                    sizes[f"{im.width}x{im.height}"] += 1
+                    modes[im.mode] += 1
+                raw = dataset.stored_values(mask_path)
+                name = Path(mask_path).name
+            else:  # generated data (synthetic): the labels are the stored values
+                image, labels = dataset.load(i)
+                sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
+                modes["RGB"] += 1
+                raw, name = labels.astype(np.int64), f"sample {i}"
+            if raw is None:  # a colour mask: its labels come from the palette
+                labels = dataset.read_mask(mask_path).astype(np.int64)
+            else:
+                if raw.min() < 0 or raw.max() > 255:
+                    raise DatasetError(f"{mask_path}: stored values {describe_values(raw[(raw < 0) | (raw > 255)])} "
+                                       "are outside 0..255")
+                counts = np.bincount(raw.ravel(), minlength=256)
+                stored += counts
+                labels_of_value = lut if lut is not None else np.arange(256)
+                bad = (labels_of_value < 0) & (counts > 0)
+                invalid[bad] += counts[bad]
+                mapped = labels_of_value[raw]
+                labels = mapped[mapped >= 0]
+            if raw is not None and len(np.unique(raw)) == 1:
+                single.append(f"{name}: all {int(raw.flat[0])}")
+            elif raw is None and len(np.unique(labels)) == 1:
+                single.append(f"{name}: all class {int(labels.flat[0])}")
+            class_pixels += np.bincount(labels[labels != ignore].ravel(), minlength=k)[:k]
+            ignore_pixels += int((labels == ignore).sum())
+        except (DatasetError, OSError) as exc:
+            unreadable.append(str(exc).splitlines()[0])
+    return SplitStats(
+        split=split, images=len(dataset), masks_read=len(indices), source=getattr(dataset, "description", split),
+        class_pixels=class_pixels.tolist(), ignore_pixels=ignore_pixels,
+        stored_values={int(v): int(c) for v, c in enumerate(stored) if c},
+        invalid_values={int(v): int(c) for v, c in enumerate(invalid) if c},
+        image_sizes=dict(sizes.most_common()), image_modes=dict(modes.most_common()),
+        single_value_masks=single, unreadable=unreadable,
+    )
+
+
+def data_report(
+    datasets: dict[str, Any], *, max_masks: int | None = 1000, progress: bool = False
+) -> dict[str, Any]:
+    """Counts and warnings for `datasets` ({split name: dataset}, all with the same classes); a JSON-ready dict.
+
+    `max_masks` caps the masks read per split (evenly spaced over the split; None reads all).
+    """
+    first = next(iter(datasets.values()))
+    splits = {name: _split_stats(ds, name, max_masks=max_masks, progress=progress) for name, ds in datasets.items()}
+    warnings = report_warnings(splits, class_names=tuple(first.class_names), ignore_index=int(first.ignore_index))
+    return {
+        "classes": list(first.class_names),
+        "ignore_index": int(first.ignore_index),
+        "splits": {name: asdict(st) for name, st in splits.items()},
+        "warnings": [asdict(w) for w in warnings],
+    }
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def report_warnings(
+    splits: dict[str, SplitStats], *, class_names: tuple[str, ...], ignore_index: int = 255
+) -> list[DataWarning]:
+    """The warnings of a report, worst first; each names the fix in flags."""
+    out: list[DataWarning] = []
+    k = len(class_names)
+    for name, st in splits.items():
+        if st.unreadable:
+            out.append(DataWarning(
+                f"{name}: {len(st.unreadable)} sample(s) cannot be read, e.g. {st.unreadable[0]}", stop=True))
+        if st.invalid_values:
+            values = sorted(st.stored_values)
+            hint = (f"if the {k} stored values are the classes in order, add --label-map "
+                    + ",".join(f"{v}:{i}" for i, v in enumerate(values)) if len(values) == k else
+                    "map them with --label-map STORED:CLASS,... (STORED:ignore for void)")
+            out.append(DataWarning(
+                f"{name}: masks store values {describe_values(np.array(sorted(st.invalid_values)))} that are not "
+                f"classes 0..{k - 1} or {ignore_index} (ignore) ({sum(st.invalid_values.values())} pixels); {hint}; "
+                "if the masks are colour images, pass --palette", stop=True))
+    train = splits.get("train") or next(iter(splits.values()))
+    labelled = train.labelled_pixels
+    values = sorted(train.stored_values)
+    empty = [class_names[c] for c in range(k) if train.class_pixels[c] == 0]
+    ignored_share = train.ignore_pixels / labelled if labelled else 0.0
+    suggests_map = bool(empty) and ignore_index in values and len(values) == k
+    if suggests_map:
+        listed = " and ".join(str(v) for v in values) if len(values) == 2 else describe_values(np.array(values))
+        mapping = ",".join(f"{v}:{i}" for i, v in enumerate(values))
+        out.append(DataWarning(
+            f"the masks store only the values {listed}; {ignore_index} is the ignore label, so "
+            f"{_pct(train.ignore_pixels, labelled)} of the pixels are ignored and class(es) {', '.join(empty)} get "
+            f"none. If {ignore_index} marks a class (e.g. black/white masks), add --label-map {mapping}", stop=True))
+    elif ignored_share > 0.5:
+        out.append(DataWarning(
+            f"{_pct(train.ignore_pixels, labelled)} of the labelled pixels of the {train.split} masks are the ignore "
+            f"label {ignore_index}; if that value marks a class, map it with --label-map (e.g. "
+            f"--label-map {ignore_index}:{k - 1})", stop=True))
+    if empty and not suggests_map and not train.invalid_values and train.masks_read:
+        complete = train.masks_read == train.images
+        out.append(DataWarning(
+            f"class(es) {', '.join(empty)} have no pixels in the {train.masks_read} {train.split} masks read"
+            + ("" if complete else f" (of {train.images})")
+            + "; check --classes (or classes.txt) and --label-map against the stored values "
+            f"{describe_values(np.array(values)) if values else '(colour masks)'}", stop=complete))
+    # One-value masks happen (an image of background only); every mask of every split being one is a wrong folder.
+    every = all(len(st.single_value_masks) == st.masks_read > 0 for st in splits.values())
+    for name, st in splits.items():
+        if st.single_value_masks:
+            out.append(DataWarning(
+                f"{name}: {len(st.single_value_masks)} of {st.masks_read} masks hold a single value "
+                f"(e.g. {', '.join(st.single_value_masks[:3])})"
+                + ("; every mask is one value: check --mask-dir and --mask-suffix" if every else ""), stop=every))
+    return out
+
+
+def format_report(report: dict[str, Any], *, title: str) -> str:
+    """The report as text lines for a terminal."""
+    names = report["classes"]
+    lines = [f"data: {title}, {len(names)} classes"]
+    for split, st in report["splits"].items():
+        labelled = sum(st["class_pixels"]) + st["ignore_pixels"]
+        read = "" if st["masks_read"] == st["images"] else f", masks read: {st['masks_read']} evenly spaced"
+        lines.append(f"  {split}: {st['images']} images from {st['source']}{read}")
+        sizes = ", ".join(f"{s} ({n})" for s, n in list(st["image_sizes"].items())[:4])
+        more = f", ... ({len(st['image_sizes'])} sizes)" if len(st["image_sizes"]) > 4 else ""
+        modes = ", ".join(f"{_MODE_WORDS.get(m, m)} ({n})" for m, n in st["image_modes"].items())
+        lines.append(f"    image sizes {sizes}{more}; modes {modes}")
+        if st["stored_values"]:
+            total = sum(st["stored_values"].values())
+            shown = ", ".join(f"{v} ({_pct(c, total)})" for v, c in list(st["stored_values"].items())[:12])
+            more = f", ... ({len(st['stored_values'])} values)" if len(st["stored_values"]) > 12 else ""
+            lines.append(f"    stored mask values: {shown}{more}")
+        share = ", ".join(f"{n} {_pct(c, labelled)}" for n, c in zip(names, st["class_pixels"]))
+        lines.append(f"    pixels: {share}, ignore {_pct(st['ignore_pixels'], labelled)}")
+    for w in report["warnings"]:
+        lines.append(f"{'error' if w['stop'] else 'warning'}: {w['message']}")
+    return "\n".join(lines)
