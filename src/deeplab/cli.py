@@ -148,6 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"deeplab train: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ndeeplab train: interrupted; {_resume_hint(out)}", file=sys.stderr)
+        return 130
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0
     m = result.metrics
@@ -160,6 +163,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {result.out_dir}: config.json, data_report.json, last.pt, best.pt, metrics.json, log.csv, val.csv, "
           "curves.png, predictions.png")
     return 0
+
+
+def _resume_hint(out: str) -> str:
+    from pathlib import Path
+
+    from .checkpoint import read_checkpoint
+
+    last = Path(out) / "last.pt"
+    try:
+        step = read_checkpoint(last)["step"]
+    except (ValueError, KeyError):
+        return f"no checkpoint was written yet in {out}; start again (a new --out, or remove that folder)"
+    return f"{last} holds step {step}: continue with `deeplab train --out {out} --resume`"
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -513,6 +529,8 @@ def _add_eval_predict_export(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab", description="DeepLabv3 / DeepLabv3+ semantic segmentation")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a failure (also DEEPLAB_DEBUG=1), e.g. deeplab --debug train ...")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profile", help="parameters and multiply-adds of a configuration (no weights needed)")
@@ -561,14 +579,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit status of each kind of expected failure (1: the command ran but failed, e.g. a diverged run).
+EXIT_INPUT, EXIT_FILES, EXIT_MEMORY, EXIT_INTERRUPTED = 2, 3, 4, 130
+
+
+def failure_line(e: BaseException) -> tuple[int, str] | None:
+    """(exit status, one line naming what failed and the fix) for an expected failure; None for a bug."""
+    import errno
+
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_INPUT, f"error: {e}"
+    if isinstance(e, ImportError):
+        return EXIT_INPUT, f"error: {e}"
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "not enough memory" in str(e)):
+        return EXIT_MEMORY, ("out of memory: " + (str(e).splitlines() or [""])[0][:160] + "; lower --batch-size or "
+                             "--crop-size, or predict large images with --window 513")
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        if e.errno == errno.ENOSPC:
+            return EXIT_FILES, f"error: {where}no space left on the device; free some or write elsewhere (--out)"
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return EXIT_FILES, f"error: {where}permission denied; write elsewhere (--out) or fix the permissions"
+        return EXIT_FILES, f"error: {where}{e.strerror or e}"
+    if isinstance(e, (RuntimeError, AssertionError)) and ("CUDA" in str(e) or "cuda" in str(e)):
+        return EXIT_INPUT, f"error: --device: {(str(e).splitlines() or [''])[0]}; use --device cpu"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Expected failures end in one line on stderr and an exit status (2: the input or a flag,
+    3: files or disk, 4: memory, 130: interrupted); with --debug or DEEPLAB_DEBUG=1 they raise with the traceback."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("DEEPLAB_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
-        print(f"deeplab {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        failure = None if debug else failure_line(e)
+        if failure is None:
+            raise
+        code, line = failure
+        print(f"deeplab {args.command}: {line}", file=sys.stderr)
+        return code
 
 
 def run() -> int:

@@ -193,7 +193,10 @@ def add_dataclass_flags(
         flag = "--" + f.name.replace("_", "-")
         default_text = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
         text = helps.get(f.name, "")
-        text = f"{text} ({default_text})" if text else f"({default_text})"
+        if not text:
+            text = f"({default_text})"
+        elif f.default is not None and "(default" not in text:  # a help text says itself what None means
+            text = f"{text} ({default_text})"
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
