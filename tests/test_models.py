@@ -106,9 +106,13 @@ def test_resnet_shortcuts_match_each_layout():
 
 def test_backbone_parameter_counts_match_torchvision():
     # torchvision's published parameter counts minus their classification heads (fc: 2048*1000+1000;
-    # MobileNetV2: classifier 1280*1000+1000 and the final 1x1 conv 320->1280 + BN, which DeepLab drops).
+    # MobileNetV2: classifier 1280*1000+1000 and the final 1x1 conv 320->1280 + BN, which DeepLab drops;
+    # MobileNetV3: classifier Linear 960->1280 / 576->1024 and Linear ->1000; its last 1x1 conv is kept, as in
+    # torchvision's DeepLabV3).
     expected = {"resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000,
-                "mobilenet_v2": 3_504_872 - 1_281_000 - 320 * 1280 - 2 * 1280}
+                "mobilenet_v2": 3_504_872 - 1_281_000 - 320 * 1280 - 2 * 1280,
+                "mobilenet_v3_large": 5_483_032 - (960 * 1280 + 1280) - (1280 * 1000 + 1000),
+                "mobilenet_v3_small": 2_542_856 - (576 * 1024 + 1024) - (1024 * 1000 + 1000)}
     for name, count in expected.items():
         backbone = meta_model(backbone=name).backbone
         assert sum(p.numel() for p in backbone.parameters()) == count, name

@@ -3,17 +3,21 @@ returns a `Backbone` whose forward gives {"low_level": stride-4 feature, "out": 
 
 from .common import Backbone, atrous_plan
 from .mobilenet_v2 import MobileNetV2, mobilenet_v2
+from .mobilenet_v3 import MobileNetV3, mobilenet_v3_large, mobilenet_v3_small
 from .resnet import ResNet, resnet50, resnet50_beta, resnet101, resnet101_beta
-from .xception import Xception, xception65, xception71
+from .xception import Xception, xception41, xception65, xception71
 
 BACKBONES = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet50_beta": resnet50_beta,
     "resnet101_beta": resnet101_beta,
+    "xception41": xception41,
     "xception65": xception65,
     "xception71": xception71,
     "mobilenet_v2": mobilenet_v2,
+    "mobilenet_v3_large": mobilenet_v3_large,
+    "mobilenet_v3_small": mobilenet_v3_small,
 }
 
-__all__ = ["BACKBONES", "Backbone", "MobileNetV2", "ResNet", "Xception", "atrous_plan"]
+__all__ = ["BACKBONES", "Backbone", "MobileNetV2", "MobileNetV3", "ResNet", "Xception", "atrous_plan"]

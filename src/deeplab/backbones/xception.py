@@ -1,7 +1,8 @@
-"""Modified Aligned Xception-65/71 (DeepLabv3+ §3.2, Fig. 4), laid out as TF DeepLab's `core/xception.py`.
+"""Modified Aligned Xception-41/65/71 (DeepLabv3+ §3.2, Fig. 4), laid out as TF DeepLab's `core/xception.py`.
 
-Entry flow / middle flow (16 repeats of a 728-channel module) / exit flow. Every max pooling of the original
-Xception is a depthwise separable conv with stride 2, so any stride can become a dilation.
+Entry flow / middle flow (repeats of a 728-channel module: 8 in Xception-41, 16 in Xception-65/71) / exit flow.
+TF's `xception_41` is `xception_65` with half the middle flow: the same entry and exit flows. Every max pooling of
+the original Xception is a depthwise separable conv with stride 2, so any stride can become a dilation.
 
 Where the ReLU sits. The paper says "extra batch normalization and ReLU are added after each 3x3 depthwise
 convolution". The TF reference, whose code produced the paper's checkpoints, puts BN after every depthwise conv,
@@ -26,8 +27,10 @@ BN_EPS = 1e-3
 DEFAULT_MULTI_GRID = (1, 1, 1)  # TF xception's default unit rates for the last module
 
 # (depth_list, skip connection, nominal stride) of each entry-flow module.
+_ENTRY_FLOW_65 = [((128, 128, 128), "conv", 2), ((256, 256, 256), "conv", 2), ((728, 728, 728), "conv", 2)]
 ENTRY_FLOWS = {
-    65: [((128, 128, 128), "conv", 2), ((256, 256, 256), "conv", 2), ((728, 728, 728), "conv", 2)],
+    41: _ENTRY_FLOW_65,
+    65: _ENTRY_FLOW_65,
     71: [
         ((128, 128, 128), "conv", 2),
         ((256, 256, 256), "conv", 1),
@@ -36,7 +39,8 @@ ENTRY_FLOWS = {
         ((728, 728, 728), "conv", 2),
     ],
 }
-MIDDLE_FLOW = [((728, 728, 728), "sum", 1)] * 16
+MIDDLE_FLOW_UNIT = ((728, 728, 728), "sum", 1)
+MIDDLE_FLOW_REPEATS = {41: 8, 65: 16, 71: 16}  # TF's middle_flow/block1 num_units
 EXIT_FLOW = [((728, 1024, 1024), "conv", 2), ((1536, 1536, 2048), "none", 1)]
 
 
@@ -120,7 +124,7 @@ class Xception(Backbone):
     """Aligned Xception returning the stride-4 feature and the output-stride feature.
 
     The low-level feature is TF's decoder end point: the second separable conv of the entry-flow module that goes
-    from stride 4 to 8 (`entry_flow/block2` in Xception-65, `block3` in Xception-71), 256 channels, before its ReLU.
+    from stride 4 to 8 (`entry_flow/block2` in Xception-41/65, `block3` in Xception-71), 256 channels, before its ReLU.
     """
 
     def __init__(
@@ -134,7 +138,7 @@ class Xception(Backbone):
             conv_bn(3, 32, kernel_size=3, stride=2, bn_eps=BN_EPS),
             conv_bn(32, 64, kernel_size=3, bn_eps=BN_EPS),
         )
-        units = ENTRY_FLOWS[depth] + MIDDLE_FLOW + EXIT_FLOW
+        units = ENTRY_FLOWS[depth] + [MIDDLE_FLOW_UNIT] * MIDDLE_FLOW_REPEATS[depth] + EXIT_FLOW
         plan = atrous_plan([u[2] for u in units], output_stride=output_stride, current_stride=2)
         modules = []
         in_channels = 64
@@ -163,6 +167,10 @@ class Xception(Backbone):
             else:
                 x = block(x)
         return {"low_level": low_level, "out": x}  # out: (N, 2048, H/os, W/os)
+
+
+def xception41(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> Xception:
+    return Xception(depth=41, output_stride=output_stride, multi_grid=multi_grid)
 
 
 def xception65(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> Xception:

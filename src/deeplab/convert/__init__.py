@@ -33,9 +33,13 @@ def convert_file(
     """Import `src` as a DeepLab (eval mode).
 
     - an official TF DeepLab `.tflite` (float or quantized): the whole model, architecture read from the file;
-    - torchvision's `deeplabv3_resnet50/101` state dict: the whole model;
-    - an ImageNet backbone (torchvision / timm ResNet-50/101, timm aligned Xception-65/71): a DeepLab with that
-      backbone and freshly initialised heads; `backbone=` names which one, `num_classes=` the classes.
+    - torchvision's `deeplabv3_resnet50/101` or `deeplabv3_mobilenet_v3_large` state dict: the whole model;
+    - an ImageNet backbone (torchvision / timm ResNet-50/101, timm aligned Xception-41/65/71, torchvision
+      MobileNetV3-Large/Small): a DeepLab with that backbone and freshly initialised heads; `backbone=` names which
+      one, `num_classes=` the classes.
+
+    torchvision segmentation models with other heads (`lraspp_mobilenet_v3_large`, `fcn_resnet50/101`) are refused
+    with one line saying so.
     """
     path = Path(src)
     if not path.is_file():
@@ -44,9 +48,17 @@ def convert_file(
         from .tflite import load_tflite
 
         return load_tflite(path, class_names=class_names)
-    from .torch_weights import backbone_state_dict, load_torchvision_deeplabv3, read_state_dict
+    from .torch_weights import (
+        backbone_state_dict,
+        load_torchvision_deeplabv3,
+        read_state_dict,
+        refuse_fcn,
+        refuse_unsupported_torchvision_segmentation,
+    )
 
     state, source = read_state_dict(path)
+    refuse_unsupported_torchvision_segmentation(state, source=source)
+    refuse_fcn(state, source=source)
     if any(k.startswith("classifier.0.convs.") for k in state):
         model = load_torchvision_deeplabv3(state, num_classes=num_classes)
         if class_names is not None:
@@ -55,7 +67,8 @@ def convert_file(
     if backbone is None:
         raise CheckpointError(
             f"{source}: not a full DeepLab model; if it holds ImageNet backbone weights, pass --backbone "
-            "(resnet50, resnet101, xception65 or xception71) to build a DeepLab on them"
+            "(resnet50, resnet101, xception41, xception65, xception71, mobilenet_v3_large or mobilenet_v3_small) to "
+            "build a DeepLab on them"
         )
     weights = backbone_state_dict(state, backbone=backbone)
     classes = num_classes or (len(class_names) if class_names else 21)

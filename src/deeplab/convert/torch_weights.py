@@ -10,10 +10,14 @@ shape that differs, gives ONE `CheckpointError` naming the file and listing ever
 The only keys dropped on purpose are the classification heads the segmentation model has no use for:
 
 - torchvision / timm ResNet-50/101: `fc.weight`, `fc.bias`.
-- timm aligned Xception-65/71: `head.fc.weight`, `head.fc.bias`. timm's Xception has no layers past the exit flow
+- timm aligned Xception-41/65/71: `head.fc.weight`, `head.fc.bias`. timm's Xception has no layers past the exit flow
   (no conv3/conv4 as in the original Xception), so nothing else is dropped.
 - torchvision `deeplabv3_resnet50/101`: `aux_classifier.*` (the FCN head on layer3, used only for the training
-  loss).
+  loss); `deeplabv3_mobilenet_v3_large`: `aux_classifier.*` (the FCN head on the first stride-8 block).
+- torchvision MobileNetV3-Large/Small (ImageNet): `classifier.*` (avgpool -> Linear -> Linear).
+
+Files of a torchvision architecture deeplab does not build (LR-ASPP, FCN, a MobileNetV3 of another width) are refused
+with one line naming what they look like, not a list of mismatched keys.
 
 torchvision's DeepLabHead has one layer deeplab's DeepLabv3 head lacks, a 3x3 conv + BN + ReLU between ASPP and the
 classifier; `load_torchvision_deeplabv3` needs `ModelConfig.head_conv` for it (see there).
@@ -217,9 +221,14 @@ _XCEPTION_LAYOUTS: list[_Layout] = [
     ("timm xception_aligned names", _timm_xception_name, ("head.",)),
     ("deeplab Xception names", _same_name, ()),
 ]
+# torchvision's MobileNetV3 ImageNet files: our backbone is its `features` under the same names.
+_MOBILENET_V3_LAYOUTS: list[_Layout] = [("torchvision MobileNetV3 names", _same_name, ("classifier.",))]
 BACKBONE_LAYOUTS: dict[str, list[_Layout]] = {
+    "mobilenet_v3_large": _MOBILENET_V3_LAYOUTS,
+    "mobilenet_v3_small": _MOBILENET_V3_LAYOUTS,
     "resnet50": _RESNET_LAYOUTS,
     "resnet101": _RESNET_LAYOUTS,
+    "xception41": _XCEPTION_LAYOUTS,
     "xception65": _XCEPTION_LAYOUTS,
     "xception71": _XCEPTION_LAYOUTS,
 }
@@ -235,13 +244,16 @@ def backbone_state_dict(src: StateDictSource, *, backbone: str) -> dict[str, Ten
       names: conv1, bn1, layer1.0.conv1, ..., layer1.0.downsample.0/1). `fc.*` is dropped. timm's deep-stem
       variants (`resnet50c/d/s/t`, keys `conv1.0.weight` ...) are refused: their 3-conv stem and average-pool
       shortcuts have no counterpart here.
-    - `xception65`, `xception71`: timm's aligned Xception (`timm/models/xception_aligned.py`, ImageNet weights
-      converted from TF DeepLab). The structures agree module for module: timm's `start_with_relu=True` modules
-      (ReLU before each separable conv, none inside) are our `SeparableConv(relu_inside=False)`; its last exit-flow
-      module (`start_with_relu=False`, `no_skip=True`: ReLU after each BN, no shortcut) is ours with
-      `relu_inside=True`, `skip="none"`; a 1x1 conv + BN `shortcut` where channels or stride change is our
-      `skip="conv"`, and the identity of the middle flow our `skip="sum"`. Both use BN epsilon 1e-3 and symmetric
-      padding. `head.fc.*` is dropped. timm's pre-activation variants (`xception41p`, `xception65p`) are refused.
+    - `xception41`, `xception65`, `xception71`: timm's aligned Xception (`timm/models/xception_aligned.py`,
+      ImageNet weights converted from TF DeepLab). The structures agree module for module: timm's
+      `start_with_relu=True` modules (ReLU before each separable conv, none inside) are our
+      `SeparableConv(relu_inside=False)`; its last exit-flow module (`start_with_relu=False`, `no_skip=True`: ReLU
+      after each BN, no shortcut) is ours with `relu_inside=True`, `skip="none"`; a 1x1 conv + BN `shortcut` where
+      channels or stride change is our `skip="conv"`, and the identity of the middle flow our `skip="sum"`. Both use
+      BN epsilon 1e-3 and symmetric padding. `head.fc.*` is dropped. timm's pre-activation variants (`xception41p`,
+      `xception65p`) are refused.
+    - `mobilenet_v3_large`, `mobilenet_v3_small`: torchvision's ImageNet MobileNetV3 (`features.*`, the same names
+      as ours); `classifier.*` is dropped.
 
     Raises `CheckpointError` (naming the file) for anything that is not such a file, with every unmatched key on
     both sides and every shape mismatch in one message.
@@ -275,17 +287,41 @@ def _refuse_known_variants(state: Mapping[str, Tensor], *, backbone: str, source
     if backbone.startswith("xception") and any(re.match(r"^blocks\.\d+\.(norm|stack\.conv\d\.norm)\.", k) for k in state):
         raise CheckpointError(
             f"{source}: a pre-activation Xception (timm's xception41p/xception65p: keys 'blocks.N.norm.*', no bn_dw/bn_pw);"
-            f" deeplab's {backbone} is TF's post-BN aligned Xception. Use timm's xception65/xception71 weights"
+            f" deeplab's {backbone} is TF's post-BN aligned Xception. Use timm's xception41/65/71 weights"
         )
+    # A sibling of another depth or size shares every name up to where it ends: say which one the file is.
+    for family, pattern, by_count, unit in _SIBLINGS:
+        if not backbone.startswith(family):
+            continue
+        indices = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+        other = by_count.get(max(indices) + 1) if indices else None
+        if other is not None and other != backbone:
+            raise CheckpointError(
+                f"{source}: looks like {other} ({max(indices) + 1} {unit}), not {backbone}; pass --backbone {other}"
+            )
+
+
+# (backbone name prefix, file-key pattern counting units, unit count -> backbone, what a unit is)
+_SIBLINGS = (
+    ("xception", r"^blocks\.(\d+)\.", {13: "xception41", 21: "xception65", 23: "xception71"}, "Xception modules"),
+    ("mobilenet_v3", r"^features\.(\d+)\.", {17: "mobilenet_v3_large", 13: "mobilenet_v3_small"}, "feature layers"),
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# torchvision deeplabv3_resnet50 / deeplabv3_resnet101
+# torchvision deeplabv3_resnet50 / deeplabv3_resnet101 / deeplabv3_mobilenet_v3_large
 # --------------------------------------------------------------------------------------------------------------
 
-TORCHVISION_ASPP_RATES = (12, 24, 36)  # torchvision's DeepLabHead, at output stride 8
+# torchvision's DeepLabHead hard-codes these rates, for the ResNets at output stride 8 and for MobileNetV3-Large at
+# output stride 16 alike (their issue 7956); a converted model keeps them, to compute what was trained.
+TORCHVISION_ASPP_RATES = (12, 24, 36)
 TORCHVISION_DROPOUT = 0.5  # torchvision's ASPP projection
 TORCHVISION_BN_MOMENTUM = 0.1  # PyTorch's default, which torchvision trained with
+# torchvision's MobileNetV3 BatchNorms use momentum 0.01 (the head's keep 0.1); the backbone's value, which holds
+# most of the model's BatchNorms, is the one kept for fine-tuning a converted model.
+TORCHVISION_MOBILENET_V3_BN_MOMENTUM = 0.01
+# Layers in torchvision's MobileNetV3 `features` (stem, inverted residuals, last 1x1 conv) -> our backbone.
+_TORCHVISION_MOBILENET_V3_LAYERS = {17: "mobilenet_v3_large", 13: "mobilenet_v3_small"}
 
 # Our key prefix -> torchvision's, first match wins. torchvision's ASPP is `classifier.0`: convs.0 the 1x1 branch,
 # convs.1-3 the atrous 3x3 branches (Sequential conv, bn, relu), convs.4 the pooling branch (Sequential pool, conv,
@@ -302,14 +338,24 @@ _TORCHVISION_DEEPLABV3_PREFIXES: tuple[tuple[str, str], ...] = (
     ("head_conv.bn.", "classifier.2."),
     ("classifier.", "classifier.4."),
 )
+# torchvision's MobileNetV3 DeepLabV3 wraps `features` itself in IntermediateLayerGetter: `backbone.{i}.*` there is
+# our `backbone.features.{i}.*`.
+_TORCHVISION_DEEPLABV3_MOBILENET_PREFIXES = (("backbone.features.", "backbone."), *_TORCHVISION_DEEPLABV3_PREFIXES[1:])
 _TORCHVISION_DEPTHS = {6: 50, 23: 101}  # units in layer3 -> ResNet depth
 
 
-def _torchvision_deeplabv3_name(key: str) -> str:
-    for ours, theirs in _TORCHVISION_DEEPLABV3_PREFIXES:
-        if key.startswith(ours):
-            return theirs + key[len(ours):]
-    return key
+def _renamer(prefixes: Sequence[tuple[str, str]]) -> Callable[[str], str]:
+    def rename(key: str) -> str:
+        for ours, theirs in prefixes:
+            if key.startswith(ours):
+                return theirs + key[len(ours):]
+        return key
+
+    return rename
+
+
+_torchvision_deeplabv3_name = _renamer(_TORCHVISION_DEEPLABV3_PREFIXES)
+_torchvision_deeplabv3_mobilenet_name = _renamer(_TORCHVISION_DEEPLABV3_MOBILENET_PREFIXES)
 
 
 def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> ModelConfig:
@@ -338,8 +384,38 @@ def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> M
     return ModelConfig(**fields)
 
 
+def torchvision_deeplabv3_mobilenet_v3_config(
+    *, backbone: str = "mobilenet_v3_large", num_classes: int = 21, aspp_channels: int = 256
+) -> ModelConfig:
+    """The deeplab config that computes what torchvision's `deeplabv3_mobilenet_v3_large` computes.
+
+    MobileNetV3 in torchvision's layout at output stride 16 (`dilated=True`: the last stage at rate 2), ASPP rates
+    (12, 24, 36) as torchvision's DeepLabHead has them at every output stride, no decoder, dropout 0.5,
+    `align_corners=False`, and `head_conv` (torchvision's extra 3x3 conv). torchvision builds DeepLabV3 on the Large
+    network only; `backbone="mobilenet_v3_small"` gives the same head on the Small one (576 channels in).
+    """
+    if backbone not in _TORCHVISION_MOBILENET_V3_LAYERS.values():
+        choices = sorted(_TORCHVISION_MOBILENET_V3_LAYERS.values())
+        raise ValueError(f"backbone must be one of {choices}, got {backbone!r}")
+    return ModelConfig(
+        backbone=backbone,
+        num_classes=num_classes,
+        output_stride=16,
+        atrous_rates=TORCHVISION_ASPP_RATES,
+        decoder=False,
+        separable=False,
+        image_pooling=True,
+        aspp_channels=aspp_channels,
+        dropout=TORCHVISION_DROPOUT,
+        align_corners=False,
+        bn_momentum=TORCHVISION_MOBILENET_V3_BN_MOMENTUM,
+        head_conv=True,
+    )
+
+
 def torchvision_deeplabv3_state_dict(src: StateDictSource) -> tuple[dict[str, Tensor], ModelConfig]:
-    """torchvision `deeplabv3_resnet50/101` weights in deeplab's names, and the config they belong to.
+    """torchvision `deeplabv3_resnet50/101` or `deeplabv3_mobilenet_v3_large` weights in deeplab's names, and the
+    config they belong to.
 
     Keys come back as `backbone.*`, `aspp.*`, `head_conv.conv.weight`, `head_conv.bn.*` (torchvision's
     classifier.1/classifier.2) and `classifier.{weight,bias}`; `aux_classifier.*` is dropped. The ASPP projection
@@ -350,23 +426,30 @@ def torchvision_deeplabv3_state_dict(src: StateDictSource) -> tuple[dict[str, Te
     return _convert_torchvision_deeplabv3(state, source=source)
 
 
-def _convert_torchvision_deeplabv3(state: Mapping[str, Tensor], *, source: str) -> tuple[dict[str, Tensor], ModelConfig]:
-    units = {m.group(1) for k in state if (m := re.match(r"^backbone\.layer3\.(\d+)\.", k))}
-    depth = _TORCHVISION_DEPTHS.get(len(units), 50)  # anything else fails the match below, with the key lists
+def _convert_torchvision_deeplabv3(
+    state: Mapping[str, Tensor], *, source: str
+) -> tuple[dict[str, Tensor], ModelConfig]:
+    refuse_unsupported_torchvision_segmentation(state, source=source)
     head = state.get("classifier.4.weight")
     num_classes = int(head.shape[0]) if head is not None and head.ndim == 4 else 21
-    cfg = torchvision_deeplabv3_config(depth=depth, num_classes=num_classes)
+    layers = _mobilenet_v3_feature_layers(state)
+    if layers:
+        backbone = _torchvision_mobilenet_v3_backbone(state, layers=layers, source=source)
+        branch = state.get("classifier.0.convs.0.0.weight")
+        aspp_channels = int(branch.shape[0]) if branch is not None and branch.ndim == 4 else 256
+        cfg = torchvision_deeplabv3_mobilenet_v3_config(
+            backbone=backbone, num_classes=num_classes, aspp_channels=aspp_channels
+        )
+        rename, layout = _torchvision_deeplabv3_mobilenet_name, f"torchvision deeplabv3_{backbone} names"
+    else:
+        units = {m.group(1) for k in state if (m := re.match(r"^backbone\.layer3\.(\d+)\.", k))}
+        depth = _TORCHVISION_DEPTHS.get(len(units), 50)  # anything else fails the match below, with the key lists
+        cfg = torchvision_deeplabv3_config(depth=depth, num_classes=num_classes)
+        rename, layout = _torchvision_deeplabv3_name, f"torchvision deeplabv3_resnet{depth} names"
     with torch.device("meta"):
         model = build_model(cfg)
         target = _shapes(model)
-    out = _match(
-        state,
-        target,
-        rename=_torchvision_deeplabv3_name,
-        dropped=("aux_classifier.",),
-        source=source,
-        layout=f"torchvision deeplabv3_resnet{depth} names",
-    )
+    out = _match(state, target, rename=rename, dropped=("aux_classifier.",), source=source, layout=layout)
     # Pooling last (torchvision) -> pooling first (ours): move the last branch's input channels to the front.
     w = out["aspp.project.conv.weight"]
     c = out["aspp.pooling.conv.weight"].shape[0]
@@ -374,12 +457,63 @@ def _convert_torchvision_deeplabv3(state: Mapping[str, Tensor], *, source: str) 
     return out, cfg
 
 
+def _mobilenet_v3_feature_layers(state: Mapping[str, Tensor]) -> int:
+    """How many `backbone.{i}` layers the file has (torchvision's MobileNetV3 DeepLabV3 layout); 0 for none."""
+    indices = {int(m.group(1)) for k in state if (m := re.match(r"^backbone\.(\d+)\.", k))}
+    return max(indices) + 1 if indices else 0
+
+
+def _torchvision_mobilenet_v3_backbone(state: Mapping[str, Tensor], *, layers: int, source: str) -> str:
+    """Which of our MobileNetV3s the file's `backbone.{i}.*` layers are (by their count), or one line saying what the
+    file looks like when a tensor of both has another shape (another width multiplier, the reduced tail, a
+    MobileNetV2). Keys missing on either side are left to `_match`, which lists them."""
+    file_shapes = {k[len("backbone."):]: tuple(v.shape) for k, v in state.items() if k.startswith("backbone.")}
+    name = _TORCHVISION_MOBILENET_V3_LAYERS.get(layers)
+    if name is not None:
+        with torch.device("meta"):
+            ours = BACKBONES[name]().features.state_dict()
+        if all(tuple(v.shape) == file_shapes[k] for k, v in ours.items() if k in file_shapes):
+            return name
+    last = state.get(f"backbone.{layers - 1}.0.weight")
+    last_channels = f", the last with {int(last.shape[0])} channels" if last is not None else ""
+    kind = "MobileNetV3" if any(".block." in k for k in file_shapes) else "MobileNet (not V3: no '.block.' modules)"
+    raise CheckpointError(
+        f"{source}: looks like a torchvision DeepLabV3 on a {kind} backbone with {layers} feature layers"
+        f"{last_channels}, which is not torchvision's mobilenet_v3_large (17 layers, 960) or mobilenet_v3_small (13 "
+        "layers, 576) at width 1.0 (another width_mult or reduced_tail?); that architecture is not supported"
+    )
+
+
+def refuse_unsupported_torchvision_segmentation(state: Mapping[str, Tensor], *, source: str) -> None:
+    """One `CheckpointError` line for torchvision segmentation models whose heads deeplab does not build."""
+    lraspp = ("classifier.cbr.", "classifier.low_classifier.", "classifier.high_classifier.")
+    if any(k.startswith(lraspp) for k in state):
+        raise CheckpointError(
+            f"{source}: looks like torchvision's lraspp_mobilenet_v3_large (an LR-ASPP head: classifier.cbr, "
+            "classifier.scale, low_classifier, high_classifier); deeplab builds DeepLabv3/v3+ heads only, so that "
+            "architecture is not supported (torchvision's deeplabv3_mobilenet_v3_large is)"
+        )
+
+
+def refuse_fcn(state: Mapping[str, Tensor], *, source: str) -> None:
+    """One line for torchvision's `fcn_resnet50/101` (for `convert_file`, which routes every other file by its keys)."""
+    if "classifier.0.weight" in state and any(k.startswith("backbone.layer4.") for k in state):
+        raise CheckpointError(
+            f"{source}: looks like torchvision's fcn_resnet50/101 (an FCN head: classifier.0 is a 3x3 conv, no ASPP); "
+            "deeplab builds DeepLabv3/v3+ heads only, so that architecture is not supported (torchvision's "
+            "deeplabv3_resnet50/101 are)"
+        )
+
+
 def load_torchvision_deeplabv3(src: StateDictSource, *, num_classes: int | None = None) -> DeepLab:
-    """A deeplab `DeepLab` computing what torchvision's `deeplabv3_resnet50/101` (COCO with VOC labels) computes.
+    """A deeplab `DeepLab` computing what torchvision's `deeplabv3_resnet50/101` or `deeplabv3_mobilenet_v3_large`
+    (COCO with VOC labels) computes.
 
     Input: RGB normalised with ImageNet mean/std (the model's `preprocessing`); logits upsampled with
-    `align_corners=False`, as torchvision does. The config is `torchvision_deeplabv3_config` (output stride 8,
-    rates (12, 24, 36), no multi-grid, no decoder, dropout 0.5).
+    `align_corners=False`, as torchvision does. The config is `torchvision_deeplabv3_config` for the ResNets (output
+    stride 8, rates (12, 24, 36), no multi-grid, no decoder, dropout 0.5) and
+    `torchvision_deeplabv3_mobilenet_v3_config` for MobileNetV3 (output stride 16, the same rates and head), picked
+    from the file's keys (`backbone.layerN.*` or `backbone.{i}.*`); the ASPP width is read from the file's shapes.
 
     torchvision's head has a 3x3 conv + BN + ReLU between ASPP and the 1x1 classifier (`classifier.1/2/3`), which
     cannot be folded into anything else (the ReLU sits between it and the classifier): it is `DeepLab.head_conv`
@@ -415,6 +549,9 @@ __all__ = [
     "backbone_state_dict",
     "load_torchvision_deeplabv3",
     "read_state_dict",
+    "refuse_fcn",
+    "refuse_unsupported_torchvision_segmentation",
     "torchvision_deeplabv3_config",
+    "torchvision_deeplabv3_mobilenet_v3_config",
     "torchvision_deeplabv3_state_dict",
 ]
