@@ -70,3 +70,29 @@ def test_an_out_folder_under_a_file_is_one_line(tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "f" / "run"), *QUICK])
     line = _one_line(capsys)
     assert code in (EXIT_INPUT, EXIT_FILES) and str(tmp_path / "f") in line
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--lr", "-1"), ("--momentum", "5"), ("--weight-decay", "-1"), ("--ignore-index", "300"), ("--seed", "-1"),
+    ("--checkpoint-every", "0"), ("--val-limit", "0"), ("--crop-size", "3"), ("--batch-size", "0"),
+    ("--hard-pixel-fraction", "0"), ("--class-weights", "-1,2"), ("--val-fraction", "1.5"), ("--steps", "0"),
+])
+def test_train_refuses_out_of_range_numbers_naming_the_flag_before_anything_is_read(tmp_path, capsys, flag, value):
+    code = main(["train", f"{flag}={value}", "--out", str(tmp_path / "run"), "--quiet"]
+                + (["--dataset", "folder", "--data-root", str(tmp_path)] if flag == "--val-fraction" else []))
+    line = _one_line(capsys)
+    assert code == EXIT_INPUT and flag in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["profile", "--size", "0"], ["eval", "--checkpoint", "x.pt", "--window", "3"],
+    ["eval", "--checkpoint", "x.pt", "--limit", "0"], ["export", "--checkpoint", "x.pt", "--format", "onnx",
+                                                        "--out", "x.onnx", "--atol", "-1"],
+    ["predict", "--checkpoint", "x.pt", "a.png", "--out", "o", "--alpha", "2"],
+])
+def test_other_commands_refuse_out_of_range_numbers_naming_the_flag(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == EXIT_INPUT and f"argument {argv[-2]}" in err and "Traceback" not in err

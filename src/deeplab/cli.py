@@ -220,6 +220,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # -- eval, predict, export ------------------------------------------------------------------------------------------
 
 
+def _number(kind: type, low: float, expected: str, *, below: float | None = None, below_inclusive: bool = False,
+            strict: bool = False):
+    """An argparse type: `kind` (int or float) >= `low` (> with `strict`) and < `below` (<= with `below_inclusive`);
+    argparse names the flag in its error."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; must be {expected}") from None
+        ok = math.isfinite(value) and (value > low if strict else value >= low)
+        if below is not None:
+            ok = ok and (value <= below if below_inclusive else value < below)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} must be {expected}")
+        return value
+
+    return parse
+
+
 def _float_tuple(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -260,8 +281,8 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="also run the mirrored image and mirror its output back (default off; eval: as the checkpoint "
                    "was validated in training, --val-flip)")
-    g.add_argument("--window", type=int, default=None, help="sliding-window tile size in pixels, e.g. 513 (default: whole image)")
-    g.add_argument("--overlap", type=float, default=0.33, help="sliding-window overlap as a fraction of the window (default %(default)s)")
+    g.add_argument("--window", type=_number(int, 17, "at least 17 pixels, e.g. 513"), default=None, help="sliding-window tile size in pixels, e.g. 513 (default: whole image)")
+    g.add_argument("--overlap", type=_number(float, 0, "in [0, 1), e.g. 0.33", below=1), default=0.33, help="sliding-window overlap as a fraction of the window (default %(default)s)")
     g.add_argument(
         "--input-size", type=_size_arg, default="model",
         help="'model' (default): resize images to the checkpoint's fixed input size if it has one (converted TFLite "
@@ -283,9 +304,9 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pointrend", action=argparse.BooleanOptionalAction, default=None,
                    help="PointRend checkpoints refine by adaptive subdivision by default; --no-pointrend uses the "
                    "coarse prediction alone (for comparison)")
-    g.add_argument("--pointrend-points", type=int, default=None,
+    g.add_argument("--pointrend-points", type=_number(int, 1, "a positive number of points"), default=None,
                    help="PointRend checkpoints: points refined per subdivision step (default: the checkpoint's, 8192)")
-    g.add_argument("--pointrend-steps", type=int, default=None,
+    g.add_argument("--pointrend-steps", type=_number(int, 0, "0 or a positive number of steps"), default=None,
                    help="PointRend checkpoints: subdivision steps (default: up to the input resolution)")
 
 
@@ -488,7 +509,7 @@ def _add_eval_predict_export(sub) -> None:
     p.add_argument("--split", default=None,
                    help="(default val: for the folder a checkpoint was trained on, the same held-out images; for "
                    "another folder without splits/val.txt, all)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    p.add_argument("--limit", type=_number(int, 1, "a positive number of images"), default=None, help="evaluate the first N images only")
     p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")
     _add_folder_flags(p, "e.g. the VOC samples: --image-dir . --mask-dir . --image-suffix _image.png "
                       "--mask-suffix _target.png --palette voc; default: what the checkpoint was trained with")
@@ -509,7 +530,7 @@ def _add_eval_predict_export(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
     p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette")
     p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight (default %(default)s)")
+    p.add_argument("--alpha", type=_number(float, 0, "in [0, 1], e.g. 0.5", below=1, below_inclusive=True), default=0.5, help="overlay colour weight (default %(default)s)")
     p.add_argument("--probs", action="store_true", help="also NAME_probs.npy, class probabilities float16 (C, H, W)")
     _add_inference_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -520,10 +541,10 @@ def _add_eval_predict_export(sub) -> None:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
     p.add_argument("--out", required=True, help="file to write (.onnx, .pt, .pt2)")
     p.add_argument("--dynamo", action="store_true", help="ONNX: the torch.export-based exporter (slower) instead of the legacy one")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default %(default)s)")
+    p.add_argument("--opset", type=_number(int, 17, "17 or newer"), default=17, help="ONNX opset, 17 or newer (default %(default)s)")
     p.add_argument("--check-sizes", type=_sizes_arg, default=((257, 257), (193, 321)),
                    help="input sizes to compare against eager (default 257x257,193x321)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - eager| (default %(default)s)")
+    p.add_argument("--atol", type=_number(float, 0, "positive, e.g. 1e-4", strict=True), default=1e-4, help="largest allowed |exported - eager| (default %(default)s)")
     p.set_defaults(func=cmd_export)
 
 
@@ -535,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="parameters and multiply-adds of a configuration (no weights needed)")
     _add_model_flags(p)
-    p.add_argument("--size", type=int, default=513, help="square input size (default %(default)s)")
+    p.add_argument("--size", type=_number(int, 17, "at least 17 pixels, e.g. 513"), default=513, help="square input size (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--paper", action="store_true", help="the DeepLabv3+ paper's table beside our counts")
     p.add_argument("--layers", action="store_true", help="per-layer breakdown")
@@ -557,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="dataset folder")
     p.add_argument("--splits", type=_str_tuple, default=("train", "val"), help="splits to report (default train,val)")
     p.add_argument("--seed", type=int, default=0, help="picks the held-out split of a folder, as in training (default 0)")
-    p.add_argument("--max-masks", type=int, default=1000,
+    p.add_argument("--max-masks", type=_number(int, 0, "0 (all) or a positive number"), default=1000,
                    help="read at most N masks per split, evenly spaced (0: all; default %(default)s)")
     p.add_argument("--skip-bad", action="store_true", help="count unreadable samples instead of stopping")
     p.add_argument("--json", action="store_true", help="print one JSON object")

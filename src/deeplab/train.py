@@ -52,6 +52,31 @@ def dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+# The valid range of each numeric TrainConfig field (None always passes), checked wherever a config is made: the
+# flag's value is refused where it is parsed, naming the flag, not steps later.
+_RANGES = (
+    ("steps", lambda v: v >= 1, "a positive number of steps"),
+    ("batch_size", lambda v: v >= 1, "a positive number of images"),
+    ("crop_size", lambda v: v >= 17, "at least 17 pixels (the papers use 513)"),
+    ("min_scale", lambda v: v > 0, "positive (e.g. 0.5)"),
+    ("max_scale", lambda v: v > 0, "positive (e.g. 2.0)"),
+    ("scale_step", lambda v: v >= 0, "0 (continuous scales) or positive (e.g. 0.25)"),
+    ("lr", lambda v: v >= 0 and math.isfinite(v), "0 or positive (e.g. 0.007)"),
+    ("lr_power", lambda v: v >= 0, "0 or positive (e.g. 0.9)"),
+    ("momentum", lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.9)"),
+    ("weight_decay", lambda v: 0 <= v < 1, "in [0, 1) (e.g. 4e-5)"),
+    ("ignore_index", lambda v: 0 <= v <= 255, "a mask value 0..255 (e.g. 255)"),
+    ("hard_pixel_fraction", lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.25)"),
+    ("val_every", lambda v: v >= 0, "0 (only at the end) or a positive number of steps"),
+    ("val_limit", lambda v: v >= 1, "a positive number of images"),
+    ("checkpoint_every", lambda v: v >= 1, "a positive number of steps"),
+    ("seed", lambda v: v >= 0, "0 or positive"),
+    ("workers", lambda v: v >= 0, "0 (load in the main process) or positive"),
+    ("val_images", lambda v: v >= 0, "0 or positive"),
+    ("precise_bn_images", lambda v: v >= 0, "0 (off) or a positive number of images"),
+    ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (e.g. 0.2)"),
+)
+
 # TrainConfig fields that only the folder dataset reads; `deeplab eval` and `deeplab data` take the same flags.
 FOLDER_OPTIONS = ("image_dir", "mask_dir", "image_suffix", "mask_suffix", "palette", "mask_mode", "classes",
                   "label_map", "val_fraction")
@@ -113,13 +138,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.amp not in ("off", "bf16", "fp16"):
-            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be positive, got steps={self.steps}, batch_size={self.batch_size}")
-        if not 0 < self.hard_pixel_fraction <= 1:
-            raise ValueError(f"hard_pixel_fraction must be in (0, 1], got {self.hard_pixel_fraction}")
+            raise ValueError(f"--amp {self.amp}: choose off, bf16 (CPU or CUDA) or fp16 (CUDA)")
+        for name, ok, expected in _RANGES:
+            value = getattr(self, name)
+            if value is not None and not ok(value):
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be {expected}")
+        if self.max_scale < self.min_scale:
+            raise ValueError(f"--max-scale {self.max_scale} is below --min-scale {self.min_scale}")
+        if self.eval_output_stride not in (None, 8, 16, 32):
+            raise ValueError(f"--eval-output-stride {self.eval_output_stride}: choose 8, 16 or 32")
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
+            if any(not math.isfinite(w) or w < 0 for w in self.class_weights) or not any(self.class_weights):
+                raise ValueError(f"--class-weights {','.join(f'{w:g}' for w in self.class_weights)}: weights must be "
+                                 ">= 0 and finite, and not all 0")
         object.__setattr__(self, "dataset_options", tuple(str(o) for o in self.dataset_options))
         dataset_options(self.dataset_options)  # fail early on a malformed option
         if self.classes is not None:
@@ -127,8 +159,6 @@ class TrainConfig:
         object.__setattr__(self, "val_scales", tuple(float(v) for v in self.val_scales))
         if not self.val_scales or any(v <= 0 for v in self.val_scales):
             raise ValueError(f"--val-scales must be positive numbers like 1.0 or 0.75,1.0,1.25, got {self.val_scales}")
-        if self.precise_bn_images < 0:
-            raise ValueError(f"--precise-bn-images must be 0 (off) or positive, got {self.precise_bn_images}")
         given = [f"--{name.replace('_', '-')}" for name in FOLDER_OPTIONS if getattr(self, name) is not None]
         if given and self.dataset != "folder":
             raise ValueError(f"{', '.join(given)} apply to --dataset folder only, not --dataset {self.dataset}")
