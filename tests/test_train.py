@@ -287,3 +287,25 @@ def test_folded_batchnorms_get_measured_statistics_without_changing_the_model():
     torch.testing.assert_close(stem_bn.running_var, stem_out.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
     # A BN that was not folded (ordinary statistics) is left alone.
     assert folded_batchnorms(deeplab.build_model(TINY_MODEL), deeplab.build_model(TINY_MODEL).state_dict()) == []
+
+
+def test_resume_applies_more_steps_refuses_other_changes_and_repairs_a_damaged_log(tmp_path):
+    run = tmp_path / "run"
+    cfg = replace(TINY_TRAIN, steps=2, checkpoint_every=1)
+    fit(TINY_MODEL, cfg, out_dir=run, progress=False)
+    with pytest.raises(ValueError, match=r"--resume: --lr 0.5 \(the run has 0.02\).*another --out"):
+        fit(TINY_MODEL, cfg, out_dir=run, resume=True, progress=False, resume_changes={"lr": 0.5})
+    with pytest.raises(ValueError, match="already at step 2"):
+        fit(TINY_MODEL, cfg, out_dir=run, resume=True, progress=False, resume_changes={"steps": 1})
+    # What a power cut leaves: a half-written last row and NUL bytes; and a temp file of a killed checkpoint write.
+    with open(run / "log.csv", "ab") as f:
+        f.write(b"3,0,0.123" + b"\x00" * 64)
+    (run / ".last.pt.abc123.tmp").write_bytes(b"partial")
+    said: list[str] = []
+    result = fit(TINY_MODEL, cfg, out_dir=run, resume=True, progress=False, echo=said.append,
+                 resume_changes={"steps": 4, "lr": 0.02})  # the same lr is no change
+    assert result.step == 4 and sorted(read_log(run / "log.csv")) == [1, 2, 3, 4]
+    assert any("--steps 4 (was 2)" in line for line in said)
+    assert any("log.csv: dropped 1 damaged row(s) and 64 NUL byte(s)" in line for line in said)
+    assert not list(run.glob(".*.tmp"))
+    assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4

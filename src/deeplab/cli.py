@@ -133,6 +133,7 @@ TRAIN_HELP = {
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
 
     from .train import SYNTHETIC_MODEL, SYNTHETIC_TRAIN, TrainConfig, TrainingDiverged, fit
@@ -143,8 +144,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg = dataclass_from_flags(ModelConfig, base_model, args)
     train_cfg = dataclass_from_flags(TrainConfig, base_train, args)
     out = args.out or f"runs/{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # With --resume, the flags given on the command line (not the preset's values) are the changes asked for.
+    given = {f.name: getattr(args, f.name) for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
     try:
-        result = fit(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.quiet, echo=print)
+        result = fit(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.quiet, echo=print,
+                     resume_changes=given)
     except TrainingDiverged as e:
         print(f"deeplab train: stopped: {e}", file=sys.stderr)
         return 1

@@ -365,6 +365,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    resume_changes: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a DeepLab. The run folder `out_dir` gets config.json, data_report.json, last.pt, best.pt, metrics.json,
     log.csv (one row per step), val.csv (one row per validation), curves.png and predictions.png.
@@ -372,12 +373,19 @@ def fit(
     In order: `_start` (device, resume state, datasets and their data report, model, optimizer, run folder),
     `_train_steps` (`_train_step` per batch; `_validate` every val_every steps; `_save_last` every checkpoint_every
     steps), then a last `_validate` and `_save_last`. `echo` receives the progress lines (e.g. `print`).
+
+    With `resume`, the run continues with the configuration it was started with; `resume_changes` ({field: value},
+    the flags given with --resume) may change only `RESUMABLE` fields (e.g. more `steps`) and refuses the others.
     """
     started = time.time()
     out = Path(out_dir)
     lock = RunFolderLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
     try:
-        run = _start(model_cfg, train_cfg, out=out, resume=resume, progress=progress, echo=echo)
+        if lock is not None:
+            for stale in out.glob(".*.tmp"):  # left by a write that was killed; no one else writes here now
+                stale.unlink(missing_ok=True)
+        run = _start(model_cfg, train_cfg, out=out, resume=resume, progress=progress, echo=echo,
+                     resume_changes=resume_changes or {})
         try:
             _train_steps(run)
         finally:
@@ -401,7 +409,7 @@ def fit(
 
 def _start(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: Path, resume: bool, progress: bool,
-    echo: Callable[[str], None] | None,
+    echo: Callable[[str], None] | None, resume_changes: dict[str, Any],
 ) -> _Run:
     """Everything before the first step; says what it loaded."""
     device = _resolve_device(train_cfg.device)
@@ -413,8 +421,9 @@ def _start(
     resume_state = _resume_state(out / "last.pt", resume)
     if resume_state is not None:
         model_cfg = ModelConfig.from_dict(resume_state["model_config"])
-        train_cfg = replace(TrainConfig.from_dict(resume_state.get("train_config", {})), device=train_cfg.device,
-                            workers=train_cfg.workers)
+        saved = replace(TrainConfig.from_dict(resume_state.get("train_config", {})), device=train_cfg.device,
+                        workers=train_cfg.workers)
+        train_cfg = _resumed_config(saved, model_cfg, resume_changes, step=int(resume_state["step"]), say=say)
 
     torch.manual_seed(train_cfg.seed)
     init_data = read_checkpoint(train_cfg.init_checkpoint) if train_cfg.init_checkpoint and not resume_state else None
@@ -462,12 +471,16 @@ def _start(
         f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f"; writing {out}")
+    log = _CsvLog(out / "log.csv", _CsvLog.step_columns, keep_below=step, enabled=main)
+    val_log = _CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main)
+    for note in (getattr(log, "repaired", None), getattr(val_log, "repaired", None)):
+        if note:
+            say(note)
     return _Run(
         model_cfg=model_cfg, train_cfg=train_cfg, out=out, device=device, dist=dist_info, say=say, progress=progress,
         train_ds=train_ds, val_ds=val_ds, model=model, train_model=train_model, optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda", enabled=train_cfg.amp == "fp16"), class_weights=class_weights,
-        log=_CsvLog(out / "log.csv", _CsvLog.step_columns, keep_below=step, enabled=main),
-        val_log=_CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main),
+        log=log, val_log=val_log,
         writer=_tensorboard(out / "tensorboard") if main else None, report=report,
         step=step, best_miou=best_miou, last_metrics=last_metrics, lr=train_cfg.lr,
     )
@@ -490,6 +503,32 @@ def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: tor
     decay = train_cfg.weight_decay if train_cfg.weight_decay is not None else default_weight_decay(model.config.backbone)
     optimizer = torch.optim.SGD(_param_groups(train_model, decay), lr=train_cfg.lr, momentum=train_cfg.momentum)
     return train_model, optimizer
+
+
+# What a resumed run may change: how long it runs and how it reports, never what it learns from or how.
+RESUMABLE = ("steps", "device", "workers", "val_every", "val_limit", "val_images", "checkpoint_every",
+             "precise_bn_images", "skip_bad")
+
+
+def _resumed_config(saved: TrainConfig, model_cfg: ModelConfig, changes: dict[str, Any], *, step: int,
+                    say: Callable[[str], None]) -> TrainConfig:
+    """The run's own config with the --resume flags that may change applied (said); any other differing flag refused."""
+    current = {**model_cfg.to_dict(), **saved.to_dict()}
+    normal = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()}
+    differ = {k: v for k, v in normal.items() if k in current and current[k] != v}
+    refused = [k for k in differ if k not in RESUMABLE]
+    if refused:
+        shown = ", ".join(f"--{k.replace('_', '-')} {differ[k]} (the run has {current[k]})" for k in refused)
+        raise ValueError(
+            f"--resume: {shown}: a resumed run keeps its configuration; drop these flags, or start a new run with "
+            "another --out (--init-checkpoint RUN/last.pt starts from its weights)"
+        )
+    if "steps" in differ and differ["steps"] <= step:
+        raise ValueError(f"--resume --steps {differ['steps']}: the run is already at step {step}; give more steps")
+    applied = {k: changes[k] for k in differ if k not in ("device", "workers")}
+    if applied:
+        say("resuming with " + ", ".join(f"--{k.replace('_', '-')} {v} (was {current[k]})" for k, v in applied.items()))
+    return replace(saved, **applied)
 
 
 def _preprocessing(resume_state: dict[str, Any] | None, init_data: dict[str, Any] | None) -> Preprocessing:
@@ -863,6 +902,30 @@ def recalibrate_folded_batchnorms(model: nn.Module, names: list[str], images: It
         bn.weight.copy_(torch.sqrt(var + bn.eps))
 
 
+def _intact_rows(path: Path, keep_below: int) -> tuple[list[dict[str, str]], str | None]:
+    """The rows of a run's CSV up to step `keep_below`, and a note when damaged rows were dropped: a write cut off by a
+    crash or power loss leaves a partial last line or NUL bytes, which must not stop a resume."""
+    import io
+
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    clean = text.replace("\x00", "")
+    rows, damaged = [], 0
+    for row in csv.DictReader(io.StringIO(clean)):
+        try:
+            step = int(row["step"])
+        except (KeyError, TypeError, ValueError):
+            damaged += 1
+            continue
+        if None in row.values() or None in row:  # a short or an overlong row
+            damaged += 1
+        elif step <= keep_below:
+            rows.append(row)
+    if damaged or clean != text:
+        return rows, (f"{path}: dropped {damaged} damaged row(s) and {len(text) - len(clean)} NUL byte(s) left by an "
+                      f"interrupted write; the {len(rows)} intact rows up to step {keep_below} are kept")
+    return rows, None
+
+
 class _CsvLog:
     """A CSV file with one row per step (log.csv) or per validation (val.csv), flushed per row; on resume, rows
     after the resumed step are dropped (they are run again)."""
@@ -873,10 +936,9 @@ class _CsvLog:
         self.file = None
         if not enabled:
             return
-        rows = []
+        rows, self.repaired = [], None
         if keep_below > 0 and path.exists():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_below]
+            rows, self.repaired = _intact_rows(path, keep_below)
         self.file = open(path, "w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=columns, extrasaction="ignore")
         self.writer.writeheader()
