@@ -340,3 +340,16 @@ def test_eval_split_over_two_processes_gives_the_one_process_result(tmp_path):
         assert together["per_image"] == alone["per_image"]
         assert together["num_images"] == 5 and len(together["per_image"]) == 5
     assert sum(map(sum, alone["confusion_matrix"])) == 5 * 48 * 48
+
+
+def test_predict_leaves_no_truncated_output_when_a_write_fails(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((24, 32, 3), dtype=np.uint8)).save(tmp_path / "x.jpg")
+
+    def disk_full(f, array):
+        f.write(b"\x93NUMPY half of it")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    with pytest.raises(OSError):
+        predict_files(tiny_model(), [tmp_path / "x.jpg"], out_dir=tmp_path / "out", save_probs=True)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["x.png"]  # the mask, whole; no .npy, no partial

@@ -159,3 +159,19 @@ def test_export_rejects_one_check_size_an_old_opset_and_unknown_formats(tmp_path
         export_model(model, tmp_path / "m.onnx", format="onnx", opset=13)
     with pytest.raises(ValueError, match="unknown export format 'tflite'"):
         export_model(model, tmp_path / "m.tflite", format="tflite")
+
+
+def test_an_export_that_fails_midway_leaves_no_file_and_keeps_an_existing_one(tmp_path, monkeypatch):
+    import deeplab.export
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"the previous export")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / ".model.partial.pt"))
+
+    monkeypatch.setattr(deeplab.export, "check_export", disk_full)
+    with pytest.raises(OSError):
+        export_model(tiny_v3_plus(), path, format="torchscript")
+    assert path.read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no partial file left

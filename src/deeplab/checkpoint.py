@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -38,6 +39,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`: a reader, or a crash, sees the
+    old file or the new one, never part of one; the temporary file is removed on any failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -4,7 +4,7 @@ Every export takes a normalised (N, 3, H, W) float32 batch named `image` and ret
 input size, with batch, height and width dynamic. After writing, the file is loaded back with its own runtime
 (onnxruntime, torch.jit.load, torch.export.load) and run at two input sizes (by default 257x257 and 193x321: square
 and not, both 16k+1 and not); the largest absolute difference from eager logits must stay under `atol` (1e-4), or
-`ExportCheckError` is raised and the file removed. Running at a second size is what catches a size frozen into the
+`ExportCheckError` is raised and nothing is written (the file is written and checked under a temporary name). Running at a second size is what catches a size frozen into the
 graph at export time (the classic failure of adaptive pooling and traced `interpolate` sizes).
 
 ONNX uses the legacy TorchScript-based exporter by default (`dynamo=False`, about 3 s here) with `dynamic_axes`;
@@ -224,8 +224,8 @@ def export_model(
 ) -> dict[str, Any]:
     """Export `model` (in eval mode, on CPU, float32) to `path` and verify it at every size in `sizes`.
 
-    Returns {"path", "format", "max_abs_diff": {"HxW": diff}, "seconds"}. On a failed check the file is removed and
-    ExportCheckError raised. `opset` and `dynamo` apply to ONNX only. With `fold_bn` the exported graph has its
+    Returns {"path", "format", "max_abs_diff": {"HxW": diff}, "seconds"}. On a failed check nothing is written at
+    `path` and ExportCheckError is raised. `opset` and `dynamo` apply to ONNX only. With `fold_bn` the exported graph has its
     BatchNorms folded into the convolutions (`deeplab.fast`); it is still checked against the unfolded eager model.
     Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
     """
@@ -247,18 +247,22 @@ def export_model(
     was_training = model.training
     model.eval()
     graph = optimize_for_inference(model, channels_last=False, skip_taps=False, prepacked_shapes=0) if fold_bn else model
+    # Written and checked under a temporary name, renamed only once it passes: a failed check, a full disk or a
+    # crash never leaves a file at `path` (nor replaces one that was there).
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         if format == "onnx":
-            export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=sizes[0])
+            export_onnx(graph, partial, opset=opset, dynamo=dynamo, example_size=sizes[0])
         elif format == "torchscript":
-            export_torchscript(graph, path, example_size=sizes[0])
+            export_torchscript(graph, partial, example_size=sizes[0])
         else:
-            export_pt2(graph, path, example_size=sizes[0])
+            export_pt2(graph, partial, example_size=sizes[0])
         try:
-            diffs = check_export(path, model, format=format, sizes=sizes, atol=atol)
-        except ExportCheckError:
-            path.unlink(missing_ok=True)
-            raise
+            diffs = check_export(partial, model, format=format, sizes=sizes, atol=atol)
+        except ExportCheckError as e:  # name the file the user asked for
+            raise ExportCheckError(str(e).replace(str(partial), str(path))) from None
+        os.replace(partial, path)
     finally:
+        partial.unlink(missing_ok=True)
         model.train(was_training)
     return {"path": str(path), "format": format, "max_abs_diff": diffs, "seconds": time.perf_counter() - started}

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .checkpoint import write_atomically
 from .crf import CRFParams, dense_crf
 from .data.base import image_to_rgb
 from .fast import is_fast, optimize_for_inference
@@ -290,14 +291,14 @@ def _write_outputs(
     probs = run(rgb)  # (K, H, W)
     labels = probs.argmax(axis=0).astype(np.uint8)
     base.parent.mkdir(parents=True, exist_ok=True)
-    written = [base.with_name(base.name + ".png")]
-    colorize(labels, palette).save(written[0])
+    # Each file through a temporary file and a rename: a full disk or a kill never leaves a truncated output.
+    written = [write_atomically(base.with_name(base.name + ".png"), lambda f: colorize(labels, palette).save(f, "PNG"))]
     if overlay_alpha is not None:
-        written.append(base.with_name(base.name + "_overlay.png"))
-        overlay(rgb, labels, palette=palette, alpha=overlay_alpha).save(written[-1])
+        blended = overlay(rgb, labels, palette=palette, alpha=overlay_alpha)
+        written.append(write_atomically(base.with_name(base.name + "_overlay.png"), lambda f: blended.save(f, "PNG")))
     if save_probs:
-        written.append(base.with_name(base.name + "_probs.npy"))
-        np.save(written[-1], probs.astype(np.float16))
+        half = probs.astype(np.float16)
+        written.append(write_atomically(base.with_name(base.name + "_probs.npy"), lambda f: np.save(f, half)))
     return written
 
 
