@@ -307,3 +307,33 @@ def test_predict_reads_16_bit_images_as_training_does():
 
     wide = np.array([[0, 257, 65535]], dtype=np.uint16)
     np.testing.assert_array_equal(load_image(Image.fromarray(wide))[0, :, 1], [0, 1, 255])
+
+
+def test_eval_with_skip_bad_counts_each_good_image_once_and_no_bad_one(tmp_path):
+    from deeplab import build_model
+    from deeplab.evaluate import evaluate
+
+    root = _membranes(tmp_path, n=5)
+    (root / "image" / "2.png").write_bytes(b"not a png")
+    ds = build_dataset("folder", root=root, split="all", image_dir="image", mask_dir="label",
+                       classes=("membrane", "cell"), label_map="0:0,255:1", skip_bad=True)
+    with pytest.warns(UserWarning, match="2.png"):
+        res = evaluate(build_model(TINY_MODEL).eval(), ds, input_size=None)
+    assert res["num_images"] == 4  # was 5: the bad image's neighbour counted twice
+    assert sum(map(sum, res["confusion_matrix"])) == 4 * 40 * 40
+    assert [Path(p).name for p, _ in ds.bad_files] == ["2.png"]
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path, capsys):
+    from deeplab import build_model, save_checkpoint
+
+    model = build_model(TINY_MODEL)
+    with torch.no_grad():
+        model.classifier.weight[0, 0, 0, 0] = float("nan")
+    save_checkpoint(model, tmp_path / "nan.pt")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    code = main(["predict", "--checkpoint", str(tmp_path / "nan.pt"), str(tmp_path / "a.png"), "--out",
+                 str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "non-finite weights" in err[0] and "classifier.weight" in err[0]
+    assert not (tmp_path / "out").exists()

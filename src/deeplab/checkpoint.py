@@ -90,10 +90,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint we can read safely"
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        from .convert.torch_weights import _unreadable_message
+
+        # torch's own text would suggest weights_only=False, i.e. running the file's code; say what is refused.
         raise CheckpointError(
-            f"{path}: not a readable deeplab checkpoint ({type(e).__name__}: {reason}); "
-            "write one with `deeplab train` or `deeplab convert`"
+            _unreadable_message(e, source=str(path)) + "; deeplab checkpoints are written by `deeplab train` or "
+            "`deeplab convert`"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         kind = type(data).__name__ if not isinstance(data, dict) else f"dict with keys {sorted(data)[:8]}"
@@ -107,6 +109,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -> DeepLab:
+    bad = next((k for k, v in data["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # it would predict garbage (or one class) without a word
+        raise CheckpointError(
+            f"{source}: holds non-finite weights (NaN or inf, first in {bad}); it cannot predict. Use an earlier "
+            "checkpoint of the run (best.pt, or a last.pt from before the run diverged)"
+        )
     cfg = ModelConfig.from_dict(data["model_config"])
     model = build_model(
         cfg, class_names=data["class_names"], preprocessing=Preprocessing.from_dict(data["preprocessing"])

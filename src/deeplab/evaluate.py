@@ -133,10 +133,15 @@ def evaluate(
     from tqdm import tqdm
 
     images: list[tuple[int, dict[str, Any]]] = []
+    evaluated = 0
     indices = range(rank, total, world_size)
     try:
         for i in tqdm(indices, desc="eval", unit="image", disable=not (progress and rank == 0), dynamic_ncols=True):
-            image, mask = dataset[i]
+            sample = dataset.item_or_none(i) if hasattr(dataset, "item_or_none") else dataset[i]
+            if sample is None:  # a bad file skipped with skip_bad: not counted, not replaced by a neighbour
+                continue
+            image, mask = sample
+            evaluated += 1
             probs = segment_probs(
                 model, image[None].to(device), scales=scales, flip=flip, window=window, overlap=overlap,
                 input_size=size, amp=amp,
@@ -159,7 +164,7 @@ def evaluate(
         model.train(was_training)
     acc.all_reduce()
     result = acc.compute(class_names=model.class_names)
-    result["num_images"] = total
+    result["num_images"] = sum(_gather([evaluated]))
     result["confusion_matrix"] = acc.confusion.tolist()
     result["settings"] = {
         "scales": list(scales), "flip": bool(flip), "window": window, "overlap": overlap if window else None,

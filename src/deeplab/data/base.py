@@ -255,6 +255,20 @@ class SegmentationDataset(Dataset):
             self._bad[index] = reason
             warnings.warn(f"skipping bad sample {index}: {reason}", stacklevel=3)
 
+    def item_or_none(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Sample `index` as `__getitem__` gives it, or None when it is bad and `skip_bad` is on (recorded in
+        `bad_files`). Never a substitute: evaluation counts every good image once and no bad one."""
+        if index in self._bad:
+            return None
+        try:
+            image, mask = self.load(index)
+        except DatasetError as exc:
+            if not self.skip_bad:
+                raise
+            self._mark_bad(index, str(exc))
+            return None
+        return self.transform(image, mask, self.rng_for(index))
+
     def rng_for(self, index: int) -> np.random.Generator:
         """The augmentation generator of sample ``index`` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
