@@ -96,3 +96,16 @@ def test_other_commands_refuse_out_of_range_numbers_naming_the_flag(argv, capsys
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == EXIT_INPUT and f"argument {argv[-2]}" in err and "Traceback" not in err
+
+
+def test_plots_without_matplotlib_fail_before_the_evaluation(tmp_path, capsys, monkeypatch):
+    import sys
+
+    import deeplab.checkpoint
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    read = []
+    monkeypatch.setattr(deeplab.checkpoint, "read_checkpoint", lambda *a, **k: read.append(a) or {})
+    code = main(["eval", "--checkpoint", str(tmp_path / "x.pt"), "--dataset", "synthetic", "--plots", str(tmp_path)])
+    line = _one_line(capsys)
+    assert code == EXIT_INPUT and "--plots needs matplotlib" in line and not read

@@ -414,6 +414,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import init_distributed
     from .evaluate import build_eval_dataset, checkpoint_labels, evaluate, write_plots
 
+    if args.plots:  # before the evaluation, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plots needs matplotlib: pip install 'deeplab[plots]' (or drop --plots)") from None
     device = _device(args.device)
     dist_info = init_distributed(device_type=device.type)
     if device.type == "cuda" and dist_info.enabled:
