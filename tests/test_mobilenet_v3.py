@@ -26,6 +26,10 @@ from deeplab.convert.torch_weights import (
     torchvision_deeplabv3_state_dict,
 )
 
+# Shared with the ResNet importer's tests and the fast path's (pytest puts tests/ on sys.path).
+from test_convert_torch import _bn_f, placeholder_weights, random_weights  # noqa: E402
+from test_fast import _randomise_bn  # noqa: E402
+
 Layout = dict[str, tuple[int, ...]]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -158,38 +162,9 @@ def tv_lraspp_layout(num_classes: int = 21) -> Layout:
     return lay
 
 
-def random_weights(layout: Layout, *, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, shape in layout.items():
-        if k.endswith("num_batches_tracked"):
-            out[k] = torch.tensor(1234)
-        elif k.endswith("running_var"):
-            out[k] = 0.5 + torch.rand(shape, generator=g)
-        elif len(shape) == 4:
-            out[k] = torch.randn(shape, generator=g) * math.sqrt(2.0 / math.prod(shape[1:]))
-        elif k.endswith("weight") and len(shape) == 1:
-            out[k] = 0.5 + 0.5 * torch.rand(shape, generator=g)
-        else:  # BN bias / running_mean, conv and linear biases
-            out[k] = 0.1 * torch.randn(shape, generator=g)
-    return out
-
-
-def placeholder_weights(layout: Layout) -> dict[str, torch.Tensor]:
-    return {
-        k: torch.zeros((), dtype=torch.long) if k.endswith("num_batches_tracked") else torch.zeros(()).expand(shape)
-        for k, shape in layout.items()
-    }
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Reference forwards, following torchvision's forward code
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _bn_f(x, sd, p, eps):
-    stats = sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"]
-    return F.batch_norm(x, *stats, False, 0.0, eps)
 
 
 def reference_tv_mobilenet_v3_features(sd, x, *, arch: str, dilated: bool, prefix: str):
@@ -339,18 +314,6 @@ def test_torchvision_imagenet_file_computes_torchvision_features(arch, output_st
     assert ours["out"].shape[-2:] == (math.ceil(67 / output_stride), math.ceil(53 / output_stride))
     assert_same(ours["out"], ref, rtol=1e-5)
     assert ours["low_level"].shape[-2:] == (17, 14)
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.6)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from torch import nn
 from deeplab import CheckpointError, ModelConfig, build_model, optimize_for_inference
 from deeplab.backbones import BACKBONES
 from deeplab.convert.torch_weights import backbone_state_dict
+from test_fast import _randomise_bn  # shared with the fast path's tests (pytest puts tests/ on sys.path)
 
 
 def _meta_backbone(name: str, **kw) -> nn.Module:
@@ -96,18 +97,6 @@ def test_xception41_strides_and_dilations_at_each_output_stride(output_stride, s
     assert tuple(rates[11:]) == exit_rates
     grid = _meta_backbone("xception41", output_stride=16, multi_grid=(1, 2, 4))
     assert _rates(grid)[12] == [2, 4, 8]
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.6)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 def test_xception41_fast_path_equals_plain_model():
