@@ -88,7 +88,7 @@ def test_train_refuses_out_of_range_numbers_naming_the_flag_before_anything_is_r
 @pytest.mark.parametrize("argv", [
     ["profile", "--size", "0"], ["eval", "--checkpoint", "x.pt", "--window", "3"],
     ["eval", "--checkpoint", "x.pt", "--limit", "0"], ["export", "--checkpoint", "x.pt", "--format", "onnx",
-                                                        "--out", "x.onnx", "--atol", "-1"],
+                                                        "--out", "x.onnx", "--rtol", "-1"],
     ["predict", "--checkpoint", "x.pt", "a.png", "--out", "o", "--alpha", "2"],
 ])
 def test_other_commands_refuse_out_of_range_numbers_naming_the_flag(argv, capsys):

@@ -298,7 +298,7 @@ def test_bad_configurations_name_the_value_and_the_choices():
         ModelConfig(output_stride=4)
     with pytest.raises(ValueError, match="multi_grid needs 3"):
         build_model(ModelConfig(backbone="resnet50", multi_grid=(1, 2)))
-    with pytest.raises(ValueError, match="depth_multiplier=0.5 applies to mobilenet_v2 only"):
+    with pytest.raises(ValueError, match="depth_multiplier=0.5 applies to mobilenet_v2 and mobilenet_edgetpu only"):
         build_model(ModelConfig(backbone="resnet50", depth_multiplier=0.5))
     with pytest.raises(ValueError, match="class names"):
         build_model(ModelConfig(num_classes=3), class_names=["a", "b"])

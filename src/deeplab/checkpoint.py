@@ -73,6 +73,7 @@ def checkpoint_dict(model: DeepLab, **extra: Any) -> dict[str, Any]:
         "class_names": list(model.class_names),
         "preprocessing": model.preprocessing.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **({"activation_rounding": rounding} if (rounding := getattr(model, "activation_rounding", None)) else {}),
         **extra,
     }
 
@@ -120,6 +121,13 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -
         cfg, class_names=data["class_names"], preprocessing=Preprocessing.from_dict(data["preprocessing"])
     )
     load_state_dict_strict(model, data["state_dict"], source=source)
+    if data.get("activation_rounding"):  # a converted uint8 TFLite model: round activations as the file does
+        from .activation_rounding import attach_activation_rounding
+
+        try:
+            attach_activation_rounding(model, data["activation_rounding"], source=source)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     return model
 
 

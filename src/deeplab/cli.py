@@ -206,19 +206,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .convert import convert_file
 
+    from .data.palettes import PALETTES
+
     names = None
-    if args.labels:
-        names = [line.strip() for line in open(args.labels) if line.strip()]
+    if args.labels in PALETTES:
+        names = list(PALETTES[args.labels].class_names)
+    elif args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
     model = convert_file(
         args.src, backbone=args.backbone, num_classes=args.num_classes, output_stride=args.output_stride,
-        decoder=args.decoder, class_names=names,
+        decoder=args.decoder, class_names=names, activation_rounding=not args.float_activations,
     )
     path = save_checkpoint(model, args.out, source=str(args.src))
     cfg = model.config
+    rounding = model.activation_rounding
     print(f"{args.src} -> {path}: {cfg.backbone} (depth multiplier {cfg.depth_multiplier}), output stride "
           f"{cfg.output_stride}, ASPP rates {cfg.rates}, {'decoder' if cfg.decoder else 'no decoder'}, "
           f"{cfg.num_classes} classes, align_corners={cfg.align_corners}, mean {model.preprocessing.mean}, "
-          f"std {model.preprocessing.std}, input size {model.preprocessing.input_size}")
+          f"std {model.preprocessing.std}, input size {model.preprocessing.input_size}"
+          + (f", activations rounded as the uint8 file rounds them ({len(rounding)} places)" if rounding else ""))
     return 0
 
 
@@ -498,14 +505,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = load(args.checkpoint)
     try:
-        res = export_model(model, args.out, format=args.format, sizes=args.check_sizes, atol=args.atol,
+        res = export_model(model, args.out, format=args.format, sizes=args.check_sizes, rtol=args.rtol,
                            opset=args.opset, dynamo=args.dynamo)
     except ExportCheckError as e:
         print(f"deeplab export: FAILED: {e}", file=sys.stderr)
         return 1
-    diffs = ", ".join(f"{k} {v:.2e}" for k, v in res["max_abs_diff"].items())
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in res["max_rel_diff"].items())
+    rounded = " without activation rounding (every rounding is in the file)" if model.activation_rounding else ""
     print(f"{args.checkpoint} -> {res['path']} ({args.format}, {res['seconds']:.1f} s); "
-          f"max |exported - eager| {diffs} (allowed {args.atol:g})")
+          f"max |exported - eager|{rounded} / logit range {diffs} (allowed {args.rtol:g})")
     return 0
 
 
@@ -554,7 +562,10 @@ def _add_eval_predict_export(sub) -> None:
     p.add_argument("--opset", type=_number(int, 17, "17 or newer"), default=17, help="ONNX opset, 17 or newer (default %(default)s)")
     p.add_argument("--check-sizes", type=_sizes_arg, default=((257, 257), (193, 321)),
                    help="input sizes to compare against eager (default 257x257,193x321)")
-    p.add_argument("--atol", type=_number(float, 0, "positive, e.g. 1e-4", strict=True), default=1e-4, help="largest allowed |exported - eager| (default %(default)s)")
+    p.add_argument(
+        "--rtol", type=_number(float, 0, "positive, e.g. 1e-4", strict=True), default=1e-4,
+        help="largest allowed |exported - eager| as a fraction of the eager logits' range (default %(default)s)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -603,7 +614,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classes of the new head (backbone files)")
     p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES, help="(backbone files)")
     p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="(backbone files)")
-    p.add_argument("--labels", help="class names, one per line (default: labelmap.txt beside a .tflite)")
+    p.add_argument(
+        "--labels",
+        help="class names: a text file, one per line, or a built-in dataset's (voc, cityscapes, ade20k, camvid); "
+        "default: labelmap.txt beside a .tflite",
+    )
+    p.add_argument(
+        "--float-activations",
+        action="store_true",
+        help="uint8 .tflite files: compute in plain float instead of rounding every activation as the file does "
+        "(the default, which reproduces the official runtime's output)",
+    )
     p.set_defaults(func=cmd_convert)
 
     _add_eval_predict_export(sub)

@@ -36,7 +36,7 @@ class ModelConfig:
     head_conv: bool = False  # a 3x3 conv + BN + ReLU before the classifier (torchvision's DeepLabHead has one)
     dropout: float = 0.1  # after the ASPP projection; TF keep_prob 0.9
     align_corners: bool = False  # TF-converted models need True
-    depth_multiplier: float = 1.0  # MobileNetV2 only
+    depth_multiplier: float = 1.0  # mobilenet_v2 and mobilenet_edgetpu only
     bn_momentum: float = 0.0003  # PyTorch convention for TF's decay 0.9997 (epsilon is each block's TF value)
     pointrend: bool = False  # a PointRend point head on the stride-4 features (deeplab.pointrend)
     pointrend_train_points: int = 2048  # points per image in training (detectron2's semantic PointRend)

@@ -3,7 +3,8 @@
 Every export takes a normalised (N, 3, H, W) float32 batch named `image` and returns (N, K, H, W) `logits` at the
 input size, with batch, height and width dynamic. After writing, the file is loaded back with its own runtime
 (onnxruntime, torch.jit.load, torch.export.load) and run at two input sizes (by default 257x257 and 193x321: square
-and not, both 16k+1 and not); the largest absolute difference from eager logits must stay under `atol` (1e-4), or
+and not, both 16k+1 and not); the largest absolute difference from eager logits, divided by the range of those logits
+(max - min), must stay under `rtol` (1e-4; an absolute bound fails large models whose logits reach 100 and more), or
 `ExportCheckError` is raised and nothing is written (the file is written and checked under a temporary name). Running at a second size is what catches a size frozen into the
 graph at export time (the classic failure of adaptive pooling and traced `interpolate` sizes).
 
@@ -16,12 +17,13 @@ TorchScript and .pt2 extra files), so a consumer can preprocess without the chec
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,7 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         "align_corners": bool(getattr(cfg, "align_corners", False)),
         "input": "image: float32 (N, 3, H, W), RGB normalised as (x - mean) / std with x in 0..255",
         "output": "logits: float32 (N, K, H, W), at the input size",
+        "activations_rounded_to_uint8": bool(getattr(model, "activation_rounding", None)),
     }
 
 
@@ -173,13 +176,14 @@ def check_export(
     *,
     format: str,
     sizes: Sequence[Sequence[int]] = DEFAULT_CHECK_SIZES,
-    atol: float = 1e-4,
+    rtol: float = 1e-4,
 ) -> dict[str, float]:
     """Run the exported file and eager `model` on the same random inputs at each (H, W) in `sizes` (batch 1 at the
     first size, 2 at the others).
 
-    Returns {"HxW": max abs difference}; raises ExportCheckError naming the file, the size and the difference when
-    one exceeds `atol`, or when the runtime fails on a size (e.g. a size frozen into the graph).
+    Returns {"HxW": max abs difference / range of the eager logits}; raises ExportCheckError naming the file, the
+    size and the difference when one exceeds `rtol`, or when the runtime fails on a size (e.g. a size frozen into the
+    graph).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose from {list(FORMATS)}")
@@ -202,12 +206,78 @@ def check_export(
                 f"{path}: the exported {format} model returns shape {got.shape} at {key}, eager {expected.shape}; "
                 "a size was frozen into the graph at export time"
             )
-        diffs[key] = float(np.abs(got.astype(np.float64) - expected).max())
-        if not diffs[key] <= atol:  # also catches NaN
+        spread = max(float(expected.max() - expected.min()), 1e-12)
+        diffs[key] = float(np.abs(got.astype(np.float64) - expected).max()) / spread
+        if not diffs[key] <= rtol:  # also catches NaN
             raise ExportCheckError(
-                f"{path}: the exported {format} model differs from eager PyTorch by {diffs[key]:.3g} at {key} "
-                f"(allowed {atol:g}); the export is wrong, do not use it (report the model config and torch version)"
+                f"{path}: the exported {format} model differs from eager PyTorch by {diffs[key]:.3g} of the logits' "
+                f"range at {key} (allowed {rtol:g}); the export is wrong, do not use it (report the model config and "
+                "torch version)"
             )
+    return diffs
+
+
+def _write(graph: nn.Module, path: Path, *, format: str, opset: int, dynamo: bool, example_size: Sequence[int]) -> None:
+    if format == "onnx":
+        export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=example_size)
+    elif format == "torchscript":
+        export_torchscript(graph, path, example_size=example_size)
+    else:
+        export_pt2(graph, path, example_size=example_size)
+
+
+def _rounding_ops(path: Path, format: str) -> int:
+    """How many activation roundings the exported file holds (ONNX QuantizeLinear, TorchScript / torch.export
+    fake_quantize calls)."""
+    if format == "onnx":
+        import onnx
+
+        return sum(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node)
+    if format == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            graph = torch.jit.load(str(path), map_location="cpu").inlined_graph
+        return sum(node.kind() == "aten::fake_quantize_per_tensor_affine" for node in graph.nodes())
+    program = torch.export.load(str(path))
+    return sum("fake_quantize_per_tensor_affine" in str(node.target) for node in program.graph.nodes)
+
+
+def _check_rounded(
+    path: Path,
+    model: nn.Module,
+    graph: nn.Module,
+    *,
+    write: Callable[[nn.Module, Path], None],
+    format: str,
+    sizes: Sequence[Sequence[int]],
+    rtol: float,
+) -> dict[str, float]:
+    """Verify the export of a model that rounds its activations. Rounding makes the function a staircase, on which
+    two runtimes' 1e-6 float differences move whole steps (random inputs: 6-22% of the argmax), so the numbers are
+    checked on the model without rounding, exported the same way, with `rtol`; the file itself must run at every
+    size with the right shape and hold every rounding of the model's table."""
+    from .activation_rounding import without_activation_rounding
+
+    twin_path = path.with_name(f"{path.stem}.float{path.suffix}")
+    try:
+        write(without_activation_rounding(graph), twin_path)
+        diffs = check_export(twin_path, without_activation_rounding(model), format=format, sizes=sizes, rtol=rtol)
+    except ExportCheckError as e:
+        raise ExportCheckError(f"{str(e).replace(str(twin_path), str(path))} (checked without activation rounding)") from None
+    finally:
+        twin_path.unlink(missing_ok=True)
+    run = _runner(path, format)
+    for k, size in enumerate(sizes):
+        x = _example(size, seed=k + 1, batch=1 if k == 0 else 2)
+        got = run(x.numpy())
+        if got.shape != (x.shape[0], model.config.num_classes, *x.shape[2:]):
+            raise ExportCheckError(f"{path}: the exported {format} model returns shape {got.shape} at {size}")
+    found, expected = _rounding_ops(path, format), len(model.activation_rounding)
+    if found != expected:
+        raise ExportCheckError(
+            f"{path}: the exported {format} model rounds {found} activations where the model rounds {expected}; "
+            "the export is wrong, do not use it (report the model config and torch version)"
+        )
     return diffs
 
 
@@ -217,14 +287,14 @@ def export_model(
     *,
     format: str,
     sizes: Sequence[Sequence[int]] = DEFAULT_CHECK_SIZES,
-    atol: float = 1e-4,
+    rtol: float = 1e-4,
     opset: int = MIN_OPSET,
     dynamo: bool = False,
     fold_bn: bool = True,
 ) -> dict[str, Any]:
     """Export `model` (in eval mode, on CPU, float32) to `path` and verify it at every size in `sizes`.
 
-    Returns {"path", "format", "max_abs_diff": {"HxW": diff}, "seconds"}. On a failed check nothing is written at
+    Returns {"path", "format", "max_rel_diff": {"HxW": max abs difference / logit range}, "seconds"}. On a failed check nothing is written at
     `path` and ExportCheckError is raised. `opset` and `dynamo` apply to ONNX only. With `fold_bn` the exported graph has its
     BatchNorms folded into the convolutions (`deeplab.fast`); it is still checked against the unfolded eager model.
     Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
@@ -240,6 +310,12 @@ def export_model(
             "points each) is computed from the input size while tracing, so the graph holds it as constants. Pass the "
             f"size you will run at twice, e.g. --check-sizes 513x513,513x513 (got {[list(s) for s in sizes]})"
         )
+    if format == "pt2" and getattr(model, "activation_rounding", None):
+        raise ValueError(
+            "this model rounds its activations as its uint8 .tflite file does, and torch.export cannot trace that "
+            "rounding (fake_quantize has no meta kernel); export it with --format onnx or torchscript, or convert the "
+            ".tflite again with --float-activations for a plain float model"
+        )
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("export a model on the CPU: load it with deeplab.load(path), which maps to the CPU")
     started = time.perf_counter()
@@ -250,19 +326,18 @@ def export_model(
     # Written and checked under a temporary name, renamed only once it passes: a failed check, a full disk or a
     # crash never leaves a file at `path` (nor replaces one that was there).
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    write = functools.partial(_write, format=format, opset=opset, dynamo=dynamo, example_size=sizes[0])
     try:
-        if format == "onnx":
-            export_onnx(graph, partial, opset=opset, dynamo=dynamo, example_size=sizes[0])
-        elif format == "torchscript":
-            export_torchscript(graph, partial, example_size=sizes[0])
-        else:
-            export_pt2(graph, partial, example_size=sizes[0])
+        write(graph, partial)
         try:
-            diffs = check_export(partial, model, format=format, sizes=sizes, atol=atol)
+            if getattr(model, "activation_rounding", None):
+                diffs = _check_rounded(partial, model, graph, write=write, format=format, sizes=sizes, rtol=rtol)
+            else:
+                diffs = check_export(partial, model, format=format, sizes=sizes, rtol=rtol)
         except ExportCheckError as e:  # name the file the user asked for
             raise ExportCheckError(str(e).replace(str(partial), str(path))) from None
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
         model.train(was_training)
-    return {"path": str(path), "format": format, "max_abs_diff": diffs, "seconds": time.perf_counter() - started}
+    return {"path": str(path), "format": format, "max_rel_diff": diffs, "seconds": time.perf_counter() - started}

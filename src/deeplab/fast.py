@@ -86,7 +86,11 @@ def fold_batchnorm(model: nn.Module) -> int:
         for conv_name, bn_name in _PAIRS:
             conv, bn = children.get(conv_name), children.get(bn_name)
             if type(conv) in (nn.Conv2d, DepthwiseConv2d, TapSkippingConv2d) and type(bn) is nn.BatchNorm2d:
-                setattr(module, conv_name, fold_conv_bn(conv, bn))
+                folded_conv = fold_conv_bn(conv, bn)
+                # Hooks on the conv (a converted uint8 model's activation rounding) stay with its replacement.
+                folded_conv._forward_hooks.update(conv._forward_hooks)
+                folded_conv._forward_pre_hooks.update(conv._forward_pre_hooks)
+                setattr(module, conv_name, folded_conv)
                 setattr(module, bn_name, nn.Identity())
                 folded += 1
     return folded

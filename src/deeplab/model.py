@@ -45,6 +45,9 @@ class DeepLab(nn.Module):
         self.head_conv = head_conv
         self.classifier = classifier
         self.point_head = point_head
+        # A converted uint8 model's activation rounding ({site: (scale, zero point)}), or None: see
+        # deeplab.activation_rounding, which installs it.
+        self.activation_rounding: dict[str, tuple[float, int]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (N, K, H, W). With PointRend in training mode, a dict: `logits` (the coarse prediction at input
@@ -89,6 +92,9 @@ class DeepLab(nn.Module):
         return new.train(self.training).to(next(self.parameters()).device)
 
 
+DEPTH_MULTIPLIER_BACKBONES = ("mobilenet_v2", "mobilenet_edgetpu")
+
+
 def build_backbone(cfg: ModelConfig) -> Backbone:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
@@ -96,8 +102,11 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     if cfg.multi_grid is not None:
         kwargs["multi_grid"] = cfg.multi_grid
     if cfg.depth_multiplier != 1.0:
-        if cfg.backbone != "mobilenet_v2":
-            raise ValueError(f"depth_multiplier={cfg.depth_multiplier} applies to mobilenet_v2 only, not {cfg.backbone!r}")
+        if cfg.backbone not in DEPTH_MULTIPLIER_BACKBONES:
+            raise ValueError(
+                f"depth_multiplier={cfg.depth_multiplier} applies to {' and '.join(DEPTH_MULTIPLIER_BACKBONES)} only, "
+                f"not {cfg.backbone!r}"
+            )
         kwargs["depth_multiplier"] = cfg.depth_multiplier
     return BACKBONES[cfg.backbone](**kwargs)
 

@@ -2,6 +2,7 @@
 returns a `Backbone` whose forward gives {"low_level": stride-4 feature, "out": output-stride feature}."""
 
 from .common import Backbone, atrous_plan
+from .mobilenet_edgetpu import MobileNetEdgeTPU, mobilenet_edgetpu
 from .mobilenet_v2 import MobileNetV2, mobilenet_v2
 from .mobilenet_v3 import MobileNetV3, mobilenet_v3_large, mobilenet_v3_small
 from .resnet import ResNet, resnet50, resnet50_beta, resnet101, resnet101_beta
@@ -18,6 +19,7 @@ BACKBONES = {
     "mobilenet_v2": mobilenet_v2,
     "mobilenet_v3_large": mobilenet_v3_large,
     "mobilenet_v3_small": mobilenet_v3_small,
+    "mobilenet_edgetpu": mobilenet_edgetpu,
 }
 
-__all__ = ["BACKBONES", "Backbone", "MobileNetV2", "MobileNetV3", "ResNet", "Xception", "atrous_plan"]
+__all__ = ["BACKBONES", "Backbone", "MobileNetEdgeTPU", "MobileNetV2", "MobileNetV3", "ResNet", "Xception", "atrous_plan"]

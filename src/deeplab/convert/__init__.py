@@ -29,10 +29,12 @@ def convert_file(
     output_stride: int = 16,
     decoder: bool = True,
     class_names: Sequence[str] | None = None,
+    activation_rounding: bool = True,
 ) -> DeepLab:
     """Import `src` as a DeepLab (eval mode).
 
-    - an official TF DeepLab `.tflite` (float or quantized): the whole model, architecture read from the file;
+    - an official TF DeepLab `.tflite` (float or quantized): the whole model, architecture read from the file; a
+      uint8 file's activation rounding too unless `activation_rounding=False` (deeplab.activation_rounding);
     - torchvision's `deeplabv3_resnet50/101` or `deeplabv3_mobilenet_v3_large` state dict: the whole model;
     - an ImageNet backbone (torchvision / timm ResNet-50/101, timm aligned Xception-41/65/71, torchvision
       MobileNetV3-Large/Small): a DeepLab with that backbone and freshly initialised heads; `backbone=` names which
@@ -47,7 +49,7 @@ def convert_file(
     if _is_tflite(path):
         from .tflite import load_tflite
 
-        return load_tflite(path, class_names=class_names)
+        return load_tflite(path, class_names=class_names, activation_rounding=activation_rounding)
     from .torch_weights import (
         backbone_state_dict,
         load_torchvision_deeplabv3,

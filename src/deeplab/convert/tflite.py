@@ -1,14 +1,16 @@
-"""Import the official TensorFlow DeepLab MobileNetV2 TFLite models (float and uint8-quantized) exactly.
+"""Import the official TensorFlow DeepLab MobileNetV2 and MobileNet-EdgeTPU TFLite models (float and uint8) exactly.
 
 Two steps, each usable alone:
 
 - `read_tflite_graph(path)` parses the flatbuffer (subgraph 0) into a plain `TFLiteGraph`: the ops in execution
   order with their tensors and options, every tensor's shape and quantization, and the constant tensors
   dequantized to float32. Nothing here knows about DeepLab.
-- `model_from_graph(graph)` walks that graph from the input tensor, recognises MobileNetV2 (stem, 17 inverted
-  residuals), the ASPP head and the logits, reads the architecture from it (depth multiplier, output stride, ASPP
-  branches, image pooling, number of classes, `align_corners`, input normalisation and size), builds the model with
-  `build_model` and loads the weights. Every op of the graph must be accounted for: an op the walk cannot place is
+- `model_from_graph(graph)` walks that graph from the input tensor, recognises the backbone by its blocks
+  (MobileNetV2: stem, 17 inverted residuals; MobileNet-EdgeTPU: stem, 22 fused or inverted blocks, a last 1x1
+  conv), the ASPP head (image pooling broadcast by a resize or by TILE) and the logits, reads the architecture
+  from it (depth multiplier, output stride, ASPP branches, image pooling, number of classes, `align_corners`, input
+  normalisation and size), builds the model with `build_model` and loads the weights. For a uint8 file it also
+  reads where and how the file rounds activations (`deeplab.activation_rounding`). Every op of the graph must be accounted for: an op the walk cannot place is
   an error, never silently dropped.
 
 `load_tflite(path)` does both and picks the class names.
@@ -31,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones.mobilenet_edgetpu import EDGETPU_BLOCKS, MobileNetEdgeTPU
 from ..backbones.mobilenet_v2 import MobileNetV2
+from ..activation_rounding import attach_activation_rounding
 from ..checkpoint import load_state_dict_strict
 from ..config import OUTPUT_STRIDES, TF_MEAN, TF_STD, ModelConfig, Preprocessing
 from ..model import DeepLab, build_model
@@ -50,6 +54,7 @@ SUPPORTED_OPS = (
     "RESIZE_BILINEAR",
     "CONCATENATION",
     "ARG_MAX",
+    "TILE",
     *REPRESENTATION_OPS,
 )
 NUM_MOBILENET_V2_BLOCKS = 17  # the inverted residuals of MobileNetV2 Table 2 (1 + 2 + 3 + 4 + 3 + 3 + 1)
@@ -465,7 +470,10 @@ class _Walk:
 @dataclass
 class _Plan:
     stem: TFLiteOp | None = None
-    blocks: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # kind, expand, depthwise, project, residual
+    final: TFLiteOp | None = None  # the backbone's last 1x1 conv (MobileNet-EdgeTPU's Conv_1)
+    pool: TFLiteOp | None = None  # the image pooling's AVERAGE_POOL_2D / MEAN
+    concat: TFLiteOp | None = None  # the ASPP concatenation
     pooling: TFLiteOp | None = None
     aspp_branches: list[tuple[str, TFLiteOp, int]] = field(default_factory=list)  # (kind, conv op, rate)
     projection: TFLiteOp | None = None
@@ -473,6 +481,103 @@ class _Plan:
     align_corners: bool = False
     argmax: bool = False  # the file ends in ARG_MAX (the quantized one); our model returns the logits before it
     alias: dict[str, str] = field(default_factory=dict)  # QUANTIZE/DEQUANTIZE outputs -> the tensor they re-store
+
+_CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+# A block's convs from its input to its linear projection, by op type and kernel: which of our layers each fills.
+_BLOCK_KINDS = {
+    ("1x1",): "project",  # MobileNet-EdgeTPU's first block (expansion 1, fused: the projection alone)
+    ("dw", "1x1"): "depthwise",  # MobileNetV2's first block (expansion 1)
+    ("kxk", "1x1"): "fused",  # MobileNet-EdgeTPU's fused blocks: a full kxk conv expands
+    ("1x1", "dw", "1x1"): "inverted",  # the inverted residual: 1x1 expand, depthwise, 1x1 project
+}
+
+
+def _conv_chain(w: _Walk, op: TFLiteOp) -> list[TFLiteOp] | None:
+    """The convs of one block starting at `op`, ending at the first conv with no fused activation (the linear
+    projection); None when `op` does not start a block (the head begins, or the backbone's last 1x1 conv)."""
+    chain = [op]
+    while chain[-1].options.get("activation", "NONE") != "NONE":
+        users = w.users(w.output(chain[-1]))
+        if len(chain) == 3 or len(users) != 1 or users[0].type not in _CONV_OPS:
+            return None
+        chain.append(users[0])
+    return chain
+
+
+def _block_kind(w: _Walk, chain: list[TFLiteOp]) -> str:
+    shape = []
+    for op in chain:
+        if op.type == "DEPTHWISE_CONV_2D":
+            shape.append("dw")
+        else:
+            shape.append("1x1" if _kernel(w, op) == (1, 1) else "kxk")
+    kind = _BLOCK_KINDS.get(tuple(shape))
+    if kind is None:
+        raise w.error(chain[-1], f"ends a block of convs {shape}, which is no MobileNet block (expected one of "
+                      f"{[list(k) for k in _BLOCK_KINDS]})")
+    return kind
+
+
+def _walk_backbone(w: _Walk, plan: _Plan, x: str) -> str:
+    """Blocks from the stem's output to the backbone's output (returned), then the backbone's last 1x1 conv if the
+    file has one (MobileNet-EdgeTPU's 1280-channel `Conv_1`)."""
+    while True:
+        convs = [u for u in w.users(x) if u.type != "ADD"]
+        adds = [u for u in w.users(x) if u.type == "ADD"]
+        if len(convs) != 1 or convs[0].type not in _CONV_OPS:
+            return x
+        chain = _conv_chain(w, convs[0])
+        if chain is None:
+            last = convs[0]
+            if not adds and last.type == "CONV_2D" and _kernel(w, last) == (1, 1) and len(w.users(w.output(last))) > 1:
+                plan.final = w.visit(last)  # read by several head branches: the backbone's last conv
+                return w.output(last)
+            return x  # a head conv: the ASPP begins here
+        for op in chain:
+            w.visit(op)
+        kind = _block_kind(w, chain)
+        if len(adds) > 1:
+            raise w.error(adds[1], "is a second residual ADD on one block input")
+        project = chain[-1]
+        y = w.output(project)
+        residual = None
+        if adds:
+            residual = adds[0]
+            operands = {w.input(residual, 0), w.input(residual, 1)} if len(residual.inputs) == 2 else set()
+            if operands != {x, y}:
+                raise w.error(residual, "does not add a block's input to its projection (not a MobileNet residual)")
+            w.only_user(y, ("ADD",), after=project)
+            x = w.output(w.visit(residual))
+        else:
+            x = y
+        spatial = [op for op in chain[:-1] if kind != "inverted" or op.type == "DEPTHWISE_CONV_2D"]
+        plan.blocks.append(
+            {
+                "kind": kind,
+                "expand": chain[0] if kind in ("fused", "inverted") else None,
+                "depthwise": spatial[-1] if kind in ("depthwise", "inverted") else None,
+                "project": project,
+                "residual": residual,
+            }
+        )
+
+
+def _backbone_name(graph: TFLiteGraph, plan: _Plan) -> str:
+    """mobilenet_v2 or mobilenet_edgetpu, from the block kinds and the block count."""
+    kinds = [b["kind"] for b in plan.blocks]
+    edgetpu = plan.final is not None or "fused" in kinds or "project" in kinds
+    name, count = ("mobilenet_edgetpu", len(EDGETPU_BLOCKS)) if edgetpu else ("mobilenet_v2", NUM_MOBILENET_V2_BLOCKS)
+    if len(plan.blocks) != count or (edgetpu and plan.final is None):
+        op = plan.blocks[-1]["project"] if plan.blocks else plan.stem
+        looks = "MobileNet-EdgeTPU" if edgetpu else "MobileNetV2"
+        raise _op_error(
+            graph.source,
+            op,
+            f" ends the backbone after {len(plan.blocks)} blocks{'' if plan.final is None else ' and a 1x1 conv'}; "
+            f"it looks like {looks}, which has {count}{' and a last 1x1 conv' if edgetpu else ''} (another "
+            "backbone, or a DeepLabv3+ decoder tap, which is not supported)",
+        )
+    return name
 
 
 def _walk(graph: TFLiteGraph) -> _Plan:
@@ -488,44 +593,7 @@ def _walk(graph: TFLiteGraph) -> _Plan:
             f"{graph.source}: the input tensor {graph.inputs[0]!r} feeds {found}; MobileNetV2 starts with one CONV_2D"
         )
     plan.stem = w.visit(first[0])
-    x = w.output(plan.stem)
-
-    # Inverted residuals: [1x1 expand] -> depthwise 3x3 -> 1x1 project [-> ADD with the block input].
-    while True:
-        convs = [u for u in w.users(x) if u.type != "ADD"]
-        adds = [u for u in w.users(x) if u.type == "ADD"]
-        if len(convs) != 1 or convs[0].type not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-            break
-        expand = None
-        if convs[0].type == "CONV_2D":
-            nxt = w.users(w.output(convs[0]))
-            if len(nxt) != 1 or nxt[0].type != "DEPTHWISE_CONV_2D":
-                break  # a 1x1 conv not followed by a depthwise: the ASPP head begins here
-            expand, depthwise = w.visit(convs[0]), w.visit(nxt[0])
-        else:
-            depthwise = w.visit(convs[0])
-        if len(adds) > 1:
-            raise w.error(adds[1], "is a second residual ADD on one block input")
-        project = w.visit(w.only_user(w.output(depthwise), ("CONV_2D",), after=depthwise))
-        y = w.output(project)
-        residual = None
-        if adds:
-            residual = adds[0]
-            operands = {w.input(residual, 0), w.input(residual, 1)} if len(residual.inputs) == 2 else set()
-            if operands != {x, y}:
-                raise w.error(residual, "does not add a block's input to its projection (not a MobileNetV2 residual)")
-            w.only_user(y, ("ADD",), after=project)
-            x = w.output(w.visit(residual))
-        else:
-            x = y
-        plan.blocks.append({"expand": expand, "depthwise": depthwise, "project": project, "residual": residual})
-    if len(plan.blocks) != NUM_MOBILENET_V2_BLOCKS:
-        where = w.users(x)[0] if w.users(x) else (plan.blocks[-1]["project"] if plan.blocks else plan.stem)
-        raise w.error(
-            where,
-            f"ends the backbone after {len(plan.blocks)} inverted residual blocks; MobileNetV2 has "
-            f"{NUM_MOBILENET_V2_BLOCKS} (another backbone, or a DeepLabv3+ decoder tap, which is not mapped)",
-        )
+    x = _walk_backbone(w, plan, w.output(plan.stem))
     backbone_out = x
     _, fh, fw, _ = w.shape(plan.blocks[-1]["project"], backbone_out, 4)
 
@@ -536,7 +604,7 @@ def _walk(graph: TFLiteGraph) -> _Plan:
         if user.type in ("AVERAGE_POOL_2D", "MEAN"):
             if plan.pooling is not None:
                 raise w.error(user, f"is a second image pooling branch (op {plan.pooling.index} is the first)")
-            pool = w.visit(user)
+            pool = plan.pool = w.visit(user)
             if user.type == "AVERAGE_POOL_2D":
                 if user.options.get("filter") != (fh, fw) or user.options.get("padding") != "VALID":
                     raise w.error(
@@ -550,9 +618,15 @@ def _walk(graph: TFLiteGraph) -> _Plan:
                 if not spatial or not user.options.get("keep_dims"):
                     raise w.error(user, "is not a mean over height and width keeping dims (image pooling)")
             conv = w.visit(w.only_user(w.output(pool), ("CONV_2D",), after=pool))
-            resize = w.visit(w.only_user(w.output(conv), ("RESIZE_BILINEAR",), after=conv))
+            # Back to the feature's size: a bilinear resize of the 1x1 map, or TILE (the same values, copied).
+            resize = w.visit(w.only_user(w.output(conv), ("RESIZE_BILINEAR", "TILE"), after=conv))
             if w.shape(resize, w.output(resize), 4)[1:3] != (fh, fw):
                 raise w.error(resize, f"does not broadcast the pooled feature back to {fh}x{fw}")
+            if resize.type == "TILE":
+                multiples = graph.constants.get(w.input(resize, 1)) if len(resize.inputs) > 1 else None
+                pooled = w.shape(resize, w.input(resize, 0), 4)
+                if multiples is None or [int(m) for m in np.ravel(multiples)] != [1, fh, fw, 1] or pooled[1:3] != (1, 1):
+                    raise w.error(resize, f"tiles a {pooled} tensor by {multiples}; image pooling tiles 1x1 to {fh}x{fw}")
             plan.pooling = conv
             branch_ends[w.output(resize)] = ("pooling", conv, 0)
             end = w.output(resize)
@@ -576,7 +650,7 @@ def _walk(graph: TFLiteGraph) -> _Plan:
         concat = nxt
     if concat is None:
         raise w.error(plan.blocks[-1]["project"], "is the backbone output but no ASPP head reads it")
-    w.visit(concat)
+    plan.concat = w.visit(concat)
     if concat.options.get("axis") not in (3, -1):
         raise w.error(concat, f"concatenates along axis {concat.options.get('axis')}; ASPP concatenates channels (3)")
     for name in concat.inputs:
@@ -634,18 +708,25 @@ def _kernel(w: _Walk, op: TFLiteOp) -> tuple[int, int]:
     return shape[1], shape[2]
 
 
-def _depth_multiplier(graph: TFLiteGraph, plan: _Plan, weights: dict[int, np.ndarray], output_stride: int) -> float:
+_BUILDERS = {"mobilenet_v2": MobileNetV2, "mobilenet_edgetpu": MobileNetEdgeTPU}
+_NAMES = {"mobilenet_v2": "MobileNetV2", "mobilenet_edgetpu": "MobileNet-EdgeTPU"}
+
+
+def _depth_multiplier(
+    graph: TFLiteGraph, plan: _Plan, weights: dict[int, np.ndarray], output_stride: int, backbone: str
+) -> float:
     """stem channels / 32, checked against every block; TF's published multipliers are the fallback, since TF
     rounds 32 * dm (0.35 -> 11 channels, and 11 / 32 would not reproduce the later layers)."""
     stem_channels = weights[plan.stem.index].shape[0]
+    # (expanded, output) channels of each block: the projection's input and output widths.
     file_channels = [
-        (weights[b["depthwise"].index].shape[0], weights[b["project"].index].shape[0]) for b in plan.blocks
+        (weights[b["project"].index].shape[1], weights[b["project"].index].shape[0]) for b in plan.blocks
     ]
     candidates = [stem_channels / 32, *KNOWN_DEPTH_MULTIPLIERS]
     best: tuple[int, float] | None = None
     for dm in candidates:
         with torch.device("meta"):
-            net = MobileNetV2(depth_multiplier=dm, output_stride=output_stride)
+            net = _BUILDERS[backbone](depth_multiplier=dm, output_stride=output_stride)
         if net.stem.conv.out_channels != stem_channels:
             continue
         ours = [(b.hidden_channels, b.project.conv.out_channels) for b in net.blocks]
@@ -656,17 +737,18 @@ def _depth_multiplier(graph: TFLiteGraph, plan: _Plan, weights: dict[int, np.nda
     i, dm = best if best is not None else (0, stem_channels / 32)
     op = plan.blocks[i]["project"] if i < len(plan.blocks) else plan.stem
     found = file_channels[i] if i < len(file_channels) else "?"
+    name = _NAMES[backbone]
     raise _op_error(
         graph.source,
         op,
-        f": MobileNetV2 block {i} has (expanded, output) channels {found}, which no depth multiplier reproduces "
-        f"(stem {stem_channels} channels suggests {stem_channels / 32:g}); not an official MobileNetV2"
+        f": {name} block {i} has (expanded, output) channels {found}, which no depth multiplier reproduces "
+        f"(stem {stem_channels} channels suggests {stem_channels / 32:g}); not an official {name}"
     )
 
 
 def _output_stride(graph: TFLiteGraph, plan: _Plan) -> int:
     stride = 1
-    for op in [plan.stem] + [b["depthwise"] for b in plan.blocks]:
+    for op in [plan.stem] + [b[k] for b in plan.blocks for k in ("expand", "depthwise") if b[k] is not None]:
         sh, sw = op.options.get("stride", (1, 1))
         if sh != sw:
             raise _op_error(
@@ -683,13 +765,16 @@ def _output_stride(graph: TFLiteGraph, plan: _Plan) -> int:
     return stride
 
 
-def model_from_graph(graph: TFLiteGraph, *, class_names: Sequence[str] | None = None) -> DeepLab:
-    """Map a TFLite DeepLab MobileNetV2 graph onto `build_model` and load its weights (eval mode).
+def model_from_graph(
+    graph: TFLiteGraph, *, class_names: Sequence[str] | None = None, activation_rounding: bool = True
+) -> DeepLab:
+    """Map a TFLite DeepLab MobileNetV2 / MobileNet-EdgeTPU graph onto `build_model` and load its weights (eval mode).
+    A uint8 file's activation rounding is attached unless `activation_rounding=False` (deeplab.activation_rounding).
 
     Raises `TFLiteImportError` naming the op type, its index and tensor for any part of the graph that does not map.
     """
     try:
-        return _model_from_graph(graph, class_names)
+        return _model_from_graph(graph, class_names, activation_rounding)
     except TFLiteImportError:
         raise
     except Exception as e:  # a graph odd enough to trip the walk itself still gets one clear error naming the file
@@ -699,65 +784,129 @@ def model_from_graph(graph: TFLiteGraph, *, class_names: Sequence[str] | None = 
         ) from None
 
 
-def _model_from_graph(graph: TFLiteGraph, class_names: Sequence[str] | None) -> DeepLab:
+def _model_from_graph(
+    graph: TFLiteGraph, class_names: Sequence[str] | None, activation_rounding: bool
+) -> DeepLab:
     plan = _walk(graph)
-    convs = [plan.stem]
+    backbone = _backbone_name(graph, plan)
+    convs = [plan.stem] + ([plan.final] if plan.final is not None else [])
     for block in plan.blocks:
         convs += [op for op in (block["expand"], block["depthwise"], block["project"]) if op is not None]
     convs += [op for _, op, _ in plan.aspp_branches] + [plan.projection, plan.logits]
     params = {op.index: _conv_weights(graph, op, plan.alias) for op in convs}  # OIHW weights and biases
     weights = {index: weight for index, (weight, _) in params.items()}
-    output_stride = _output_stride(graph, plan)
-    depth_multiplier = _depth_multiplier(graph, plan, weights, output_stride)
-    kinds = [kind for kind, _, _ in plan.aspp_branches]
-    if kinds.count("1x1") != 1:
-        raise TFLiteImportError(f"{graph.source}: the ASPP head has {kinds.count('1x1')} 1x1 branches; DeepLab has one")
-    rates = tuple(rate for kind, _, rate in plan.aspp_branches if kind == "atrous")
-    if len(set(rates)) != len(rates):
-        raise TFLiteImportError(f"{graph.source}: the ASPP head repeats an atrous rate {sorted(rates)}; not mapped")
-    aspp_channels = weights[plan.projection.index].shape[0]
-    num_classes = weights[plan.logits.index].shape[0]
-    if class_names is not None and len(class_names) != num_classes:
-        raise TFLiteImportError(
-            f"{graph.source}: {len(class_names)} class names given for the file's {num_classes} classes; "
-            "give one per class"
-        )
-    cfg = ModelConfig(
-        backbone="mobilenet_v2",
-        num_classes=num_classes,
-        output_stride=output_stride,
-        atrous_rates=tuple(sorted(rates)),
-        decoder=False,
-        image_pooling=plan.pooling is not None,
-        aspp_channels=aspp_channels,
-        align_corners=plan.align_corners,
-        depth_multiplier=depth_multiplier,
-    )
+    cfg = _config(graph, plan, weights, backbone, class_names)
     model = build_model(cfg, class_names=class_names, preprocessing=_preprocessing(graph))
-
-    # Which file conv fills which of our modules, and the fused activation it must carry.
-    places: list[tuple[TFLiteOp, str, str]] = [(plan.stem, "backbone.stem", "RELU6")]
-    for i, block in enumerate(plan.blocks):
-        if block["expand"] is not None:
-            places.append((block["expand"], f"backbone.blocks.{i}.expand", "RELU6"))
-        places.append((block["depthwise"], f"backbone.blocks.{i}.depthwise", "RELU6"))
-        places.append((block["project"], f"backbone.blocks.{i}.project", "NONE"))
-    branch_index = {rate: 1 + j for j, rate in enumerate(cfg.rates)}
-    for kind, op, rate in plan.aspp_branches:
-        atrous = f"aspp.branches.{branch_index.get(rate)}"
-        module = {"pooling": "aspp.pooling", "1x1": "aspp.branches.0"}.get(kind, atrous)
-        places.append((op, module, "RELU"))
-    places.append((plan.projection, "aspp.project", "RELU"))
-    places.append((plan.logits, "classifier", "NONE"))
-
     modules = dict(model.named_modules())
     state: dict[str, torch.Tensor] = {}
+    places = _places(graph, plan, model)
+    rounding = _rounding_table(graph, plan, places) if activation_rounding else {}
     for op, module_name, activation in places:
         _check_conv(graph, op, modules[module_name], activation)
         weight, bias = params[op.index]
         if module_name == "aspp.project":
             weight = _reorder_projection(graph, plan, weight, cfg)
         _fill(state, modules[module_name], module_name, weight, bias, graph, op)
+    _check_residuals(graph, plan, model)
+    # num_batches_tracked is bookkeeping for training; keep the fresh model's.
+    for key, value in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = value
+    load_state_dict_strict(model, state, source=graph.source)
+    if rounding:
+        attach_activation_rounding(model, rounding, source=graph.source)
+    return model.eval()
+
+
+def _config(
+    graph: TFLiteGraph,
+    plan: _Plan,
+    weights: dict[int, np.ndarray],
+    backbone: str,
+    class_names: Sequence[str] | None,
+) -> ModelConfig:
+    output_stride = _output_stride(graph, plan)
+    depth_multiplier = _depth_multiplier(graph, plan, weights, output_stride, backbone)
+    kinds = [kind for kind, _, _ in plan.aspp_branches]
+    if kinds.count("1x1") != 1:
+        raise TFLiteImportError(f"{graph.source}: the ASPP head has {kinds.count('1x1')} 1x1 branches; DeepLab has one")
+    rates = tuple(rate for kind, _, rate in plan.aspp_branches if kind == "atrous")
+    if len(set(rates)) != len(rates):
+        raise TFLiteImportError(f"{graph.source}: the ASPP head repeats an atrous rate {sorted(rates)}; not mapped")
+    num_classes = weights[plan.logits.index].shape[0]
+    if class_names is not None and len(class_names) != num_classes:
+        raise TFLiteImportError(
+            f"{graph.source}: {len(class_names)} class names given for the file's {num_classes} classes; "
+            "give one per class"
+        )
+    return ModelConfig(
+        backbone=backbone,
+        num_classes=num_classes,
+        output_stride=output_stride,
+        atrous_rates=tuple(sorted(rates)),
+        decoder=False,
+        image_pooling=plan.pooling is not None,
+        aspp_channels=weights[plan.projection.index].shape[0],
+        align_corners=plan.align_corners,
+        depth_multiplier=depth_multiplier,
+    )
+
+
+def _places(graph: TFLiteGraph, plan: _Plan, model: DeepLab) -> list[tuple[TFLiteOp, str, str]]:
+    """Which file conv fills which of our modules, and the fused activation it must carry (MobileNetV2: ReLU6,
+    MobileNet-EdgeTPU: ReLU; the projections are linear)."""
+    act = "RELU6" if model.config.backbone == "mobilenet_v2" else "RELU"
+    places: list[tuple[TFLiteOp, str, str]] = [(plan.stem, "backbone.stem", act)]
+    for i, block in enumerate(plan.blocks):
+        ours = model.backbone.blocks[i]
+        for part in ("expand", "depthwise"):
+            if (block[part] is None) != (getattr(ours, part) is None):
+                op = block[part] or block["project"]
+                raise _op_error(
+                    graph.source,
+                    op,
+                    f": block {i} {'lacks' if block[part] is None else 'has'} an {part} conv, which "
+                    f"{_NAMES[model.config.backbone]} {'has' if block[part] is None else 'does not have'} there",
+                )
+            if block[part] is not None:
+                places.append((block[part], f"backbone.blocks.{i}.{part}", act))
+        places.append((block["project"], f"backbone.blocks.{i}.project", "NONE"))
+    if plan.final is not None:
+        places.append((plan.final, "backbone.final", act))
+    branch_index = {rate: 1 + j for j, rate in enumerate(model.config.rates)}
+    for kind, op, rate in plan.aspp_branches:
+        atrous = f"aspp.branches.{branch_index.get(rate)}"
+        module = {"pooling": "aspp.pooling", "1x1": "aspp.branches.0"}.get(kind, atrous)
+        places.append((op, module, "RELU"))
+    places.append((plan.projection, "aspp.project", "RELU"))
+    places.append((plan.logits, "classifier", "NONE"))
+    return places
+
+
+def _rounding_table(
+    graph: TFLiteGraph, plan: _Plan, places: list[tuple[TFLiteOp, str, str]]
+) -> dict[str, tuple[float, int]]:
+    """Where a uint8 file rounds an activation, and to which scale and zero point (deeplab.activation_rounding):
+    every conv's output, every residual sum, the concatenation before the projection, the pooled feature. Empty for
+    a float file."""
+    sites: list[tuple[str, TFLiteOp | None]] = [(name, op) for op, name, _ in places]
+    sites += [(f"backbone.blocks.{i}", b["residual"]) for i, b in enumerate(plan.blocks) if b["residual"] is not None]
+    sites.append(("aspp.project:input", plan.concat))
+    if plan.pooling is not None:
+        sites.append(("aspp.pooling.conv:input", plan.pool))
+    table: dict[str, tuple[float, int]] = {}
+    for site, op in sites:
+        if op is None:
+            continue
+        tensor = graph.tensors.get(plan.alias.get(op.outputs[0], op.outputs[0]))
+        if tensor is None or tensor.dtype != "UINT8" or len(tensor.scale) != 1:
+            return {}  # a float file (or one quantized otherwise): nothing to round
+        table[site] = (float(tensor.scale[0]), int(tensor.zero_point[0]))
+    return table
+
+
+def _check_residuals(graph: TFLiteGraph, plan: _Plan, model: DeepLab) -> None:
+    name = _NAMES[model.config.backbone]
     for i, block in enumerate(plan.blocks):
         if (block["residual"] is not None) != model.backbone.blocks[i].use_residual:
             op = block["residual"] or block["project"]
@@ -765,21 +914,15 @@ def _model_from_graph(graph: TFLiteGraph, class_names: Sequence[str] | None) -> 
                 graph.source,
                 op,
                 f": block {i} {'has' if block['residual'] is not None else 'lacks'} a residual connection, "
-                f"which MobileNetV2 {'does not' if block['residual'] is not None else 'does'} have there"
+                f"which {name} {'does not' if block['residual'] is not None else 'does'} have there"
             )
         if block["residual"] is not None and block["residual"].options.get("activation", "NONE") != "NONE":
             op = block["residual"]
             raise _op_error(
                 graph.source,
                 op,
-                f" fuses activation {op.options['activation']}; MobileNetV2's residual add is linear"
+                f" fuses activation {op.options['activation']}; {name}'s residual add is linear"
             )
-    # num_batches_tracked is bookkeeping for training; keep the fresh model's.
-    for key, value in model.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = value
-    load_state_dict_strict(model, state, source=graph.source)
-    return model.eval()
 
 
 def _preprocessing(graph: TFLiteGraph) -> Preprocessing:
@@ -977,10 +1120,13 @@ def load_tflite(
     *,
     class_names: Sequence[str] | None = None,
     labels_path: str | os.PathLike | None = None,
+    activation_rounding: bool = True,
 ) -> DeepLab:
-    """Import an official TF DeepLab MobileNetV2 TFLite model (float or quantized) as a `DeepLab` in eval mode.
+    """Import an official TF DeepLab MobileNetV2 or MobileNet-EdgeTPU TFLite model (float or quantized) as a
+    `DeepLab` in eval mode.
 
-    The architecture, preprocessing and weights all come from the file (quantized weights are dequantized).
+    The architecture, preprocessing and weights all come from the file (quantized weights are dequantized). A uint8
+    file also rounds its activations as the file does (`activation_rounding=False`: plain float activations).
     Class names, first found wins: `labels_path` (one per line) or `class_names` (give at most one of the two), then a
     `labelmap.txt` beside the file, then generic `class_<i>`.
     A quantized file that ends in ARG_MAX gives a model returning the logits before it: take `.argmax(1)`.
@@ -988,7 +1134,7 @@ def load_tflite(
     if labels_path is not None and class_names is not None:
         raise ValueError("give class_names or labels_path, not both")
     path = Path(path)
-    model = model_from_graph(read_tflite_graph(path), class_names=class_names)
+    model = model_from_graph(read_tflite_graph(path), class_names=class_names, activation_rounding=activation_rounding)
     if class_names is not None:
         return model
     num_classes = model.config.num_classes
