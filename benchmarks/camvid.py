@@ -8,6 +8,8 @@ line per variant. A variant is LABEL=CHECKPOINT[:option,...] with options
     crf        refine with the dense CRF (DeepLab v2 defaults, pure-torch backend)
     bf16       bf16 autocast
     coarse     a PointRend checkpoint without its subdivision (the coarse DeepLab prediction)
+    sX         run at scale X of the image (e.g. s1.5); several sX: multi-scale, their probabilities averaged
+    flip       add the mirrored image (each scale)
 
     python benchmarks/camvid.py --variant plain=runs/camvid-voc/last.pt \\
         --variant crf=runs/camvid-voc/last.pt:crf --variant pointrend=runs/camvid-voc-pointrend/last.pt \\
@@ -35,7 +37,7 @@ from deeplab.evaluate import evaluate
 from deeplab.fast import optimize_for_inference, retain_freed_memory
 from deeplab.inference import segment_probs
 
-OPTIONS = ("os8", "crf", "bf16", "coarse")
+OPTIONS = ("os8", "crf", "bf16", "coarse", "flip")
 TRIMAP_WIDTHS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40)
 
 
@@ -45,10 +47,21 @@ def parse_variant(text: str) -> tuple[str, str, set[str]]:
         raise SystemExit(f"--variant {text!r}: expected LABEL=CHECKPOINT[:option,...]")
     path, _, opts = rest.partition(":")
     options = {o for o in opts.split(",") if o}
-    unknown = options - set(OPTIONS)
+    unknown = {o for o in options - set(OPTIONS) if not _scale(o)}
     if unknown:
         raise SystemExit(f"--variant {text!r}: unknown options {sorted(unknown)}; choose from {OPTIONS}")
     return label, path, options
+
+
+def _scale(option: str) -> float | None:
+    try:
+        return float(option[1:]) if option.startswith("s") and float(option[1:]) > 0 else None
+    except ValueError:
+        return None
+
+
+def scales_of(options: set[str]) -> tuple[float, ...]:
+    return tuple(sorted(s for o in options if (s := _scale(o)))) or (1.0,)
 
 
 def prepared_model(path: str, options: set[str]) -> deeplab.DeepLab:
@@ -60,14 +73,16 @@ def prepared_model(path: str, options: set[str]) -> deeplab.DeepLab:
     return optimize_for_inference(model.eval())
 
 
-def ms_per_image(model, dataset, *, crf: CRFParams | None, amp: str, count: int) -> dict[str, float]:
+def ms_per_image(
+    model, dataset, *, crf: CRFParams | None, amp: str, count: int, scales: tuple[float, ...], flip: bool
+) -> dict[str, float]:
     """Median, min and max milliseconds for one image (network, upsampling, CRF, argmax), after one warm-up."""
     times = []
     for i in range(count + 1):
         image, _ = dataset[i % len(dataset)]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            probs = segment_probs(model, image[None], amp=amp)
+            probs = segment_probs(model, image[None], amp=amp, scales=scales, flip=flip)
             if crf is not None:
                 probs = dense_crf(denormalize(image, model.preprocessing), probs[0], params=crf)[None]
             probs.argmax(1)
@@ -78,7 +93,7 @@ def ms_per_image(model, dataset, *, crf: CRFParams | None, amp: str, count: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", action="append", required=True, help="LABEL=CHECKPOINT[:os8,crf,bf16,coarse]")
+    p.add_argument("--variant", action="append", required=True, help="LABEL=CHECKPOINT[:os8,crf,bf16,coarse,sX,flip]")
     p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"))
     p.add_argument("--limit", type=int, default=None, help="first N val images only (quick checks)")
     p.add_argument("--timing-images", type=int, default=10)
@@ -95,15 +110,18 @@ def main() -> None:
                                 transform=EvalTransform(mean=model.preprocessing.mean, std=model.preprocessing.std))
         crf = CRFParams() if "crf" in options else None
         amp = "bf16" if "bf16" in options else "off"
+        inference = {"scales": scales_of(options), "flip": "flip" in options}
+        started = time.perf_counter()
         result = evaluate(model, dataset, input_size=None, trimap_widths=TRIMAP_WIDTHS, limit=args.limit,
-                          amp=amp, crf=crf)
-        timing = ms_per_image(model, dataset, crf=crf, amp=amp, count=args.timing_images)
+                          amp=amp, crf=crf, **inference)
+        eval_seconds = time.perf_counter() - started
+        timing = ms_per_image(model, dataset, crf=crf, amp=amp, count=args.timing_images, **inference)
         curves[label] = result["trimap"]
         print(json.dumps({
             "variant": label, "checkpoint": path, "options": sorted(options), "miou": result["miou"],
             "pixel_accuracy": result["pixel_accuracy"], "per_class_iou": result["per_class_iou"],
             "trimap": result["trimap"], "images": result["num_images"], "threads": torch.get_num_threads(),
-            **timing,
+            "eval_seconds": round(eval_seconds, 1), **timing,
         }), flush=True)
     if args.plot:
         from deeplab.plots import plot_trimap

@@ -37,10 +37,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode any new file would get
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise named_os_error(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def named_os_error(e: OSError, path: str | os.PathLike) -> OSError:
+    """`e` with `path` as its file name when the writer that raised it (torch, PIL, a flush) gave none, so the one-line
+    error can say which file could not be written."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
@@ -52,6 +61,9 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise named_os_error(e, path) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -36,8 +36,28 @@ def init_distributed(*, device_type: str) -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None or "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=_attempt_store(restart, world_size), world_size=world_size,
+                                    rank=int(os.environ["RANK"]))
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _attempt_store(restart: str, world_size: int) -> dist.Store:
+    """torchrun's store, with keys of their own for each attempt of the group. After torchrun restarts a failed
+    group, gloo's default keys would still hold the addresses the previous attempt's workers published, and a
+    restarted worker would try to connect to a dead one (`connectFullMesh ... Connection refused`)."""
+    from datetime import timedelta
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves the store
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=int(os.environ["RANK"]) == 0 and not agent_store, timeout=timedelta(minutes=30),
+    )
+    return dist.PrefixStore(f"deeplab/attempt-{restart}/", store)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import io
 import json
 import os
 import time
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import named_os_error
 from .fast import optimize_for_inference
 
 FORMATS = ("onnx", "torchscript", "pt2")
@@ -134,7 +136,10 @@ def export_torchscript(
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, _example(example_size), check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={"deeplab.json": json.dumps(model_metadata(model))})
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={"deeplab.json": json.dumps(model_metadata(model))})
+    # Written by Python, not by torch's C++ writer, which aborts the process on a full disk.
+    path.write_bytes(buffer.getvalue())
     return path
 
 
@@ -144,7 +149,9 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, *, example_size: Seque
     path.parent.mkdir(parents=True, exist_ok=True)
     # A batch of 2: torch.export specialises a dimension traced at size 1 to a constant 1.
     program = torch.export.export(model, (_example(example_size, batch=2),), dynamic_shapes=_dynamic_shapes(model))
-    torch.export.save(program, str(path), extra_files={"deeplab.json": json.dumps(model_metadata(model))})
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={"deeplab.json": json.dumps(model_metadata(model))})
+    path.write_bytes(buffer.getvalue())  # Python's write: a full disk raises instead of aborting in C++
     return path
 
 
@@ -337,6 +344,8 @@ def export_model(
         except ExportCheckError as e:  # name the file the user asked for
             raise ExportCheckError(str(e).replace(str(partial), str(path))) from None
         os.replace(partial, path)
+    except OSError as e:  # a full disk, a read-only folder: name the file the user asked for
+        raise named_os_error(OSError(e.errno, e.strerror or str(e)), path) from None
     finally:
         partial.unlink(missing_ok=True)
         model.train(was_training)

@@ -342,6 +342,8 @@ def predict_files(
         model = optimize_for_inference(model)
     palette = palette_for(class_names)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: is a file; pass a folder for the predictions")
     files, problems = expand_inputs(inputs)
     report = PredictReport(failed=list(problems))
     # Every input, not only the current one: with a.jpg and a.png in one folder predicted into that folder, a.jpg's

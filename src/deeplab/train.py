@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_save, checkpoint_dict, load_state_dict_strict, read_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    checkpoint_dict,
+    load_state_dict_strict,
+    named_os_error,
+    read_checkpoint,
+)
 from .config import ModelConfig, Preprocessing
 from .distributed import all_reduce_sum, convert_sync_batchnorm, init_distributed
 from .inference import autocast
@@ -384,8 +391,9 @@ def fit(
         if lock is not None:
             for stale in out.glob(".*.tmp"):  # left by a write that was killed; no one else writes here now
                 stale.unlink(missing_ok=True)
+        resume, restarted = _elastic_restart(out, resume, echo=echo, main=lock is not None)
         run = _start(model_cfg, train_cfg, out=out, resume=resume, progress=progress, echo=echo,
-                     resume_changes=resume_changes or {})
+                     resume_changes=resume_changes or {}, restarted=restarted)
         try:
             _train_steps(run)
         finally:
@@ -407,9 +415,33 @@ def fit(
                        seconds=time.time() - started, skipped=skipped, data_report=run.report)
 
 
+def _elastic_restart(
+    out: Path, resume: bool, *, echo: Callable[[str], None] | None, main: bool
+) -> tuple[bool, bool]:
+    """(resume, restarted). torchrun restarts a failed group with the same command (`--max-restarts N`); its workers
+    then see TORCHELASTIC_RESTART_COUNT > 0. A restarted run resumes from its last.pt; one killed before its first
+    checkpoint starts over in its own folder (config.json names the torchrun run id that wrote it)."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if count == 0 or resume:
+        return resume, False
+    say = echo if (echo is not None and main) else (lambda _msg: None)
+    if (out / "last.pt").is_file():
+        say(f"torchrun restart {count}: resuming from {out / 'last.pt'}")
+        return True, False
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    try:
+        owner = json.loads((out / "config.json").read_text()).get("torchelastic_run_id")
+    except (OSError, ValueError):
+        owner = None
+    if owner is None or owner != run_id:
+        return False, False  # not this group's folder: the usual refusal of an existing run applies
+    say(f"torchrun restart {count}: no checkpoint was written yet, starting over in {out}")
+    return False, True
+
+
 def _start(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: Path, resume: bool, progress: bool,
-    echo: Callable[[str], None] | None, resume_changes: dict[str, Any],
+    echo: Callable[[str], None] | None, resume_changes: dict[str, Any], restarted: bool = False,
 ) -> _Run:
     """Everything before the first step; says what it loaded."""
     device = _resolve_device(train_cfg.device)
@@ -418,7 +450,7 @@ def _start(
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     say = echo if (echo is not None and dist_info.is_main) else (lambda _msg: None)
-    resume_state = _resume_state(out / "last.pt", resume)
+    resume_state = _resume_state(out / "last.pt", resume, restarted=restarted)
     if resume_state is not None:
         model_cfg = ModelConfig.from_dict(resume_state["model_config"])
         saved = replace(TrainConfig.from_dict(resume_state.get("train_config", {})), device=train_cfg.device,
@@ -462,9 +494,10 @@ def _start(
     main = dist_info.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        elastic = {"torchelastic_run_id": os.environ["TORCHELASTIC_RUN_ID"]} if "TORCHELASTIC_RUN_ID" in os.environ else {}
         _write_text(out / "config.json", json.dumps(
             {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
-             "class_names": list(train_ds.class_names)}, indent=2))
+             "class_names": list(train_ds.class_names), **elastic}, indent=2))
         if report is not None:
             _write_text(out / "data_report.json", json.dumps(report, indent=2))
     say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
@@ -544,11 +577,13 @@ def _preprocessing(resume_state: dict[str, Any] | None, init_data: dict[str, Any
 RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.json", "log.csv", "val.csv")
 
 
-def _resume_state(last_path: Path, resume: bool) -> dict[str, Any] | None:
+def _resume_state(last_path: Path, resume: bool, *, restarted: bool = False) -> dict[str, Any] | None:
     if resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"--resume: {last_path} does not exist; start a new run without --resume")
         return read_checkpoint(last_path)
+    if restarted:  # this torchrun group's own folder, killed before its first checkpoint: written over
+        return None
     found = [name for name in RUN_FILES if (last_path.parent / name).exists()]
     if found:
         hint = "pass --resume to continue that run" if "last.pt" in found else "it has no last.pt to resume from"
@@ -585,14 +620,21 @@ class RunFolderLock:
             raise RunFolderBusy(
                 f"{out} is in use by another deeplab train (PID {holder}); wait for it to finish or choose another --out"
             ) from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"{os.getpid()}\n")
-        self.file.flush()
+        try:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(f"{os.getpid()}\n")
+            self.file.flush()
+        except OSError as e:  # a full disk: leave nothing behind
+            self.release()
+            raise named_os_error(e, self.path) from None
 
     def release(self) -> None:
         self.path.unlink(missing_ok=True)
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the PID that could not be flushed to a full disk: nothing of it is needed
+            pass
         if self.created and not any(self.out.iterdir()):
             self.out.rmdir()
 

@@ -448,6 +448,11 @@ class FolderDataset(SegmentationDataset):
             other = set(_listed_stems(other_file, found, image_suffix))
             return sorted(s for s in found if s not in other), f"{root} (all images not in {other_file})"
         fraction = DEFAULT_VAL_FRACTION if val_fraction is None else float(val_fraction)
+        if len(found) < 2:
+            raise DatasetError(
+                f"{root}: {len(found)} image(s) found (--image-dir, --image-suffix); a training run needs at least two, "
+                "one held out for validation (or a splits/val.txt)"
+            )
         val = held_out_stems(sorted(found), fraction=fraction, seed=seed)
         stems = sorted(val) if split == "val" else sorted(s for s in found if s not in val)
         return stems, (

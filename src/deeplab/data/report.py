@@ -43,6 +43,7 @@ class SplitStats:
     image_modes: dict[str, int]  # PIL mode -> images
     single_value_masks: list[str] = field(default_factory=list)  # "file: value"
     unreadable: list[str] = field(default_factory=list)  # "file: reason"
+    size_mismatches: list[str] = field(default_factory=list)  # "mask file: mask WxH, image WxH"
 
     @property
     def labelled_pixels(self) -> int:
@@ -74,6 +75,7 @@ def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: b
     modes: Counter[str] = Counter()
     single: list[str] = []
     unreadable: list[str] = []
+    mismatched: list[str] = []
     lut = getattr(dataset, "label_lut", None)
     if progress:
         from tqdm import tqdm
@@ -86,8 +88,12 @@ def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: b
                 with Image.open(image_path) as im:  # the header only: size and mode
                     sizes[f"{im.width}x{im.height}"] += 1
                     modes[im.mode] += 1
+                    image_hw = (im.height, im.width)
                 raw = dataset.stored_values(mask_path)
                 name = Path(mask_path).name
+                mask_hw = tuple(raw.shape[:2]) if raw is not None else tuple(dataset.read_mask(mask_path).shape[:2])
+                if mask_hw != image_hw:
+                    mismatched.append(f"{mask_path}: mask {mask_hw[1]}x{mask_hw[0]}, image {image_hw[1]}x{image_hw[0]}")
             else:  # generated data (synthetic): the labels are the stored values
                 image, labels = dataset.load(i)
                 sizes[f"{image.shape[1]}x{image.shape[0]}"] += 1
@@ -120,7 +126,7 @@ def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: b
         stored_values={int(v): int(c) for v, c in enumerate(stored) if c},
         invalid_values={int(v): int(c) for v, c in enumerate(invalid) if c},
         image_sizes=dict(sizes.most_common()), image_modes=dict(modes.most_common()),
-        single_value_masks=single, unreadable=unreadable,
+        single_value_masks=single, unreadable=unreadable, size_mismatches=mismatched,
     )
 
 
@@ -156,6 +162,11 @@ def report_warnings(
         if st.unreadable:
             out.append(DataWarning(
                 f"{name}: {len(st.unreadable)} sample(s) cannot be read, e.g. {st.unreadable[0]}", stop=True))
+        if st.size_mismatches:
+            out.append(DataWarning(
+                f"{name}: {len(st.size_mismatches)} mask(s) differ in size from their image, e.g. "
+                f"{st.size_mismatches[0]}; each mask must label its image pixel for pixel (check --mask-dir and "
+                "--mask-suffix)", stop=True))
         if st.invalid_values:
             values = sorted(st.stored_values)
             hint = (f"if the {k} stored values are the classes in order, add --label-map "
