@@ -3,7 +3,6 @@ loud errors on bad files, and a synthetic task that colour alone cannot solve.""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -358,6 +358,19 @@ _torchvision_deeplabv3_name = _renamer(_TORCHVISION_DEEPLABV3_PREFIXES)
 _torchvision_deeplabv3_mobilenet_name = _renamer(_TORCHVISION_DEEPLABV3_MOBILENET_PREFIXES)
 
 
+# torchvision's DeepLabHead as ModelConfig fields: ASPP (12, 24, 36) with image pooling, its extra 3x3 conv, dropout
+# 0.5, no decoder, align_corners=False.
+_TORCHVISION_HEAD = dict(
+    atrous_rates=TORCHVISION_ASPP_RATES,
+    decoder=False,
+    separable=False,
+    image_pooling=True,
+    dropout=TORCHVISION_DROPOUT,
+    align_corners=False,
+    head_conv=True,
+)
+
+
 def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> ModelConfig:
     """The deeplab config that computes what torchvision's `deeplabv3_resnet{depth}` computes.
 
@@ -367,21 +380,14 @@ def torchvision_deeplabv3_config(*, depth: int = 50, num_classes: int = 21) -> M
     """
     if depth not in (50, 101):
         raise ValueError(f"torchvision's DeepLabv3 ResNets have depth 50 or 101, got {depth!r}")
-    fields = dict(
+    return ModelConfig(
         backbone=f"resnet{depth}",
         num_classes=num_classes,
         output_stride=8,
-        atrous_rates=TORCHVISION_ASPP_RATES,
         multi_grid=(1, 1, 1),
-        decoder=False,
-        separable=False,
-        image_pooling=True,
-        dropout=TORCHVISION_DROPOUT,
-        align_corners=False,
         bn_momentum=TORCHVISION_BN_MOMENTUM,
-        head_conv=True,
+        **_TORCHVISION_HEAD,
     )
-    return ModelConfig(**fields)
 
 
 def torchvision_deeplabv3_mobilenet_v3_config(
@@ -401,15 +407,9 @@ def torchvision_deeplabv3_mobilenet_v3_config(
         backbone=backbone,
         num_classes=num_classes,
         output_stride=16,
-        atrous_rates=TORCHVISION_ASPP_RATES,
-        decoder=False,
-        separable=False,
-        image_pooling=True,
         aspp_channels=aspp_channels,
-        dropout=TORCHVISION_DROPOUT,
-        align_corners=False,
         bn_momentum=TORCHVISION_MOBILENET_V3_BN_MOMENTUM,
-        head_conv=True,
+        **_TORCHVISION_HEAD,
     )
 
 
