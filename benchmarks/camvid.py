@@ -35,6 +35,7 @@ from deeplab.data import EvalTransform, build_dataset
 from deeplab.data.transforms import denormalize
 from deeplab.evaluate import evaluate
 from deeplab.fast import optimize_for_inference, retain_freed_memory
+from deeplab.runtimes import EXPORTED_SUFFIXES, load_exported
 from deeplab.inference import segment_probs
 
 OPTIONS = ("os8", "crf", "bf16", "coarse", "flip")
@@ -64,7 +65,9 @@ def scales_of(options: set[str]) -> tuple[float, ...]:
     return tuple(sorted(s for o in options if (s := _scale(o)))) or (1.0,)
 
 
-def prepared_model(path: str, options: set[str]) -> deeplab.DeepLab:
+def prepared_model(path: str, options: set[str]) -> torch.nn.Module:
+    if Path(path).suffix.lower() in EXPORTED_SUFFIXES:  # an exported (e.g. int8) file, run by its runtime
+        return load_exported(path)
     model = deeplab.load(path)
     if "coarse" in options:  # as `deeplab eval --no-pointrend`: the coarse prediction, resized
         model.config = model.config.replace(pointrend_steps=0)

@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from deeplab import ModelConfig, build_model, optimize_for_inference, retain_freed_memory
-from deeplab.fast import prepack_weights
+from deeplab import ModelConfig, build_model, retain_freed_memory
+from deeplab.fast import optimize_for_inference, prepack_weights
 from deeplab.profile import profile_model
 
 PAPER_CONFIGS = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deeplab import ModelConfig, build_model, optimize_for_inference
+from deeplab import ModelConfig, build_model
+from deeplab.fast import optimize_for_inference
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from deeplab import ModelConfig, build_model, optimize_for_inference
-from deeplab.fast import FusedBottleneck, PackedConv2d, TapSkippingConv2d, fold_conv_bn, prepack_weights
+from deeplab import ModelConfig, build_model
+from deeplab.fast import (
+    FusedBottleneck,
+    PackedConv2d,
+    TapSkippingConv2d,
+    fold_conv_bn,
+    optimize_for_inference,
+    prepack_weights,
+)
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:

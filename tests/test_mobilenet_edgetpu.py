@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from deeplab import ModelConfig, build_model, optimize_for_inference
+from deeplab import ModelConfig, build_model
+from deeplab.fast import optimize_for_inference
 from deeplab.activation_rounding import round_like_uint8
 from deeplab.backbones import BACKBONES
 from deeplab.checkpoint import load

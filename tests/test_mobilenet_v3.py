@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deeplab import CheckpointError, ModelConfig, build_model, optimize_for_inference
+from deeplab import CheckpointError, ModelConfig, build_model
+from deeplab.fast import optimize_for_inference
 from deeplab.backbones import BACKBONES
 from deeplab.convert import convert_file
 from deeplab.convert.torch_weights import (

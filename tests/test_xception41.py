@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from deeplab import CheckpointError, ModelConfig, build_model, optimize_for_inference
+from deeplab import CheckpointError, ModelConfig, build_model
+from deeplab.fast import optimize_for_inference
 from deeplab.backbones import BACKBONES
 from deeplab.convert.torch_weights import backbone_state_dict
 from test_fast import _randomise_bn  # shared with the fast path's tests (pytest puts tests/ on sys.path)

@@ -2,7 +2,8 @@
 
 from .checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig, Preprocessing, default_atrous_rates
-from .fast import optimize_for_inference, retain_freed_memory
+from .fast import retain_freed_memory
+from .runtimes import optimize_for_inference
 from .model import DeepLab, build_model
 from .predict import predict  # the function: `deeplab.predict` names it, so import helpers `from deeplab.predict`
 from .train import TrainConfig, fit

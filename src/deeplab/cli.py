@@ -301,9 +301,9 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
         "models: 257x257 / 513x513) and the logits back; 'native': the image's own size; or HxW",
     )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _add_runtime_flags(g)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="the inference fast path: BatchNorm folded, channels_last, no padding-only taps; the same "
-                   "outputs up to float rounding (default on)")
+                   help="--no-fast is --runtime eager (the model as built, no fast path)")
     g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="run the network under autocast: bf16 (CPU or CUDA) or fp16 (CUDA); default off")
     g.add_argument("--crf", action="store_true",
@@ -322,6 +322,51 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
                    help="PointRend checkpoints: subdivision steps (default: up to the input resolution)")
 
 
+def _add_runtime_flags(g) -> None:
+    from .inference import RUNTIME_CHOICES
+
+    g.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                   help="auto (default): the fastest installed runtime, measured on the first image; torch: the PyTorch "
+                   "fast path; eager: the model as built; onnxruntime / openvino: the exported graph (pip install "
+                   "'deeplab[onnx]' / 'deeplab[openvino]'). Each is checked against the eager model when built")
+    g.add_argument("--threads", type=_number(int, 1, "a positive number of threads"), default=None,
+                   help="CPU threads for the network (default: PyTorch's, i.e. OMP_NUM_THREADS or the core count)")
+
+
+def _inference_options(args: argparse.Namespace, **defaults):
+    """The InferenceOptions the flags of `_add_inference_flags` describe; `defaults` for flags left unset."""
+    from .inference import InferenceOptions
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    runtime = "eager" if args.fast is False else args.runtime
+    return InferenceOptions(
+        scales=args.scales or defaults.get("scales", (1.0,)),
+        flip=args.flip if args.flip is not None else defaults.get("flip", False),
+        window=args.window, overlap=args.overlap, input_size=args.input_size, runtime=runtime, threads=args.threads,
+        amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend, pointrend=args.pointrend,
+        pointrend_points=args.pointrend_points, pointrend_steps=args.pointrend_steps,
+    )
+
+
+def _load_for_inference(path: str, args: argparse.Namespace):
+    """(model, checkpoint dict or exported metadata) for eval / predict: a deeplab checkpoint, or an exported .onnx /
+    OpenVINO .xml file run by its runtime."""
+    from pathlib import Path
+
+    from .checkpoint import model_from_checkpoint, read_checkpoint
+    from .runtimes import EXPORTED_SUFFIXES, load_exported
+
+    if Path(path).suffix.lower() in EXPORTED_SUFFIXES:
+        runtime = args.runtime if args.runtime in ("onnxruntime", "openvino") else None
+        model = load_exported(path, runtime=runtime, threads=args.threads)
+        return model, model.metadata
+    data = read_checkpoint(path)
+    return model_from_checkpoint(data, source=str(path)).eval(), data
+
+
 def _crf_params(args: argparse.Namespace):
     from .crf import CRFParams
 
@@ -338,18 +383,6 @@ def _crf_params(args: argparse.Namespace):
             raise ValueError(f"--crf-params: {item!r} is not NAME=VALUE with NAME one of {sorted(CRFParams.__dataclass_fields__)}")
         values[name.strip()] = int(text) if name.strip() == "iterations" else float(text)
     return CRFParams(**values)
-
-
-def _with_pointrend_options(model, args: argparse.Namespace):
-    changes = {k: v for k, v in (("pointrend_points", args.pointrend_points), ("pointrend_steps", args.pointrend_steps))
-               if v is not None}
-    if args.pointrend is False:
-        changes["pointrend_steps"] = 0  # no subdivision: the coarse prediction, resized
-    if (changes or args.pointrend) and not model.config.pointrend:
-        raise ValueError("--pointrend options apply to checkpoints trained with --pointrend; this one has no point head")
-    if changes:
-        model.config = model.config.replace(**changes)
-    return model
 
 
 def _device(name: str):
@@ -417,7 +450,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import model_from_checkpoint, read_checkpoint
     from .distributed import init_distributed
     from .evaluate import build_eval_dataset, checkpoint_labels, evaluate, write_plots
 
@@ -432,19 +464,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device = torch.device("cuda", dist_info.local_rank)
     results = {}
     for label, path in zip(checkpoint_labels(args.checkpoint), args.checkpoint):
-        data = read_checkpoint(path)
-        model = _with_pointrend_options(model_from_checkpoint(data, source=str(path)).eval(), args)
+        model, data = _load_for_inference(path, args)
         name, root, split, seed, options = _eval_data(args, data.get("train_config"))
         trained = data.get("train_config") or {}
-        scales = args.scales or tuple(trained.get("val_scales") or (1.0,))
-        flip = args.flip if args.flip is not None else bool(trained.get("val_flip", False))
+        inference = _inference_options(args, scales=tuple(trained.get("val_scales") or (1.0,)),
+                                       flip=bool(trained.get("val_flip", False)))
         dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, skip_bad=args.skip_bad,
                                      **options)
         res = evaluate(
-            model, dataset, scales=scales, flip=flip, window=args.window, overlap=args.overlap,
-            input_size=args.input_size, output_stride=args.eval_output_stride, trimap_widths=args.trimap or (),
-            per_image=args.per_image, device=device, progress=not args.quiet and not args.json, limit=args.limit,
-            fast=args.fast, amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend,
+            model, dataset, options=inference, output_stride=args.eval_output_stride,
+            trimap_widths=args.trimap or (), per_image=args.per_image, device=device,
+            progress=not args.quiet and not args.json, limit=args.limit,
         )
         results[label] = {"checkpoint": str(path), "dataset": name, "split": split,
                           "images": getattr(dataset, "description", split), **res}
@@ -461,6 +491,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         extras = [f"scales {','.join(f'{v:g}' for v in s['scales'])}"] + (["flip"] if s["flip"] else [])
         extras += [f"window {s['window']} overlap {s['overlap']:g}"] if s["window"] else []
         extras += [f"input {s['input_size'][0]}x{s['input_size'][1]}"] if s["input_size"] else []
+        extras += [f"runtime {s['runtime']}, {s['threads']} threads"]
         print(f"{label} on {res['dataset']} {res['split']}: {res['images']} ({res['num_images']} images, output "
               f"stride {s['output_stride']}, {', '.join(extras)}):")
         for name, iou in res["per_class_iou"].items():
@@ -478,20 +509,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import load
     from .predict import predict_files
 
-    model = _with_pointrend_options(load(args.checkpoint), args).to(_device(args.device))
+    model, _ = _load_for_inference(args.checkpoint, args)
+    if next(model.parameters(), None) is not None:
+        model = model.to(_device(args.device))
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
-        scales=args.scales or (1.0,), flip=bool(args.flip), window=args.window, overlap=args.overlap,
-        input_size=args.input_size,
-        progress=not args.quiet, fast=args.fast, amp=args.amp, crf=_crf_params(args), crf_backend=args.crf_backend,
+        progress=not args.quiet, options=_inference_options(args),
     )
     for _name, message in report.failed:
         print(f"deeplab predict: {message}", file=sys.stderr)
     files = sum(len(v) for v in report.written.values())
-    print(f"wrote {files} files for {len(report.written)} inputs to {args.out}")
+    print(f"wrote {files} files for {len(report.written)} inputs to {args.out} (runtime {report.runtime})")
     if report.failed:
         total = len(report.written) + len(report.failed)
         print(f"deeplab predict: {len(report.failed)} of {total} inputs failed", file=sys.stderr)
@@ -500,13 +530,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import load
     from .export import ExportCheckError, export_model
 
-    model = load(args.checkpoint)
+    from .checkpoint import model_from_checkpoint, read_checkpoint
+
+    data = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
+    extra = {"train_config": data["train_config"]} if data.get("train_config") else None
     try:
         res = export_model(model, args.out, format=args.format, sizes=args.check_sizes, rtol=args.rtol,
-                           opset=args.opset, dynamo=args.dynamo)
+                           opset=args.opset, dynamo=args.dynamo, metadata=extra)
     except ExportCheckError as e:
         print(f"deeplab export: FAILED: {e}", file=sys.stderr)
         return 1
@@ -517,10 +550,98 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spread(count: int, total: int, offset: float = 0.0) -> list[int]:
+    """`count` indices spread evenly over range(total) (shifted by `offset` of a step)."""
+    count = min(count, total)
+    step = total / max(count, 1)
+    return sorted({min(total - 1, int((i + offset) * step)) for i in range(count)})
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .checkpoint import model_from_checkpoint, read_checkpoint
+    from .evaluate import build_eval_dataset
+    from .inference import _resize, scaled_size
+    from .predict import resolve_input_size
+    from .quantize import quantize_model
+
+    data = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
+    trained = data.get("train_config") or {}
+    name, root, split, seed, options = _eval_data(args, trained)
+    if args.split is None and split != "all":  # calibrate on training images, not on the ones scored later
+        split = trained.get("train_split", "train")
+    dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, **options)
+    scales = args.scales or tuple(trained.get("val_scales") or (1.0,))
+    size = resolve_input_size(model, "model")
+    align = bool(model.config.align_corners)
+
+    def batch(i: int):
+        x = dataset[i][0][None]
+        x = x if size is None else _resize(x, size, align_corners=align)
+        base = tuple(x.shape[-2:])
+        return [x if s == 1.0 else _resize(x, scaled_size(base, s, align_corners=align), align_corners=align)
+                for s in scales]
+
+    calibration = [x for i in _spread(args.calibration_images, len(dataset)) for x in batch(i)]
+    held = [x for i in _spread(args.check_images, len(dataset), offset=0.5) for x in batch(i)] if args.check_images else []
+    extra = {"train_config": data["train_config"]} if data.get("train_config") else {}
+    extra["calibration"] = {"dataset": name, "split": split, "images": len(calibration), "scales": list(scales)}
+    res = quantize_model(model, calibration, args.out, held_out=held, metadata=extra)
+    agreement = "" if res["agreement"] is None else (
+        f"; argmax agreement with the float model on {len(held)} other {split} images: {100 * res['agreement']:.2f}%")
+    print(f"{args.checkpoint} -> {res['path']} (int8, {res['quantized_convs']} convolutions, calibrated on "
+          f"{len(calibration)} {name} {split} images at scale {','.join(f'{v:g}' for v in scales)}, "
+          f"{res['seconds']:.0f} s){agreement}. In float: the image-pooling branch, the classifier's output and the last "
+          f"upsampling. Score it: deeplab eval --checkpoint {res['path']}")
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import benchmark, format_table
+
+    rows = benchmark(args.checkpoint, runtimes=args.runtimes, threads=args.threads_list, size=args.size,
+                     runs=args.runs, progress=not args.quiet)
+    print(json.dumps(rows) if args.json else format_table(rows))
+    return 0
+
+
+def _add_quantize_benchmark(sub) -> None:
+    p = sub.add_parser("quantize", help="int8 post-training quantization (ONNX Runtime), calibrated on a dataset's images")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float)")
+    p.add_argument("--out", required=True, help="the int8 ONNX file to write (.onnx); run it with predict / eval "
+                   "--checkpoint FILE")
+    p.add_argument("--dataset", default=None, help="calibration images: voc, cityscapes, ade20k, camvid, folder (default: "
+                   "the checkpoint's training data)")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
+    p.add_argument("--split", default=None, help="split to calibrate on (default: the training split)")
+    _add_folder_flags(p, "as for deeplab eval")
+    p.add_argument("--calibration-images", type=_number(int, 1, "a positive number of images"), default=64,
+                   help="images to measure activation ranges on, spread over the split (default %(default)s)")
+    p.add_argument("--check-images", type=_number(int, 0, "0 or more images"), default=8,
+                   help="other images of the split to report int8-vs-float argmax agreement on (default %(default)s)")
+    p.add_argument("--scales", type=_float_tuple, default=None,
+                   help="image scales to calibrate at (default: the scales the checkpoint was validated at)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("benchmark", help="ms per image and images/s of a model on every installed runtime and thread count")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint, or an exported .onnx / OpenVINO .xml file")
+    p.add_argument("--size", type=_size_arg, default=None, help="input HxW (default: the model's input size, else 513x513)")
+    p.add_argument("--runtimes", type=_str_tuple, default=("torch", "onnxruntime", "openvino"),
+                   help="comma-separated, from torch, eager, onnxruntime, openvino (default: torch,onnxruntime,openvino)")
+    p.add_argument("--threads", dest="threads_list", type=_int_tuple, default=None,
+                   help="thread counts, e.g. 1,2 (default: 1 and PyTorch's default)")
+    p.add_argument("--runs", type=_number(int, 1, "a positive number of runs"), default=10,
+                   help="timed runs per runtime and thread count, interleaved in rounds (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_benchmark)
+
+
 def _add_eval_predict_export(sub) -> None:
     p = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy, trimap of checkpoints on a dataset (torchrun-ready)")
     p.add_argument("--checkpoint", action="append", required=True,
-                   help="deeplab checkpoint; repeat to compare several (--json then prints {\"checkpoints\": [...]})")
+                   help="deeplab checkpoint (or a .onnx / OpenVINO .xml file from `deeplab export` or `deeplab "
+                   "quantize`); repeat to compare several (--json then prints {\"checkpoints\": [...]})")
     p.add_argument("--dataset", default=None,
                    help="voc, cityscapes, ade20k, camvid, folder, synthetic (default: the checkpoint's training data)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
@@ -545,7 +666,8 @@ def _add_eval_predict_export(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns; videos "
                    "(.mp4, .avi, .mov, .mkv, .webm) only with the optional imageio package (pip install 'imageio[pyav]'), "
                    "otherwise they are reported as failed")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint, or a .onnx / OpenVINO .xml file from "
+                   "`deeplab export` or `deeplab quantize`")
     p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette")
     p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours")
     p.add_argument("--alpha", type=_number(float, 0, "in [0, 1], e.g. 0.5", below=1, below_inclusive=True), default=0.5, help="overlay colour weight (default %(default)s)")
@@ -556,8 +678,8 @@ def _add_eval_predict_export(sub) -> None:
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export, verified against eager")
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "pt2"])
-    p.add_argument("--out", required=True, help="file to write (.onnx, .pt, .pt2)")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2"])
+    p.add_argument("--out", required=True, help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2)")
     p.add_argument("--dynamo", action="store_true", help="ONNX: the torch.export-based exporter (slower) instead of the legacy one")
     p.add_argument("--opset", type=_number(int, 17, "17 or newer"), default=17, help="ONNX opset, 17 or newer (default %(default)s)")
     p.add_argument("--check-sizes", type=_sizes_arg, default=((257, 257), (193, 321)),
@@ -628,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     _add_eval_predict_export(sub)
+    _add_quantize_benchmark(sub)
     return parser
 
 

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .crf import CRFParams, dense_crf
+from .crf import dense_crf
 from .data.transforms import denormalize
-from .fast import is_fast, optimize_for_inference
-from .inference import check_options, segment_probs
+from .inference import InferenceOptions, segment_probs
 from .metrics import MetricAccumulator, confusion_matrix, segmentation_scores
 from .predict import resolve_input_size
+from .runtimes import prepare_model, runtime_name
 
 __all__ = ["build_eval_dataset", "checkpoint_labels", "evaluate", "write_plots"]
 
@@ -85,44 +85,41 @@ def evaluate(
     model: nn.Module,
     dataset,
     *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: int | None = None,
-    overlap: float = 0.33,
-    input_size: Sequence[int] | str | None = "model",
+    options: InferenceOptions | None = None,
     output_stride: int | None = None,
     trimap_widths: Sequence[int] = (),
     per_image: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
     limit: int | None = None,
-    fast: bool = True,
-    amp: str = "off",
-    crf: CRFParams | None = None,
-    crf_backend: str = "torch",
+    **inference: Any,
 ) -> dict[str, Any]:
     """Scores of `model` on `dataset` (yielding normalised (3, H, W) images and (H, W) labels at native size).
 
-    Inference options as `deeplab.inference.segment_probs`; `input_size="model"` uses the checkpoint's fixed input
-    size (None: native size). `output_stride` re-dilates the model first (e.g. 8 for a model trained at 16).
-    `fast` evaluates a copy with the inference fast path (`deeplab.fast`: BatchNorm folded, channels_last, no
-    padding-only taps); `amp="bf16"` runs the network under bf16 autocast. `crf` post-processes every image's
-    probabilities with the dense CRF (`deeplab.crf`), on the image's RGB recovered from the model's preprocessing.
-    Returns a JSON-ready dict: `segmentation_scores` (miou, per_class_iou, per_class_accuracy, pixel_accuracy,
-    mean_accuracy, fw_iou, num_pixels), `trimap` (width -> mIoU), `num_images`, `confusion_matrix` (K x K list,
-    rows ground truth), `settings`, and with `per_image` a `per_image` list of {image, miou, per_class_iou,
-    pixel_accuracy} in dataset order. Under torch.distributed each process evaluates every world_size-th image
-    and every process returns the summed result.
+    How the model runs is `options` (a `deeplab.inference.InferenceOptions`: scales, flip, window, input size,
+    runtime, threads, amp, CRF, PointRend), with any of its fields also accepted as keywords (`scales=(0.5, 1.0)`,
+    `runtime="torch"`); `input_size="model"` uses the checkpoint's fixed input size (None: native size).
+    `output_stride` re-dilates the model first (e.g. 8 for a model trained at 16). The model runs on
+    `options.runtime` (`deeplab.runtimes`; "auto" picks the fastest on the first image). `crf` post-processes every
+    image's probabilities with the dense CRF (`deeplab.crf`), on the image's RGB recovered from the model's
+    preprocessing. Returns a JSON-ready dict: `segmentation_scores` (miou, per_class_iou, per_class_accuracy,
+    pixel_accuracy, mean_accuracy, fw_iou, num_pixels), `trimap` (width -> mIoU), `num_images`, `confusion_matrix`
+    (K x K list, rows ground truth), `settings` (with the runtime that ran), and with `per_image` a `per_image` list
+    of {image, miou, per_class_iou, pixel_accuracy} in dataset order. Under torch.distributed each process evaluates
+    every world_size-th image and every process returns the summed result.
     """
-    scales = check_options(scales=scales, window=window, overlap=overlap)
+    opts = InferenceOptions.of(options, **inference)
     device = torch.device(device)
-    size = resolve_input_size(model, input_size)
+    size = resolve_input_size(model, opts.input_size)
     if output_stride is not None and output_stride != model.config.output_stride:
+        if not hasattr(model, "with_output_stride"):
+            raise ValueError("--eval-output-stride needs a deeplab checkpoint (.pt): an exported graph has its strides")
         model = model.with_output_stride(output_stride)
-    was_training = model.training
-    model.eval().to(device)
-    if fast and not is_fast(model):
-        model = optimize_for_inference(model)
+    original, was_training = model, model.training
+    model.eval()
+    if next(model.parameters(), None) is not None:
+        model.to(device)
+    model = prepare_model(model, opts)
     num_classes = model.config.num_classes
     ignore_index = getattr(dataset, "ignore_index", 255)
     acc = MetricAccumulator(num_classes=num_classes, ignore_index=ignore_index, trimap_widths=trimap_widths)
@@ -143,12 +140,12 @@ def evaluate(
             image, mask = sample
             evaluated += 1
             probs = segment_probs(
-                model, image[None].to(device), scales=scales, flip=flip, window=window, overlap=overlap,
-                input_size=size, amp=amp,
+                model, image[None].to(device), scales=opts.scales, flip=opts.flip, window=opts.window,
+                overlap=opts.overlap, input_size=size, amp=opts.amp,
             )
-            if crf is not None:
+            if opts.crf is not None:
                 rgb = denormalize(image, model.preprocessing)
-                probs = dense_crf(rgb, probs[0], params=crf, backend=crf_backend)[None]
+                probs = dense_crf(rgb, probs[0], params=opts.crf, backend=opts.crf_backend)[None]
             pred = probs.argmax(dim=1).cpu()  # (1, H, W)
             target = mask[None].cpu()
             acc.update(pred, target)
@@ -161,15 +158,14 @@ def evaluate(
                 images.append((i, {"image": name, "miou": scores["miou"], "per_class_iou": scores["per_class_iou"],
                                    "pixel_accuracy": scores["pixel_accuracy"]}))
     finally:
-        model.train(was_training)
+        original.train(was_training)
     acc.all_reduce()
     result = acc.compute(class_names=model.class_names)
     result["num_images"] = sum(_gather([evaluated]))
     result["confusion_matrix"] = acc.confusion.tolist()
     result["settings"] = {
-        "scales": list(scales), "flip": bool(flip), "window": window, "overlap": overlap if window else None,
-        "input_size": list(size) if size else None, "output_stride": model.config.output_stride,
-        "fast": bool(fast), "amp": amp, "crf": None if crf is None else {**vars(crf), "backend": crf_backend},
+        **opts.settings(), "input_size": list(size) if size else None, "output_stride": model.config.output_stride,
+        "runtime": runtime_name(model), "threads": getattr(model, "threads", None) or torch.get_num_threads(),
     }
     if per_image:
         result["per_image"] = [entry for _, entry in sorted(_gather(images), key=lambda e: e[0])]

@@ -35,7 +35,7 @@ from torch import nn
 from .checkpoint import named_os_error
 from .fast import optimize_for_inference
 
-FORMATS = ("onnx", "torchscript", "pt2")
+FORMATS = ("onnx", "openvino", "torchscript", "pt2")
 DEFAULT_CHECK_SIZES: tuple[tuple[int, int], ...] = ((257, 257), (193, 321))
 MIN_OPSET = 17
 
@@ -56,12 +56,19 @@ class ExportCheckError(RuntimeError):
     """An exported file whose outputs differ from eager PyTorch (or that its runtime cannot run)."""
 
 
-def model_metadata(model: nn.Module) -> dict[str, Any]:
-    """What a consumer of an exported file needs to feed it: class names and preprocessing (JSON-ready)."""
+def model_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a consumer of an exported file needs to feed it and read its output (JSON-ready): class names and
+    palette, preprocessing, input size, align_corners, the model's config; `extra` (e.g. the training run's
+    `train_config`, or how an int8 file was calibrated) is added as is."""
+    from .predict import palette_for
+
     pre = getattr(model, "preprocessing", None)
     cfg = getattr(model, "config", None)
+    names = list(getattr(model, "class_names", ()) or ())
     return {
-        "class_names": list(getattr(model, "class_names", ()) or ()),
+        "format": "deeplab-export/1",
+        "class_names": names,
+        "palette": [list(map(int, rgb)) for rgb in palette_for(names).colors[: len(names)]] if names else None,
         "mean": list(pre.mean) if pre is not None else None,
         "std": list(pre.std) if pre is not None else None,
         "input_size": list(pre.input_size) if pre is not None and pre.input_size else None,
@@ -69,6 +76,8 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
         "input": "image: float32 (N, 3, H, W), RGB normalised as (x - mean) / std with x in 0..255",
         "output": "logits: float32 (N, K, H, W), at the input size",
         "activations_rounded_to_uint8": bool(getattr(model, "activation_rounding", None)),
+        "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        **(extra or {}),
     }
 
 
@@ -91,8 +100,10 @@ def export_onnx(
     opset: int = MIN_OPSET,
     dynamo: bool = False,
     example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0],
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `model` as ONNX with dynamic batch, height and width (not verified: `export_model` verifies)."""
+    """Write `model` as ONNX with dynamic batch, height and width (not verified: `export_model` verifies);
+    `metadata` adds to `model_metadata(model)` under the key `deeplab`."""
     try:
         import onnx
     except ImportError:
@@ -119,13 +130,39 @@ def export_onnx(
             )
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "deeplab", json.dumps(model_metadata(model))
+    entry.key, entry.value = "deeplab", json.dumps(model_metadata(model, metadata))
     onnx.save(proto, str(path))
     return path
 
 
+def export_openvino(
+    model: nn.Module, path: str | os.PathLike, *, opset: int = MIN_OPSET,
+    example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0], metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as OpenVINO IR (`path` .xml plus the weights in the .bin beside it), fp32, dynamic batch, height
+    and width, converted from the ONNX export; the metadata goes in the IR's rt_info under `deeplab`."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ImportError("OpenVINO export needs openvino: pip install 'deeplab[openvino]'") from None
+    path = Path(path)
+    if path.suffix.lower() != ".xml":
+        raise ValueError(f"--out {path}: an OpenVINO IR file ends in .xml (its weights go to the .bin beside it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx_path = path.with_name(f".{path.stem}.tmp.onnx")
+    try:
+        export_onnx(model, onnx_path, opset=opset, example_size=example_size, metadata=metadata)
+        ov_model = ov.convert_model(str(onnx_path))
+    finally:
+        onnx_path.unlink(missing_ok=True)
+    ov_model.set_rt_info(json.dumps(model_metadata(model, metadata)), ["deeplab"])
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    return path
+
+
 def export_torchscript(
-    model: nn.Module, path: str | os.PathLike, *, example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0]
+    model: nn.Module, path: str | os.PathLike, *, example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0],
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` traced with torch.jit.trace (not verified: `export_model` checks it at a second size)."""
     path = Path(path)
@@ -137,32 +174,31 @@ def export_torchscript(
         warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, _example(example_size), check_trace=False)
         buffer = io.BytesIO()
-        torch.jit.save(traced, buffer, _extra_files={"deeplab.json": json.dumps(model_metadata(model))})
+        torch.jit.save(traced, buffer, _extra_files={"deeplab.json": json.dumps(model_metadata(model, metadata))})
     # Written by Python, not by torch's C++ writer, which aborts the process on a full disk.
     path.write_bytes(buffer.getvalue())
     return path
 
 
-def export_pt2(model: nn.Module, path: str | os.PathLike, *, example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0]) -> Path:
+def export_pt2(model: nn.Module, path: str | os.PathLike, *, example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0],
+               metadata: dict[str, Any] | None = None) -> Path:
     """Write `model` as a torch.export program with dynamic batch, height and width (torch.export.save)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A batch of 2: torch.export specialises a dimension traced at size 1 to a constant 1.
     program = torch.export.export(model, (_example(example_size, batch=2),), dynamic_shapes=_dynamic_shapes(model))
     buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={"deeplab.json": json.dumps(model_metadata(model))})
+    torch.export.save(program, buffer, extra_files={"deeplab.json": json.dumps(model_metadata(model, metadata))})
     path.write_bytes(buffer.getvalue())  # Python's write: a full disk raises instead of aborting in C++
     return path
 
 
 def _runner(path: Path, fmt: str):
     """A function numpy (N, 3, H, W) -> numpy logits, running the exported file with its own runtime."""
-    if fmt == "onnx":
-        import onnxruntime as ort
+    if fmt in ("onnx", "openvino"):
+        from .runtimes import RUNNERS
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {name: x})[0]
+        return RUNNERS["onnxruntime" if fmt == "onnx" else "openvino"](path, threads=torch.get_num_threads())
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -224,13 +260,22 @@ def check_export(
     return diffs
 
 
-def _write(graph: nn.Module, path: Path, *, format: str, opset: int, dynamo: bool, example_size: Sequence[int]) -> None:
+def _write(graph: nn.Module, path: Path, *, format: str, opset: int, dynamo: bool, example_size: Sequence[int],
+           metadata: dict[str, Any] | None = None) -> None:
     if format == "onnx":
-        export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=example_size)
+        export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=example_size, metadata=metadata)
+    elif format == "openvino":
+        export_openvino(graph, path, opset=opset, example_size=example_size, metadata=metadata)
     elif format == "torchscript":
-        export_torchscript(graph, path, example_size=example_size)
+        export_torchscript(graph, path, example_size=example_size, metadata=metadata)
     else:
-        export_pt2(graph, path, example_size=example_size)
+        export_pt2(graph, path, example_size=example_size, metadata=metadata)
+
+
+def _remove(path: Path, format: str) -> None:
+    path.unlink(missing_ok=True)
+    if format == "openvino":  # its weights file
+        path.with_suffix(".bin").unlink(missing_ok=True)
 
 
 def _rounding_ops(path: Path, format: str) -> int:
@@ -240,6 +285,10 @@ def _rounding_ops(path: Path, format: str) -> int:
         import onnx
 
         return sum(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node)
+    if format == "openvino":
+        import openvino as ov
+
+        return sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(path)).get_ops())
     if format == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -272,7 +321,7 @@ def _check_rounded(
     except ExportCheckError as e:
         raise ExportCheckError(f"{str(e).replace(str(twin_path), str(path))} (checked without activation rounding)") from None
     finally:
-        twin_path.unlink(missing_ok=True)
+        _remove(twin_path, format)
     run = _runner(path, format)
     for k, size in enumerate(sizes):
         x = _example(size, seed=k + 1, batch=1 if k == 0 else 2)
@@ -298,6 +347,7 @@ def export_model(
     opset: int = MIN_OPSET,
     dynamo: bool = False,
     fold_bn: bool = True,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export `model` (in eval mode, on CPU, float32) to `path` and verify it at every size in `sizes`.
 
@@ -305,6 +355,8 @@ def export_model(
     `path` and ExportCheckError is raised. `opset` and `dynamo` apply to ONNX only. With `fold_bn` the exported graph has its
     BatchNorms folded into the convolutions (`deeplab.fast`); it is still checked against the unfolded eager model.
     Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
+    `metadata` adds to what the file carries (`model_metadata`). OpenVINO IR (`format="openvino"`) is written as
+    `path` (.xml) and the .bin beside it.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose from {list(FORMATS)}")
@@ -333,7 +385,8 @@ def export_model(
     # Written and checked under a temporary name, renamed only once it passes: a failed check, a full disk or a
     # crash never leaves a file at `path` (nor replaces one that was there).
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-    write = functools.partial(_write, format=format, opset=opset, dynamo=dynamo, example_size=sizes[0])
+    write = functools.partial(_write, format=format, opset=opset, dynamo=dynamo, example_size=sizes[0],
+                              metadata=metadata)
     try:
         write(graph, partial)
         try:
@@ -343,10 +396,12 @@ def export_model(
                 diffs = check_export(partial, model, format=format, sizes=sizes, rtol=rtol)
         except ExportCheckError as e:  # name the file the user asked for
             raise ExportCheckError(str(e).replace(str(partial), str(path))) from None
+        if format == "openvino":  # the weights file first: an .xml is never left without its .bin
+            os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(partial, path)
     except OSError as e:  # a full disk, a read-only folder: name the file the user asked for
         raise named_os_error(OSError(e.errno, e.strerror or str(e)), path) from None
     finally:
-        partial.unlink(missing_ok=True)
+        _remove(partial, format)
         model.train(was_training)
     return {"path": str(path), "format": format, "max_rel_diff": diffs, "seconds": time.perf_counter() - started}

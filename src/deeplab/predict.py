@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -21,10 +21,10 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import write_atomically
-from .crf import CRFParams, dense_crf
+from .crf import dense_crf
 from .data.base import image_to_rgb
-from .fast import is_fast, optimize_for_inference
-from .inference import check_options, segment_probs
+from .inference import InferenceOptions, segment_probs
+from .runtimes import prepare_model, runtime_name
 
 if TYPE_CHECKING:
     from .data.palettes import Palette
@@ -105,60 +105,38 @@ def _normalised(model: nn.Module, image: np.ndarray) -> torch.Tensor:
 
 
 def predict_probs(
-    model: nn.Module,
-    image: ImageLike,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: int | None = None,
-    overlap: float = 0.33,
-    input_size: Sequence[int] | str | None = "model",
-    amp: str = "off",
-    crf: CRFParams | None = None,
-    crf_backend: str = "torch",
+    model: nn.Module, image: ImageLike, *, options: InferenceOptions | None = None, **inference: Any
 ) -> np.ndarray:
-    """Class probabilities (K, H, W) float32 at the image's size; the arguments as for `predict`."""
+    """Class probabilities (K, H, W) float32 at the image's size; the arguments as for `predict`. The model runs as
+    it is given (prepare it once with `deeplab.optimize_for_inference` for speed; `predict_files` does)."""
+    opts = InferenceOptions.of(options, **inference)
     rgb = load_image(image)
     was_training = model.training
     model.eval()
     try:
         probs = segment_probs(
-            model, _normalised(model, rgb), scales=scales, flip=flip, window=window, overlap=overlap,
-            input_size=resolve_input_size(model, input_size), amp=amp,
+            model, _normalised(model, rgb), scales=opts.scales, flip=opts.flip, window=opts.window,
+            overlap=opts.overlap, input_size=resolve_input_size(model, opts.input_size), amp=opts.amp,
         )
     finally:
         model.train(was_training)
-    if crf is not None:
-        return dense_crf(rgb, probs[0].cpu(), params=crf, backend=crf_backend).numpy()
+    if opts.crf is not None:
+        return dense_crf(rgb, probs[0].cpu(), params=opts.crf, backend=opts.crf_backend).numpy()
     return probs[0].cpu().numpy()
 
 
-def predict(
-    model: nn.Module,
-    image: ImageLike,
-    *,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: int | None = None,
-    overlap: float = 0.33,
-    input_size: Sequence[int] | str | None = "model",
-    amp: str = "off",
-    crf: CRFParams | None = None,
-    crf_backend: str = "torch",
-) -> np.ndarray:
+def predict(model: nn.Module, image: ImageLike, *, options: InferenceOptions | None = None, **inference: Any) -> np.ndarray:
     """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array) at the image's size.
 
-    uint8 for up to 256 classes (int64 beyond). `scales` / `flip` average softmax probabilities over rescaled and
-    mirrored copies; `window` / `overlap` tile large images (see `deeplab.inference`). `input_size="model"` uses the
-    checkpoint's fixed input size if it has one, `None` runs at the image's own size, (H, W) forces a size.
-    `amp="bf16"` runs the network under bf16 autocast. `crf` (a `deeplab.crf.CRFParams`) refines the probabilities
-    with DeepLab v1/v2's dense CRF (`crf_backend` "torch" or "pydensecrf"). For many images, pass the model through
-    `deeplab.optimize_for_inference` once first (BatchNorm folded, channels_last: the same outputs, faster).
+    uint8 for up to 256 classes (int64 beyond). `options` (a `deeplab.inference.InferenceOptions`), or any of its
+    fields as keywords: `scales` / `flip` average softmax probabilities over rescaled and mirrored copies; `window` /
+    `overlap` tile large images (see `deeplab.inference`); `input_size="model"` uses the checkpoint's fixed input
+    size if it has one, `None` runs at the image's own size, (H, W) forces a size; `amp="bf16"` runs the network
+    under bf16 autocast; `crf` (a `deeplab.crf.CRFParams`) refines the probabilities with DeepLab v1/v2's dense CRF.
+    The model runs as given: for many images, pass it through `deeplab.optimize_for_inference` once first (the
+    fastest runtime installed, the same outputs to 1e-4 of the logit range).
     """
-    probs = predict_probs(
-        model, image, scales=scales, flip=flip, window=window, overlap=overlap, input_size=input_size, amp=amp,
-        crf=crf, crf_backend=crf_backend,
-    )
+    probs = predict_probs(model, image, options=options, **inference)
     labels = probs.argmax(axis=0)
     return labels.astype(np.uint8) if probs.shape[0] <= 256 else labels.astype(np.int64)
 
@@ -220,6 +198,7 @@ class PredictReport:
 
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    runtime: str = ""  # which runtime ran the model (deeplab.runtimes.runtime_name)
 
     @property
     def ok(self) -> bool:
@@ -309,16 +288,9 @@ def predict_files(
     out_dir: str | os.PathLike,
     overlay_alpha: float | None = None,
     save_probs: bool = False,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window: int | None = None,
-    overlap: float = 0.33,
-    input_size: Sequence[int] | str | None = "model",
     progress: bool = False,
-    fast: bool = True,
-    amp: str = "off",
-    crf: CRFParams | None = None,
-    crf_backend: str = "torch",
+    options: InferenceOptions | None = None,
+    **inference: Any,
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
 
@@ -326,20 +298,19 @@ def predict_files(
     the palette draws them in the dataset's colours), with `overlay_alpha` NAME_overlay.png (the image blended with
     the colours), and with `save_probs` NAME_probs.npy (float16, K x H x W). A video (only with the optional
     imageio package) writes NAME/frame_000000.png and so on. An input that cannot be read is recorded in the
-    report's `failed` as (input, message naming it) and the others still run. `fast` predicts with a copy of the
-    model on the inference fast path (`deeplab.fast`); `amp="bf16"` runs it under bf16 autocast.
+    report's `failed` as (input, message naming it) and the others still run. The model runs as `options` (or the
+    same fields as keywords) say, on `options.runtime` (`deeplab.runtimes`); `report.runtime` says which ran.
     """
+    opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)
     if not class_names:
         raise ValueError(f"{type(model).__name__} has no class_names; load models with deeplab.load(path)")
     if len(class_names) > 255:
         raise ValueError(f"index PNGs hold classes 0..254 (255 is the ignore label); this model has {len(class_names)}")
-    check_options(scales=scales, window=window, overlap=overlap)
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
-    size = resolve_input_size(model, input_size)
-    if fast and not is_fast(model):
-        model = optimize_for_inference(model)
+    opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    model = prepare_model(model, opts)
     palette = palette_for(class_names)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -351,10 +322,7 @@ def predict_files(
     inputs_resolved = {path.resolve() for path, _ in files}
 
     def run(rgb: np.ndarray) -> np.ndarray:
-        return predict_probs(
-            model, rgb, scales=scales, flip=flip, window=window, overlap=overlap, input_size=size, amp=amp,
-            crf=crf, crf_backend=crf_backend,
-        )
+        return predict_probs(model, rgb, options=opts)
 
     from tqdm import tqdm
 
@@ -383,4 +351,5 @@ def predict_files(
             report.failed.append((str(path), str(exc)))
             continue
         report.written[str(path)] = written
+    report.runtime = runtime_name(model)
     return report

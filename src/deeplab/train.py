@@ -825,8 +825,9 @@ def _validate(run: _Run) -> dict[str, Any]:
 
     cfg = run.train_cfg
     measured = _precise_bn(run)
+    # The PyTorch fast path, not "auto": choosing a runtime would export and time the model at every validation.
     metrics = evaluate(run.model, run.val_ds, input_size=None, output_stride=cfg.eval_output_stride,
-                       scales=cfg.val_scales, flip=cfg.val_flip, device=run.device,
+                       scales=cfg.val_scales, flip=cfg.val_flip, runtime="torch", device=run.device,
                        progress=run.progress and run.dist.is_main, limit=cfg.val_limit)
     metrics["step"] = run.step
     metrics["precise_bn_images"] = measured

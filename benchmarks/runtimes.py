@@ -1,0 +1,192 @@
+"""The same DeepLab in deeplab's default inference path and in the runtimes people deploy with, side by side.
+
+Rows: four models (the official MobileNetV2 dm0.5 257 float file and dm1.0 513 uint8 file from ../shared/models,
+converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 513x513, random weights). Columns:
+
+    deeplab      deeplab.optimize_for_inference(model): the default path of `predict`, `eval` and the Python API
+                 ("auto": the fastest installed runtime, measured on the first input; the column says which)
+    torch        the PyTorch fast path (deeplab.fast)
+    onnxruntime  ONNX Runtime on `deeplab export`'s ONNX file
+    openvino     OpenVINO on the same export converted to IR (f32)
+    tflite       the official TF Lite runtime (ai-edge-litert, XNNPACK) on the .tflite file itself (the dm1.0 file
+                 is uint8: TF Lite runs it in uint8, the others its fp32 conversion)
+    int8         with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in
+                 ONNX Runtime
+
+at 1 and 2 threads, batch 1. Every entry is built first (each exported-graph runtime checked against eager PyTorch
+to 1e-4 of the logit range), warmed up twice, then timed in rounds: each round runs every entry once, so the shared
+machine's drift hits all alike. Printed: a Markdown table (median ms, min in brackets) and one JSON line per entry.
+A runtime that is not installed is skipped with the reason.
+
+    OMP_NUM_THREADS=2 python benchmarks/runtimes.py --rounds 15
+    python benchmarks/runtimes.py --models mnv2-dm05 --threads 1 --rounds 5     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deeplab import ModelConfig, build_model, retain_freed_memory
+from deeplab.benchmark import time_in_rounds
+from deeplab.runtimes import missing_runtime, optimize_for_inference, runtime_name
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+MODELS = {
+    "mnv2-dm05": SHARED / "deeplabv3-mnv2-dm05-voc" / "deeplabv3_257_mv_gpu.tflite",
+    "mnv2-dm10": SHARED / "deeplabv3-mnv2-voc-quant" / "deeplabv3_mnv2_pascal_quant.tflite",
+    "xception65": "xception65",
+    "resnet101": "resnet101_beta",
+}
+PEERS = ("torch", "onnxruntime", "openvino")
+
+
+def build(name: str):
+    """(model, .tflite path or None, input size) for a row."""
+    spec = MODELS[name]
+    if isinstance(spec, Path):
+        if not spec.is_file():
+            return None, f"{spec} not found (see ../shared/README.md)", None
+        from deeplab.convert import convert_file
+
+        model = convert_file(spec, activation_rounding=False).eval()  # the fp32 conversion
+        return model, spec, tuple(model.preprocessing.input_size)
+    cfg = ModelConfig(backbone=spec, num_classes=21, output_stride=16, decoder=True, separable=True)
+    torch.manual_seed(0)
+    return build_model(cfg).eval(), None, (513, 513)
+
+
+def tflite_entry(path: Path, threads: int, size):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=threads)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    out = interp.get_output_details()[0]
+    rng = np.random.default_rng(0)
+    if inp["dtype"] == np.uint8:
+        x = rng.integers(0, 256, inp["shape"], dtype=np.uint8)
+    else:
+        x = rng.uniform(-1, 1, inp["shape"]).astype(np.float32)
+
+    def run():
+        interp.set_tensor(inp["index"], x)
+        interp.invoke()
+        return interp.get_tensor(out["index"])
+
+    return run
+
+
+def int8_entry(model, threads: int, x: torch.Tensor, folder: str):
+    from deeplab.quantize import quantize_model
+    from deeplab.runtimes import load_exported
+
+    path = Path(folder) / f"int8-{threads}.onnx"
+    if not path.exists():
+        g = torch.Generator().manual_seed(1)
+        quantize_model(model, [torch.randn(x.shape, generator=g) for _ in range(2)], path)
+    loaded = load_exported(path, threads=threads)
+    return lambda: loaded(x)
+
+
+def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: list):
+    model, tfl, size = build(name)
+    if model is None:
+        skipped.append({"model": name, "skipped": tfl})
+        return {}
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    entries = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        default = optimize_for_inference(model, threads=threads, example=x)
+        entries[(name, "deeplab", threads)] = (threads, _no_grad(default, x), runtime_name(default))
+        for runtime in PEERS:
+            why = missing_runtime(runtime)
+            if why:
+                skipped.append({"model": name, "runtime": runtime, "skipped": why})
+                continue
+            prepared = optimize_for_inference(model, runtime=runtime, threads=threads, example=x)
+            entries[(name, runtime, threads)] = (threads, _no_grad(prepared, x), runtime)
+        if tfl is not None:
+            why = _litert_missing()
+            if why:
+                skipped.append({"model": name, "runtime": "tflite", "skipped": why})
+            else:
+                kind = "uint8" if "quant" in tfl.name else "float"
+                entries[(name, "tflite", threads)] = (threads, tflite_entry(tfl, threads, size), f"tflite {kind}")
+        if int8 and missing_runtime("onnxruntime") is None:
+            entries[(name, "int8", threads)] = (threads, int8_entry(model, threads, x, folder), "onnxruntime int8")
+    return entries
+
+
+def _litert_missing() -> str | None:
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return "ai-edge-litert is not installed: pip install ai-edge-litert"
+    return None
+
+
+def _no_grad(model, x):
+    def run():
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--int8", action="store_true", help="also time deeplab quantize's int8 file in ONNX Runtime")
+    p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    args = p.parse_args()
+    retain_freed_memory()  # as the deeplab command does
+    threads_list = [int(t) for t in args.threads.split(",")]
+    skipped: list[dict] = []
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"# {cpu}, {torch.get_num_threads()} torch threads by default, rounds {args.rounds}", flush=True)
+    columns = ["deeplab", *PEERS, "tflite"] + (["int8"] if args.int8 else [])
+    lines = ["| model | threads | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    records = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models.split(","):
+            entries = entries_for(name, threads_list, int8=args.int8, folder=folder, skipped=skipped)
+            if not entries:
+                continue
+            times = time_in_rounds({k: (t, fn) for k, (t, fn, _) in entries.items()}, runs=args.rounds)
+            for threads in threads_list:
+                cells = []
+                for col in columns:
+                    key = (name, col, threads)
+                    if key not in times:
+                        cells.append("-")
+                        continue
+                    med, low = statistics.median(times[key]), min(times[key])
+                    label = entries[key][2]
+                    records.append({"model": name, "column": col, "runs": label, "threads": threads,
+                                    "ms_median": round(med, 2), "ms_min": round(low, 2), "rounds": args.rounds})
+                    note = f" ({label})" if col == "deeplab" else ""
+                    cells.append(f"{med:.1f} [{low:.1f}]{note}")
+                lines.append(f"| {name} | {threads} | " + " | ".join(cells) + " |")
+            print("\n".join(lines[-len(threads_list):]), flush=True)
+    print("\n" + "\n".join(lines))
+    for r in records + skipped:
+        print(json.dumps(r))
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            for r in records + skipped:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""One inference callable, whatever runs underneath: the PyTorch fast path, ONNX Runtime or OpenVINO.
+
+`optimize_for_inference(model, runtime=...)` returns an `nn.Module` that maps a normalised (N, 3, H, W) float batch
+to (N, K, H, W) logits and carries the model's `config`, `class_names` and `preprocessing`, so `eval`, `predict`
+and the Python API run it like the model itself:
+
+- ``"torch"``: `deeplab.fast` (BatchNorm folded, channels_last, prepacked oneDNN weights, fused activations).
+- ``"onnxruntime"`` / ``"openvino"`` (optional extras ``deeplab[onnx]`` / ``deeplab[openvino]``): the model exported
+  to ONNX (BatchNorm folded, full kernels; `deeplab.export`) and run by that runtime on the CPU, fp32 (OpenVINO is
+  told f32 explicitly: on CPUs with bf16 it would otherwise compute in bf16). OpenVINO compiles one static-shape
+  copy per input shape (the last four are kept), which runs faster than its dynamic-shape mode.
+- ``"auto"`` (the default): on the first call, every runtime that is installed and can run the model is built,
+  checked against the eager model on that input, and timed on it (one warm-up, then the median of three runs);
+  the fastest is kept for every later call and `choice` records the figures. Which one wins depends on the model
+  and the machine (docs/performance.md has the measurements).
+- ``"eager"``: the model as it is.
+
+Every runtime other than eager is checked when it is built: on the first input its logits must equal the eager
+model's to `rtol` (1e-4) of the eager logits' range, or it is refused (named, with the difference). Models that only
+PyTorch runs (a CUDA device, activation rounding of converted uint8 files, PointRend subdivision, autocast) get the
+PyTorch fast path under "auto" and a clear error when another runtime is asked for.
+
+`load_exported(path)` opens a file `deeplab export` wrote (`.onnx`, or OpenVINO's `.xml`) as the same kind of module,
+with the metadata the file carries (class names, preprocessing, model config), so `deeplab predict --checkpoint
+model.onnx` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ModelConfig, Preprocessing
+
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+DEFAULT_RTOL = 1e-4
+OPENVINO_SHAPES = 4
+
+__all__ = [
+    "EXPORTED_SUFFIXES",
+    "RUNTIMES",
+    "RuntimeModel",
+    "load_exported",
+    "missing_runtime",
+    "optimize_for_inference",
+    "prepare_model",
+    "runtime_name",
+    "torch_only_reason",
+]
+
+
+def missing_runtime(runtime: str) -> str | None:
+    """None when `runtime` can be imported here, else why not (with the install command)."""
+    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except ImportError:
+        return f"{runtime} is not installed: pip install 'deeplab[{EXTRA[runtime]}]'"
+    return None
+
+
+def torch_only_reason(model: nn.Module, *, amp: str = "off") -> str | None:
+    """Why only PyTorch can run `model` (None when an exported graph can)."""
+    param = next(model.parameters(), None)
+    if param is not None and param.device.type != "cpu":
+        return f"the model is on {param.device} (ONNX Runtime and OpenVINO run here on the CPU)"
+    if amp != "off":
+        return f"amp {amp} is PyTorch autocast"
+    if getattr(model, "activation_rounding", None):
+        return "activation rounding (a converted uint8 model) runs in PyTorch only; convert with --float-activations"
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "pointrend", False) and getattr(cfg, "pointrend_steps", None) != 0:
+        return "PointRend's adaptive subdivision runs in PyTorch only"
+    return None
+
+
+def runtime_name(model: nn.Module) -> str:
+    """Which runtime a prepared model runs: torch, eager, onnxruntime, openvino (auto: once it has chosen)."""
+    if isinstance(model, AutoRuntime):
+        return model.runtime or "auto (not run yet)"
+    if isinstance(getattr(model, "runtime", None), str):
+        return model.runtime
+    return "torch" if getattr(model, "fast_path", None) else "eager"
+
+
+# -- exported graphs ------------------------------------------------------------------------------------------------
+
+
+class RuntimeModel(nn.Module):
+    """An exported graph run by ONNX Runtime or OpenVINO, carrying what `eval` and `predict` read from a model."""
+
+    def __init__(
+        self, run: Callable[[np.ndarray], np.ndarray], *, runtime: str, config: ModelConfig,
+        class_names: tuple[str, ...], preprocessing: Preprocessing, source: str, threads: int,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self._run = run
+        self.runtime = runtime
+        self.config = config
+        self.class_names = tuple(class_names)
+        self.preprocessing = preprocessing
+        self.source = source
+        self.threads = threads
+        self.metadata = dict(metadata or {})
+        self.activation_rounding = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._run(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy()))
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+
+def _threads(threads: int | None) -> int:
+    return int(threads) if threads else torch.get_num_threads()
+
+
+def onnxruntime_runner(path: str | os.PathLike, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {name: x})[0]
+
+    return run
+
+
+def openvino_runner(path: str | os.PathLike, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO on the CPU in f32, one compiled static-shape copy per input shape (the last OPENVINO_SHAPES)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+              "NUM_STREAMS": 1}
+    compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        shape = tuple(x.shape)
+        request = compiled.get(shape)
+        if request is None:
+            static = model.clone()
+            static.reshape({static.input(0): ov.PartialShape(list(shape))})
+            request = core.compile_model(static, "CPU", config).create_infer_request()
+            compiled[shape] = request
+            while len(compiled) > OPENVINO_SHAPES:
+                compiled.popitem(last=False)
+        compiled.move_to_end(shape)
+        request.infer({0: x})
+        return request.get_output_tensor(0).data.copy()
+
+    return run
+
+
+RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The `deeplab` metadata of an exported .onnx or OpenVINO .xml file ({} when it has none)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        text = next((p.value for p in proto.metadata_props if p.key == "deeplab"), None)
+    else:
+        import openvino as ov
+
+        model = ov.Core().read_model(str(path))
+        text = model.get_rt_info(["deeplab"]).astype(str) if model.has_rt_info(["deeplab"]) else None
+    return json.loads(text) if text else {}
+
+
+def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None) -> RuntimeModel:
+    """Open an exported `.onnx` (ONNX Runtime by default; OpenVINO reads it too) or OpenVINO `.xml` file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in EXPORTED_SUFFIXES:
+        raise ValueError(f"{path}: not an exported model (.onnx or .xml)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; pass the file `deeplab export` or `deeplab quantize` wrote")
+    runtime = runtime or ("onnxruntime" if suffix == ".onnx" else "openvino")
+    if runtime in ("auto", "torch", "eager"):
+        runtime = "onnxruntime" if suffix == ".onnx" else "openvino"
+    if runtime == "onnxruntime" and suffix == ".xml":
+        raise ValueError(f"{path}: an OpenVINO IR file runs in OpenVINO; pass --runtime openvino (or auto)")
+    why = missing_runtime(runtime)
+    if why:
+        raise ImportError(f"{path}: {why}")
+    meta = read_metadata(path)
+    if not meta.get("class_names") or meta.get("mean") is None:
+        raise ValueError(
+            f"{path}: carries no deeplab metadata (class names, preprocessing); export it with `deeplab export` "
+            "from a deeplab checkpoint"
+        )
+    if meta.get("model_config"):
+        config = ModelConfig.from_dict(meta["model_config"])
+    else:  # an export without the model's config: what inference reads from it
+        config = ModelConfig(num_classes=len(meta["class_names"]), align_corners=bool(meta.get("align_corners")))
+    pre = Preprocessing(mean=meta["mean"], std=meta["std"], input_size=meta.get("input_size"))
+    n = _threads(threads)
+    model = RuntimeModel(
+        RUNNERS[runtime](path, threads=n), runtime=runtime, config=config, class_names=meta["class_names"],
+        preprocessing=pre, source=str(path), threads=n, metadata=meta,
+    )
+    return model.eval()
+
+
+# -- building a runtime for a model -------------------------------------------------------------------------------
+
+
+def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    span = float(ref.max() - ref.min()) or 1.0
+    return float((out.float() - ref.float()).abs().max()) / span
+
+
+def _median_ms(fn: Callable[[], Any], *, repeats: int = 3) -> float:
+    fn()  # warm-up (OpenVINO compiles, oneDNN packs weights)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _exported_runtime(model: nn.Module, runtime: str, *, threads: int, folder: str) -> RuntimeModel:
+    from .export import export_onnx
+
+    path = Path(folder) / f"model-{runtime}.onnx"
+    export_onnx(model, path)
+    if runtime == "openvino":
+        import openvino as ov
+
+        xml = path.with_suffix(".xml")
+        ov.save_model(ov.convert_model(str(path)), str(xml), compress_to_fp16=False)
+        path = xml
+    return RuntimeModel(
+        RUNNERS[runtime](path, threads=threads), runtime=runtime, config=getattr(model, "config", None),
+        class_names=getattr(model, "class_names", ()), preprocessing=getattr(model, "preprocessing", Preprocessing()),
+        source="exported in memory", threads=threads,
+    ).eval()
+
+
+def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None) -> nn.Module:
+    """`model` prepared for `runtime` ("torch", "onnxruntime", "openvino" or "eager"); not checked (see `checked`)."""
+    from .fast import optimize_for_inference as torch_fast_path
+
+    if runtime == "eager":
+        return model.eval()
+    if runtime == "torch":
+        return torch_fast_path(model)
+    why = missing_runtime(runtime) or torch_only_reason(model)
+    if why:
+        raise ValueError(f"--runtime {runtime}: {why}; use --runtime torch")
+    with tempfile.TemporaryDirectory(prefix="deeplab-runtime-") as folder:
+        # ONNX Runtime and OpenVINO read the file into memory: the folder can go once the session exists.
+        return _exported_runtime(model.eval(), runtime, threads=_threads(threads), folder=folder)
+
+
+def check_against_eager(candidate: nn.Module, eager: nn.Module, x: torch.Tensor, *, runtime: str,
+                        rtol: float = DEFAULT_RTOL, reference: torch.Tensor | None = None) -> float:
+    """The largest |candidate - eager| / eager logit range on `x`; raises ValueError above `rtol`."""
+    with torch.no_grad():
+        ref = eager(x) if reference is None else reference
+        diff = _rel_diff(candidate(x), ref)
+    if not diff <= rtol:
+        raise ValueError(
+            f"runtime {runtime} differs from the eager model by {diff:.2e} of the logit range (allowed {rtol:g}); "
+            "use --runtime torch"
+        )
+    return diff
+
+
+class AutoRuntime(nn.Module):
+    """Picks the fastest runtime on the first input (see the module docstring), then runs only that one."""
+
+    def __init__(self, model: nn.Module, *, threads: int | None = None, candidates: tuple[str, ...] = RUNTIMES,
+                 rtol: float = DEFAULT_RTOL) -> None:
+        super().__init__()
+        self.eager = model.eval()
+        self.config = getattr(model, "config", None)
+        self.class_names = getattr(model, "class_names", ())
+        self.preprocessing = getattr(model, "preprocessing", None)
+        self.activation_rounding = getattr(model, "activation_rounding", None)
+        self.threads = threads
+        self.candidates = candidates
+        self.rtol = rtol
+        self.chosen: nn.Module | None = None
+        self.runtime: str | None = None
+        self.choice: dict[str, Any] = {}
+
+    def _choose(self, x: torch.Tensor) -> None:
+        timings: dict[str, float] = {}
+        skipped: dict[str, str] = {}
+        only_torch = torch_only_reason(self.eager)
+        with torch.no_grad():
+            reference = self.eager(x)
+            best: tuple[float, str, nn.Module] | None = None
+            for name in self.candidates:
+                why = None if name == "torch" else (missing_runtime(name) or only_torch)
+                if why:
+                    skipped[name] = why
+                    continue
+                try:
+                    candidate = build_runtime(self.eager, name, threads=self.threads)
+                    check_against_eager(candidate, self.eager, x, runtime=name, rtol=self.rtol, reference=reference)
+                except Exception as e:  # a runtime that cannot run or match the model is not chosen; say why
+                    skipped[name] = str(e).splitlines()[0]
+                    continue
+                timings[name] = _median_ms(lambda c=candidate: c(x))
+                if best is None or timings[name] < best[0]:
+                    best = (timings[name], name, candidate)
+        assert best is not None  # the torch fast path always builds
+        _, self.runtime, self.chosen = best
+        self.choice = {"runtime": self.runtime, "ms": timings, "skipped": skipped, "shape": list(x.shape)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chosen is None:
+            self._choose(x)
+        return self.chosen(x)
+
+
+def optimize_for_inference(
+    model: nn.Module, *, runtime: str = "auto", threads: int | None = None, example: torch.Tensor | None = None,
+    rtol: float = DEFAULT_RTOL,
+) -> nn.Module:
+    """`model` as a module that maps a normalised (N, 3, H, W) batch to logits on `runtime` (see the module
+    docstring); `model` itself is untouched. `threads`: CPU threads for ONNX Runtime / OpenVINO (default
+    torch.get_num_threads(); PyTorch uses its own setting). `example`: an input to check the runtime on now (and,
+    for "auto", to choose on); without it the check (and the choice) happens on the first call."""
+    from .inference import RUNTIME_CHOICES
+
+    if runtime not in RUNTIME_CHOICES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {runtime!r}")
+    if isinstance(model, (RuntimeModel, AutoRuntime)) or getattr(model, "fast_path", None):
+        return model  # already prepared
+    if runtime == "auto":
+        prepared: nn.Module = AutoRuntime(model, threads=threads, rtol=rtol)
+        if example is not None:
+            prepared(example)
+        return prepared
+    prepared = build_runtime(model, runtime, threads=threads)
+    if runtime in EXTRA:
+        prepared = _CheckedOnFirstCall(prepared, model, rtol=rtol) if example is None else prepared
+        if example is not None:
+            check_against_eager(prepared, model, example, runtime=runtime, rtol=rtol)
+    return prepared
+
+
+def prepare_model(model: nn.Module, options: Any) -> nn.Module:
+    """`model` ready to run `options` (an `InferenceOptions`): its PointRend options applied, then on
+    `options.runtime` (autocast runs in PyTorch: "auto" with amp means the PyTorch fast path). A model that is
+    already prepared (or an exported file's) is returned as it is."""
+    from .inference import with_pointrend_options
+
+    if isinstance(model, (RuntimeModel, AutoRuntime, _CheckedOnFirstCall)) or getattr(model, "fast_path", None):
+        return model
+    model = with_pointrend_options(model, options)
+    runtime = options.runtime
+    if runtime == "auto" and (options.amp != "off" or torch_only_reason(model)):
+        runtime = "torch"
+    return optimize_for_inference(model, runtime=runtime, threads=options.threads)
+
+
+class _CheckedOnFirstCall(nn.Module):
+    """An exported-graph runtime that is compared with the eager model on its first input before it is trusted."""
+
+    def __init__(self, prepared: RuntimeModel, eager: nn.Module, *, rtol: float) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self.eager = eager.eval()
+        self.rtol = rtol
+        self.checked = False
+        self.runtime = prepared.runtime
+        self.config, self.class_names = prepared.config, prepared.class_names
+        self.preprocessing, self.activation_rounding = prepared.preprocessing, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.checked:
+            check_against_eager(self.prepared, self.eager, x, runtime=self.runtime, rtol=self.rtol)
+            self.checked = True
+        return self.prepared(x)
