@@ -13,7 +13,9 @@ converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 
     int8         with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in
                  ONNX Runtime
 
-at 1 and 2 threads, batch 1. Every entry is built first (each exported-graph runtime checked against eager PyTorch
+at 1 and 2 threads, batch 1. ONNX Runtime and OpenVINO run with their default settings (ONNX Runtime's worker threads
+spin for a while after each call: anything started right after, PyTorch included, measured up to 2x slower), so
+every timed call is preceded by 50 ms idle, as calls spaced by other work are. Every entry is built first (each exported-graph runtime checked against eager PyTorch
 to 1e-4 of the logit range), warmed up twice, then timed in rounds: each round runs every entry once, so the shared
 machine's drift hits all alike. Printed: a Markdown table (median ms, min in brackets) and one JSON line per entry.
 A runtime that is not installed is skipped with the reason.
@@ -84,11 +86,11 @@ def tflite_entry(path: Path, threads: int, size):
     return run
 
 
-def int8_entry(model, threads: int, x: torch.Tensor, folder: str):
+def int8_entry(name: str, model, threads: int, x: torch.Tensor, folder: str):
     from deeplab.quantize import quantize_model
     from deeplab.runtimes import load_exported
 
-    path = Path(folder) / f"int8-{threads}.onnx"
+    path = Path(folder) / f"int8-{name}.onnx"
     if not path.exists():
         g = torch.Generator().manual_seed(1)
         quantize_model(model, [torch.randn(x.shape, generator=g) for _ in range(2)], path)
@@ -122,7 +124,7 @@ def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: li
                 kind = "uint8" if "quant" in tfl.name else "float"
                 entries[(name, "tflite", threads)] = (threads, tflite_entry(tfl, threads, size), f"tflite {kind}")
         if int8 and missing_runtime("onnxruntime") is None:
-            entries[(name, "int8", threads)] = (threads, int8_entry(model, threads, x, folder), "onnxruntime int8")
+            entries[(name, "int8", threads)] = (threads, int8_entry(name, model, threads, x, folder), "onnxruntime int8")
     return entries
 
 
@@ -163,7 +165,7 @@ def main() -> None:
             entries = entries_for(name, threads_list, int8=args.int8, folder=folder, skipped=skipped)
             if not entries:
                 continue
-            times = time_in_rounds({k: (t, fn) for k, (t, fn, _) in entries.items()}, runs=args.rounds)
+            times = time_in_rounds({k: (t, fn) for k, (t, fn, _) in entries.items()}, runs=args.rounds, gap_s=0.05)
             for threads in threads_list:
                 cells = []
                 for col in columns:

@@ -314,3 +314,22 @@ def test_benchmark_command_prints_a_row_per_runtime_and_thread_count(tmp_path, c
     rows = json.loads(capsys.readouterr().out)
     assert {(r["runtime"], r["threads"]) for r in rows} == {("torch", 1), ("onnxruntime", 1)}
     assert all(r["ms_median"] > 0 and r["runs"] == 2 and r["size"] == [65, 65] for r in rows)
+
+
+def test_quantize_calibrates_on_plain_image_files_too(tmp_path, capsys):
+    from PIL import Image
+
+    ckpt = save_checkpoint(tiny(), tmp_path / "m.pt")  # no training data recorded: --images is the way
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    out = tmp_path / "m-int8.onnx"
+    assert main(["quantize", "--checkpoint", str(ckpt), "--out", str(out), "--images", str(folder),
+                 "--calibration-images", "2", "--check-images", "1"]) == 0
+    assert "calibrated on 2 image" in capsys.readouterr().out
+    assert main(["quantize", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.onnx"), "--images",
+                 str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "none" in err and "Traceback" not in err and not (tmp_path / "x.onnx").exists()

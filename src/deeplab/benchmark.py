@@ -23,9 +23,10 @@ __all__ = ["benchmark", "format_table", "time_in_rounds"]
 
 
 def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: bool = False,
-                   desc: str = "benchmark") -> dict[Any, list[float]]:
+                   desc: str = "benchmark", gap_s: float = 0.05) -> dict[Any, list[float]]:
     """Milliseconds per call of each entry {key: (threads, fn)} over `runs` interleaved rounds, after two warm-up
-    calls each; PyTorch's thread count is set to the entry's before each call."""
+    calls each; PyTorch's thread count is set to the entry's before each call, and `gap_s` idle seconds precede it
+    (ONNX Runtime's threads spin after a call and would slow whatever runs next)."""
     from tqdm import tqdm
 
     times: dict[Any, list[float]] = {key: [] for key in entries}
@@ -36,6 +37,7 @@ def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: 
     for _ in tqdm(range(runs), desc=desc, unit="round", disable=not progress, dynamic_ncols=True):
         for key, (threads, fn) in entries.items():
             torch.set_num_threads(threads)
+            time.sleep(gap_s)
             t0 = time.perf_counter()
             fn()
             times[key].append((time.perf_counter() - t0) * 1e3)

@@ -567,23 +567,33 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     data = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
     trained = data.get("train_config") or {}
-    name, root, split, seed, options = _eval_data(args, trained)
-    if args.split is None and split != "all":  # calibrate on training images, not on the ones scored later
-        split = trained.get("train_split", "train")
-    dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, **options)
     scales = args.scales or tuple(trained.get("val_scales") or (1.0,))
     size = resolve_input_size(model, "model")
     align = bool(model.config.align_corners)
 
-    def batch(i: int):
-        x = dataset[i][0][None]
+    def scaled(x):
         x = x if size is None else _resize(x, size, align_corners=align)
         base = tuple(x.shape[-2:])
         return [x if s == 1.0 else _resize(x, scaled_size(base, s, align_corners=align), align_corners=align)
                 for s in scales]
 
-    calibration = [x for i in _spread(args.calibration_images, len(dataset)) for x in batch(i)]
-    held = [x for i in _spread(args.check_images, len(dataset), offset=0.5) for x in batch(i)] if args.check_images else []
+    if args.images:  # any image files: no masks needed to calibrate
+        from .predict import _normalised, expand_inputs, load_image
+
+        files = [path for path, _ in expand_inputs(args.images)[0]]
+        if not files:
+            raise ValueError(f"--images {' '.join(args.images)}: no image files found")
+        name, split, count = "image", ",".join(args.images), len(files)
+        load = lambda i: _normalised(model, load_image(files[i]))  # noqa: E731
+    else:
+        name, root, split, seed, options = _eval_data(args, trained)
+        if args.split is None and split != "all":  # calibrate on training images, not on the ones scored later
+            split = trained.get("train_split", "train")
+        dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, **options)
+        count = len(dataset)
+        load = lambda i: dataset[i][0][None]  # noqa: E731
+    calibration = [x for i in _spread(args.calibration_images, count) for x in scaled(load(i))]
+    held = [x for i in _spread(args.check_images, count, offset=0.5) for x in scaled(load(i))] if args.check_images else []
     extra = {"train_config": data["train_config"]} if data.get("train_config") else {}
     extra["calibration"] = {"dataset": name, "split": split, "images": len(calibration), "scales": list(scales)}
     res = quantize_model(model, calibration, args.out, held_out=held, metadata=extra)
@@ -610,6 +620,8 @@ def _add_quantize_benchmark(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float)")
     p.add_argument("--out", required=True, help="the int8 ONNX file to write (.onnx); run it with predict / eval "
                    "--checkpoint FILE")
+    p.add_argument("--images", nargs="+", default=None, help="calibrate on these image files, folders or globs "
+                   "(no masks needed) instead of a dataset")
     p.add_argument("--dataset", default=None, help="calibration images: voc, cityscapes, ade20k, camvid, folder (default: "
                    "the checkpoint's training data)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
