@@ -27,13 +27,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TFLITE = SHARED / "models" / "deeplabv3-mnv2-dm05-voc" / "deeplabv3_257_mv_gpu.tflite"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The 2 cores are shared with other test runs; intra-op threads only add contention at these sizes.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ def needs_openvino():
         pytest.skip(why)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(*, classes=("sky", "road", "car"), input_size=None, align_corners=False) -> nn.Module:
