@@ -592,8 +592,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, **options)
         count = len(dataset)
         load = lambda i: dataset[i][0][None]  # noqa: E731
-    calibration = [x for i in _spread(args.calibration_images, count) for x in scaled(load(i))]
-    held = [x for i in _spread(args.check_images, count, offset=0.5) for x in scaled(load(i))] if args.check_images else []
+    chosen = _spread(args.calibration_images, count)
+    calibration = [x for i in chosen for x in scaled(load(i))]
+    # Agreement on images the calibration did not see (none when it used them all).
+    others = [i for i in _spread(args.check_images, count, offset=0.5) if i not in set(chosen)]
+    held = [x for i in others for x in scaled(load(i))]
     extra = {"train_config": data["train_config"]} if data.get("train_config") else {}
     extra["calibration"] = {"dataset": name, "split": split, "images": len(calibration), "scales": list(scales)}
     res = quantize_model(model, calibration, args.out, held_out=held, metadata=extra)

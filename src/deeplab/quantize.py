@@ -22,6 +22,7 @@ checkpoint, and `quantize_model` reports its argmax agreement with the float mod
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -134,8 +135,6 @@ def quantize_model(
             }
             del proto.metadata_props[:]
             entry = proto.metadata_props.add()
-            import json
-
             entry.key, entry.value = "deeplab", json.dumps(model_metadata(model, {**(metadata or {}), "int8": int8}))
             onnx.save(proto, str(partial))
             convs = sum(n.op_type == "Conv" for n in proto.graph.node)
