@@ -6,8 +6,8 @@ converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 
     deeplab      deeplab.optimize_for_inference(model): the default path of `predict`, `eval` and the Python API
                  ("auto": the fastest installed runtime, measured on the first input; the column says which)
     torch        the PyTorch fast path (deeplab.fast)
-    onnxruntime  ONNX Runtime on `deeplab export`'s ONNX file
-    openvino     OpenVINO on the same export converted to IR (f32)
+    onnxruntime  ONNX Runtime on `deeplab export`'s ONNX file, through its own API (all graph optimizations)
+    openvino     OpenVINO on `deeplab export --format openvino`'s IR, through its own API (static shape, LATENCY, f32)
     tflite       the official TF Lite runtime (ai-edge-litert, XNNPACK) on the .tflite file itself (the dm1.0 file
                  is uint8: TF Lite runs it in uint8, the others its fp32 conversion)
     int8         with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in
@@ -47,7 +47,7 @@ MODELS = {
     "xception65": "xception65",
     "resnet101": "resnet101_beta",
 }
-PEERS = ("torch", "onnxruntime", "openvino")
+PEERS = ("torch", "onnxruntime", "openvino")  # the columns after deeplab's default path
 
 
 def build(name: str):
@@ -109,13 +109,15 @@ def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: li
         torch.set_num_threads(threads)
         default = optimize_for_inference(model, threads=threads, example=x)
         entries[(name, "deeplab", threads)] = (threads, _no_grad(default, x), runtime_name(default))
-        for runtime in PEERS:
+        torch_path = optimize_for_inference(model, runtime="torch", example=x)
+        entries[(name, "torch", threads)] = (threads, _no_grad(torch_path, x), "torch")
+        for runtime in ("onnxruntime", "openvino"):
             why = missing_runtime(runtime)
             if why:
                 skipped.append({"model": name, "runtime": runtime, "skipped": why})
                 continue
-            prepared = optimize_for_inference(model, runtime=runtime, threads=threads, example=x)
-            entries[(name, runtime, threads)] = (threads, _no_grad(prepared, x), runtime)
+            path = exported(model, name, runtime, folder)
+            entries[(name, runtime, threads)] = (threads, peer_entry(runtime, path, threads, x), runtime)
         if tfl is not None:
             why = _litert_missing()
             if why:
@@ -126,6 +128,44 @@ def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: li
         if int8 and missing_runtime("onnxruntime") is None:
             entries[(name, "int8", threads)] = (threads, int8_entry(name, model, threads, x, folder), "onnxruntime int8")
     return entries
+
+
+def exported(model, name: str, runtime: str, folder: str) -> Path:
+    """`deeplab export`'s file for `runtime` (ONNX, or OpenVINO IR), written once per model and verified."""
+    from deeplab.export import export_model
+
+    path = Path(folder) / (f"{name}.onnx" if runtime == "onnxruntime" else f"{name}.xml")
+    if not path.exists():
+        export_model(model, path, format="onnx" if runtime == "onnxruntime" else "openvino")
+    return path
+
+
+def peer_entry(runtime: str, path: Path, threads: int, x: torch.Tensor):
+    """The exported file in the runtime's own Python API, set up as its documentation says for CPU latency:
+    ONNX Runtime with all graph optimizations and `threads` intra-op threads; OpenVINO compiled for this input
+    shape (static), LATENCY hint, f32, `threads` threads. Logits as the file gives them (NCHW)."""
+    data = x.numpy()
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return lambda: session.run(None, {"image": data})[0]
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    model.reshape({model.input(0): ov.PartialShape(list(data.shape))})
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    request = core.compile_model(model, "CPU", config).create_infer_request()
+
+    def run():
+        request.infer({0: data})
+        return request.get_output_tensor(0).data
+
+    return run
 
 
 def _litert_missing() -> str | None:

@@ -18,6 +18,7 @@ from deeplab import ModelConfig, build_model
 from deeplab.fast import (
     FusedBottleneck,
     PackedConv2d,
+    PooledProjectionASPP,
     TapSkippingConv2d,
     fold_conv_bn,
     optimize_for_inference,
@@ -74,6 +75,42 @@ def test_fast_path_equals_plain_model(backbone, decoder, separable):
     assert out.shape == ref.shape
     # Folding reassociates products: equal up to float rounding, relative to the logits' range.
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def _conv_macs(model: nn.Module, x: torch.Tensor) -> int:
+    macs = []
+
+    def count(conv, inputs, out):
+        macs.append(out.numel() * conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1])
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return sum(macs)
+
+
+def test_image_pooling_is_projected_once_per_image_not_at_every_position():
+    cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=21, output_stride=8, atrous_rates=())
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model(cfg))
+    fast = optimize_for_inference(model, channels_last=False, prepacked_shapes=0)
+    assert isinstance(fast.aspp, PooledProjectionASPP)
+    x = torch.randn(2, 3, 257, 257)
+    # 256 pooled channels x 256 outputs were projected at each of the 33x33 positions (per image); now once.
+    assert _conv_macs(model, x) - _conv_macs(fast, x) == 2 * 256 * 256 * (33 * 33 - 1)
+    with torch.no_grad():
+        ref = model(x)
+        assert float((fast(x) - ref).abs().max() / (ref.max() - ref.min())) < 1e-5
+
+
+def test_an_observed_aspp_keeps_its_concatenation():
+    """Hooks on the ASPP (a converted uint8 model rounds the concatenation as its file does) leave it literal."""
+    cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=3, atrous_rates=(2,))
+    model = build_model(cfg).eval()
+    model.aspp.project.register_forward_pre_hook(lambda module, args: args)
+    assert not isinstance(optimize_for_inference(model).aspp, PooledProjectionASPP)
 
 
 def test_padding_only_taps_cost_nothing_and_change_nothing():

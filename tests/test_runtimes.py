@@ -22,6 +22,7 @@ from deeplab.runtimes import (
     AutoRuntime,
     load_exported,
     missing_runtime,
+    onnxruntime_runner,
     optimize_for_inference,
     runtime_name,
 )
@@ -161,6 +162,29 @@ def test_a_file_without_deeplab_metadata_is_refused_with_the_fix(tmp_path, capsy
 # -- runtimes -------------------------------------------------------------------------------------------------------
 
 
+def test_nhwc_logits_export_upsamples_nhwc_and_equals_the_nchw_graph(tmp_path):
+    import onnx
+
+    from deeplab.export import export_onnx
+
+    model = tiny()
+    export_onnx(model, tmp_path / "nchw.onnx")
+    export_onnx(model, tmp_path / "nhwc.onnx", output_layout="NHWC")
+    graph = onnx.load(str(tmp_path / "nhwc.onnx")).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    resize = producers["logits"]
+    assert resize.op_type == "Resize" and producers[resize.input[0]].op_type == "Transpose"
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim][:3] == ["batch", "height", "width"]
+    x = torch.randn(2, 3, 47, 66)
+    nchw, _ = onnxruntime_runner(tmp_path / "nchw.onnx", threads=1)
+    nhwc, layout = onnxruntime_runner(tmp_path / "nhwc.onnx", threads=1, layout="NHWC")
+    assert layout == "NHWC"
+    assert np.array_equal(nhwc(x.numpy()), nchw(x.numpy()).transpose(0, 2, 3, 1))
+    loaded = load_exported(tmp_path / "nhwc.onnx")  # the metadata says NHWC: logits come back (N, K, H, W)
+    with torch.no_grad():
+        assert loaded(x).shape == (2, 3, 47, 66) and _rel(loaded(x), model(x)) < 1e-4
+
+
 @pytest.mark.parametrize("runtime", ["torch", "eager", "onnxruntime", "openvino"])
 def test_every_runtime_gives_the_eager_logits_and_keeps_the_model_attributes(runtime):
     if runtime == "openvino":
@@ -184,18 +208,18 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
     def build(model, runtime, *, threads=None):
         built = real_build(model, runtime, threads=threads)
         if runtime == "openvino":  # a runtime that computes something else must never be chosen, however fast
-            built._run = lambda x: np.zeros((x.shape[0], 3, *x.shape[2:]), np.float32)
+            built._run, built.nhwc = (lambda x: np.zeros((x.shape[0], 3, *x.shape[2:]), np.float32)), False
         return built
 
     fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 5.0}
-    calls = []
 
-    def median_ms(fn, repeats=3):
-        calls.append(fn)
-        return [30.0, 20.0, 5.0][len(calls) - 1]
+    def time_in_rounds(entries, **kwargs):  # every built candidate is timed, in one interleaved measurement
+        for _, fn in entries.values():
+            fn()
+        return {name: [fake_ms[name] + 1, fake_ms[name], fake_ms[name] - 1] for name in entries}
 
     monkeypatch.setattr(rt, "build_runtime", build)
-    monkeypatch.setattr(rt, "_median_ms", median_ms)
+    monkeypatch.setattr(rt, "time_in_rounds", time_in_rounds)
     monkeypatch.setattr(rt, "missing_runtime", lambda name: None)
     auto = optimize_for_inference(tiny(), runtime="auto")
     assert isinstance(auto, AutoRuntime) and runtime_name(auto) == "auto (not run yet)"
@@ -272,8 +296,9 @@ def test_int8_file_has_per_channel_weight_scales_keeps_pooling_and_logits_float_
     expected = w.detach().abs().amax(dim=(1, 2, 3)).numpy() / 127
     assert scale.shape == expected.shape and np.allclose(scale, expected, rtol=1e-5)
     # The image-pooling conv reads a float input (no DequantizeLinear before it); the logits leave in float.
-    pool = next(n for n in convs if n.name.startswith("/aspp/pooling/"))
-    assert producers[pool.input[0]].op_type != "DequantizeLinear"
+    for scope in ("/aspp/pooling/", "/aspp/project_pool/"):  # the pooled vector and its share of the projection
+        pool = next(n for n in convs if n.name.startswith(scope))
+        assert producers[pool.input[0]].op_type != "DequantizeLinear"
     assert producers[proto.graph.output[0].name].op_type == "Resize"
     meta = json.loads(next(p.value for p in proto.metadata_props if p.key == "deeplab"))
     assert meta["int8"]["calibration_images"] == 4 and "/Resize" in meta["int8"]["float_nodes"]

@@ -10,38 +10,17 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .runtimes import EXPORTED_SUFFIXES, load_exported, missing_runtime, optimize_for_inference, torch_only_reason
+from .runtimes import (
+    EXPORTED_SUFFIXES, load_exported, missing_runtime, optimize_for_inference, time_in_rounds, torch_only_reason,
+)
 
 __all__ = ["benchmark", "format_table", "time_in_rounds"]
-
-
-def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: bool = False,
-                   desc: str = "benchmark", gap_s: float = 0.05) -> dict[Any, list[float]]:
-    """Milliseconds per call of each entry {key: (threads, fn)} over `runs` interleaved rounds, after two warm-up
-    calls each; PyTorch's thread count is set to the entry's before each call, and `gap_s` idle seconds precede it
-    (ONNX Runtime's threads spin after a call and would slow whatever runs next)."""
-    from tqdm import tqdm
-
-    times: dict[Any, list[float]] = {key: [] for key in entries}
-    for threads, fn in entries.values():
-        torch.set_num_threads(threads)
-        fn()
-        fn()
-    for _ in tqdm(range(runs), desc=desc, unit="round", disable=not progress, dynamic_ncols=True):
-        for key, (threads, fn) in entries.items():
-            torch.set_num_threads(threads)
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            fn()
-            times[key].append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 def _models(path: str | os.PathLike, runtimes: Sequence[str], threads: Sequence[int], skipped: list[dict]):

@@ -101,9 +101,13 @@ def export_onnx(
     dynamo: bool = False,
     example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0],
     metadata: dict[str, Any] | None = None,
+    output_layout: str = "NCHW",
 ) -> Path:
     """Write `model` as ONNX with dynamic batch, height and width (not verified: `export_model` verifies);
-    `metadata` adds to `model_metadata(model)` under the key `deeplab`."""
+    `metadata` adds to `model_metadata(model)` under the key `deeplab`. `output_layout="NHWC"` gives logits
+    (N, H, W, K) (see `nhwc_logits`), recorded in the metadata as `output_layout`."""
+    if output_layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_layout={output_layout!r}: use 'NCHW' or 'NHWC'")
     try:
         import onnx
     except ImportError:
@@ -129,10 +133,55 @@ def export_onnx(
                 output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
             )
     proto = onnx.load(str(path))
+    extra = dict(metadata or {})
+    if output_layout == "NHWC":
+        nhwc_logits(proto)
+        extra["output_layout"] = "NHWC"
     entry = proto.metadata_props.add()
-    entry.key, entry.value = "deeplab", json.dumps(model_metadata(model, metadata))
+    entry.key, entry.value = "deeplab", json.dumps(model_metadata(model, extra))
     onnx.save(proto, str(path))
     return path
+
+
+def nhwc_logits(proto: Any) -> None:
+    """Make an exported graph's logits (N, H, W, K), in place: its last upsampling runs on NHWC data.
+
+    ONNX Runtime's bilinear Resize on NHWC data is vectorised over channels (1.6 ms against 3.4 ms NCHW for 21
+    classes 33x33 -> 257x257, one thread here), and OpenVINO's runs NHWC inside and would reorder its result back to
+    NCHW (1.6 ms more). So the final Resize gets a Transpose of its small input and its sizes (or scales) permuted;
+    a graph whose output is not a Resize gets a Transpose at the end.
+    """
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    output = graph.output[0]
+    last = next(node for node in graph.node if output.name in node.output)
+    perm = [0, 2, 3, 1]
+    if last.op_type == "Resize":
+        transposed = f"{last.input[0]}_nhwc"
+        nodes = [helper.make_node("Transpose", [last.input[0]], [transposed], perm=perm)]
+        last.input[0] = transposed
+        index = f"{output.name}_nhwc_order"
+        graph.initializer.append(helper.make_tensor(index, TensorProto.INT64, [4], perm))
+        for i in (2, 3):  # scales, sizes: whichever is given
+            if len(last.input) > i and last.input[i]:
+                nodes.append(helper.make_node("Gather", [last.input[i], index], [f"{last.input[i]}_nhwc"], axis=0))
+                last.input[i] = f"{last.input[i]}_nhwc"
+        at = list(graph.node).index(last)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(at + offset, node)
+    else:
+        inner = f"{output.name}_nchw"
+        for node in graph.node:
+            node.output[:] = [inner if name == output.name else name for name in node.output]
+        graph.node.append(helper.make_node("Transpose", [inner], [output.name], perm=perm))
+    dims = output.type.tensor_type.shape.dim
+    if len(dims) == 4:
+        copies = [type(d)() for d in dims]
+        for copy, d in zip(copies, dims):
+            copy.CopyFrom(d)
+        for i, j in enumerate(perm):
+            dims[i].CopyFrom(copies[j])
 
 
 def export_openvino(
@@ -198,7 +247,13 @@ def _runner(path: Path, fmt: str):
     if fmt in ("onnx", "openvino"):
         from .runtimes import RUNNERS
 
-        return RUNNERS["onnxruntime" if fmt == "onnx" else "openvino"](path, threads=torch.get_num_threads())
+        from .runtimes import read_metadata
+
+        layout = read_metadata(path).get("output_layout", "NCHW")
+        run, out_layout = RUNNERS["onnxruntime" if fmt == "onnx" else "openvino"](
+            path, threads=torch.get_num_threads(), layout=layout
+        )
+        return (lambda x: run(x).transpose(0, 3, 1, 2)) if out_layout == "NHWC" else run
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -7,6 +7,9 @@ weights and fused activations.
   weight and bias (``w' = w * g / sqrt(v + eps)``, ``b' = (b - m) * g / sqrt(v + eps) + beta``) and replaced by
   an identity. The outputs equal the unfolded model's up to float rounding (the products are associated
   differently): a relative difference of order 1e-6, checked per backbone in tests/test_fast.py.
+- **Image pooling projected once.** With BatchNorm folded, ASPP's projection of its image-pooling branch (one
+  vector per image, broadcast over the map) is computed once per image and added before the ReLU, instead of at
+  every position of the concatenation (`PooledProjectionASPP`; export does the same).
 - **channels_last.** Weights and the input are laid out NHWC, which oneDNN's CPU convolutions (and cuDNN's tensor
   cores) run faster; the logits come back in the same layout, with identical values.
 - **Padding-only taps.** A 3x3 convolution with dilation d on a map of height h <= d reads padding with its top
@@ -46,7 +49,7 @@ from torch.utils import _python_dispatch
 
 from .backbones.resnet import Bottleneck, ResNet
 from .backbones.xception import Xception
-from .layers import DepthwiseConv2d, depthwise_shifted, runs_shifted
+from .layers import ASPP, DepthwiseConv2d, depthwise_shifted, runs_shifted
 
 # (convolution, batch norm) child-name pairs that are applied in that order, directly: conv_bn's Sequential
 # ("conv", "bn"), ImagePooling ("conv", "bn"), torchvision's Bottleneck and stem ("convN", "bnN"), and a
@@ -94,6 +97,54 @@ def fold_batchnorm(model: nn.Module) -> int:
                 setattr(module, bn_name, nn.Identity())
                 folded += 1
     return folded
+
+
+class PooledProjectionASPP(nn.Module):
+    """ASPP with BatchNorm folded (same function) whose image-pooling branch is projected once per image.
+
+    The pooling branch is constant over the map, so its share of the 1x1 projection of the concatenation, W_pool p,
+    is one vector per image: added to the projection of the other branches before the ReLU, it gives the same
+    numbers (up to float rounding) without projecting the broadcast copy at every position, nor concatenating it.
+    This saves C_pool x C_out multiply-adds per position: 10% of MobileNetV2 dm0.5's work at 257x257, 20% of the
+    projection of a five-branch ASPP.
+    """
+
+    def __init__(self, aspp: ASPP) -> None:
+        super().__init__()
+        conv = aspp.project.conv
+        n = aspp.pooling.conv.out_channels
+        self.pooling = aspp.pooling
+        self.pooling.broadcast = False
+        self.branches = aspp.branches
+        self.project = nn.Conv2d(conv.in_channels - n, conv.out_channels, 1, bias=True)
+        self.project_pool = nn.Conv2d(n, conv.out_channels, 1, bias=False)
+        with torch.no_grad():
+            self.project.weight.copy_(conv.weight[:, n:])
+            self.project.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
+            self.project_pool.weight.copy_(conv.weight[:, :n])
+        self.act = aspp.project.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        y = self.project(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+        return self.act(y + self.project_pool(self.pooling(x)))
+
+
+def pool_projection(model: nn.Module) -> int:
+    """Make every ASPP with image pooling and a folded projection a `PooledProjectionASPP`, in place; returns how
+    many. An ASPP with hooks on any of its modules (a converted uint8 model's activation rounding reads the
+    concatenation) is left as it is."""
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not (isinstance(child, ASPP) and child.pooling is not None and type(child.project.bn) is nn.Identity):
+                continue
+            if any(m._forward_hooks or m._forward_pre_hooks for m in child.modules()):
+                continue
+            replacement = PooledProjectionASPP(child).to(child.project.conv.weight)
+            setattr(module, name, replacement)
+            count += 1
+    return count
 
 
 def _prepackable(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> bool:
@@ -343,6 +394,7 @@ def optimize_for_inference(
         skip_padding_taps(fast)
     if fold_bn:
         fold_batchnorm(fast)
+        pool_projection(fast)
     if channels_last:
         fast.to(memory_format=torch.channels_last)
         fast.register_forward_pre_hook(_channels_last_input)

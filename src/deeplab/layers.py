@@ -188,6 +188,8 @@ class ImagePooling(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=HEAD_BN_EPS)
         self.act = nn.ReLU(inplace=True)
 
+    broadcast = True  # False: return the (N, C, 1, 1) value itself (`deeplab.fast.PooledProjectionASPP`)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = self.conv(x.mean(dim=(2, 3), keepdim=True))  # (N, C, 1, 1)
@@ -196,7 +198,8 @@ class ImagePooling(nn.Module):
             y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
         else:
             y = self.bn(y)
-        return self.act(y).expand(-1, -1, h, w)
+        y = self.act(y)
+        return y.expand(-1, -1, h, w) if self.broadcast else y
 
 
 class ASPP(nn.Module):

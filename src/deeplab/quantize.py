@@ -8,8 +8,9 @@ group into an int8 kernel (QLinearConv and friends), which is where the speed co
 
 Kept in float, because 8 bits do not serve them well:
 
-- **The image-pooling branch** (global mean, 1x1 conv, ReLU, broadcast): one value per channel for the whole image
-  from a mean over every pixel; it costs nothing and its rounding would shift every pixel's logits alike.
+- **The image-pooling branch** (global mean, 1x1 conv, ReLU, and its share of the ASPP projection, which the export
+  computes once per image: `deeplab.fast.PooledProjectionASPP`): one value per channel for the whole image from a
+  mean over every pixel; it costs nothing and its rounding would shift every pixel's logits alike.
 - **The classifier's output and the last upsampling**: the logits are upsampled 4-16x bilinearly and then
   compared across classes; rounding them to 256 levels before that moves the argmax at every boundary. The
   classifier convolution reads its quantized input and computes in float (a few thousand multiply-adds per pixel).
@@ -39,7 +40,7 @@ from .checkpoint import named_os_error
 __all__ = ["float_nodes", "quantize_model"]
 
 # Node-name prefixes of what stays in float (the legacy ONNX exporter names nodes after the module path).
-FLOAT_SCOPES = ("/aspp/pooling/",)
+FLOAT_SCOPES = ("/aspp/pooling/", "/aspp/project_pool/", "/aspp/Add")
 
 
 def float_nodes(graph) -> list[str]:
@@ -141,8 +142,8 @@ def quantize_model(
             agreement = None
             if held_out:
                 threads = torch.get_num_threads()
-                float_run = onnxruntime_runner(fp32, threads=threads)
-                int8_run = onnxruntime_runner(partial, threads=threads)
+                float_run, _ = onnxruntime_runner(fp32, threads=threads)
+                int8_run, _ = onnxruntime_runner(partial, threads=threads)
                 agreement = _agreement(float_run, int8_run, [x.detach().float().cpu().numpy() for x in held_out])
             os.replace(partial, path)
         except OSError as e:
