@@ -23,6 +23,7 @@ from deeplab.runtimes import (
     load_exported,
     missing_runtime,
     onnxruntime_runner,
+    read_metadata,
     optimize_for_inference,
     runtime_name,
 )
@@ -123,7 +124,10 @@ def test_an_exported_file_runs_alone_with_its_metadata(tmp_path, fmt, suffix):
 def test_predict_and_eval_run_an_onnx_file_and_say_which_runtime_ran(tmp_path, capsys):
     model = tiny(classes=("background", "disc", "square", "ring", "cross"))
     ckpt = save_checkpoint(model, tmp_path / "m.pt")
-    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    # NHWC logits (the faster layout in ONNX Runtime): the file says so, and predict and eval read it right
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--nhwc-logits"]) == 0
+    assert read_metadata(tmp_path / "m.onnx")["output_layout"] == "NHWC"
     images = tmp_path / "images"
     images.mkdir()
     from PIL import Image
@@ -144,6 +148,10 @@ def test_predict_and_eval_run_an_onnx_file_and_say_which_runtime_ran(tmp_path, c
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["settings"]["runtime"] == "onnxruntime" and out["num_images"] == 2
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "m.pt2"),
+                 "--nhwc-logits"]) != 0
+    err = capsys.readouterr().err
+    assert "--nhwc-logits applies to --format onnx" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_file_without_deeplab_metadata_is_refused_with_the_fix(tmp_path, capsys):

@@ -316,9 +316,10 @@ def check_export(
 
 
 def _write(graph: nn.Module, path: Path, *, format: str, opset: int, dynamo: bool, example_size: Sequence[int],
-           metadata: dict[str, Any] | None = None) -> None:
+           metadata: dict[str, Any] | None = None, output_layout: str = "NCHW") -> None:
     if format == "onnx":
-        export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=example_size, metadata=metadata)
+        export_onnx(graph, path, opset=opset, dynamo=dynamo, example_size=example_size, metadata=metadata,
+                    output_layout=output_layout)
     elif format == "openvino":
         export_openvino(graph, path, opset=opset, example_size=example_size, metadata=metadata)
     elif format == "torchscript":
@@ -403,6 +404,7 @@ def export_model(
     dynamo: bool = False,
     fold_bn: bool = True,
     metadata: dict[str, Any] | None = None,
+    output_layout: str = "NCHW",
 ) -> dict[str, Any]:
     """Export `model` (in eval mode, on CPU, float32) to `path` and verify it at every size in `sizes`.
 
@@ -411,10 +413,13 @@ def export_model(
     BatchNorms folded into the convolutions (`deeplab.fast`); it is still checked against the unfolded eager model.
     Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
     `metadata` adds to what the file carries (`model_metadata`). OpenVINO IR (`format="openvino"`) is written as
-    `path` (.xml) and the .bin beside it.
+    `path` (.xml) and the .bin beside it. `output_layout="NHWC"` (ONNX only) gives (N, H, W, K) logits, upsampled
+    NHWC, which ONNX Runtime does about twice as fast (`nhwc_logits`).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose from {list(FORMATS)}")
+    if output_layout != "NCHW" and format != "onnx":
+        raise ValueError(f"--nhwc-logits applies to --format onnx, not {format}")
     if len(sizes) < 2:
         raise ValueError(f"check at two sizes at least (got {list(sizes)}), so a size frozen into the graph shows")
     cfg = getattr(model, "config", None)
@@ -441,7 +446,7 @@ def export_model(
     # crash never leaves a file at `path` (nor replaces one that was there).
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")
     write = functools.partial(_write, format=format, opset=opset, dynamo=dynamo, example_size=sizes[0],
-                              metadata=metadata)
+                              metadata=metadata, output_layout=output_layout)
     try:
         write(graph, partial)
         try:
