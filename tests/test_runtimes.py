@@ -208,6 +208,27 @@ def test_every_runtime_gives_the_eager_logits_and_keeps_the_model_attributes(run
     assert runtime_name(prepared) == runtime
 
 
+def test_openvino_compiles_a_static_copy_per_shape_then_one_dynamic_copy_for_the_rest(monkeypatch, tmp_path):
+    needs_openvino()
+    import deeplab.runtimes as rt
+
+    monkeypatch.setattr(rt, "OPENVINO_SHAPES", 2)
+    model = tiny()
+    path = tmp_path / "m.xml"
+    export_model(model, path, format="openvino")
+    compiles = []
+    import openvino as ov
+
+    real = ov.Core.compile_model
+    monkeypatch.setattr(ov.Core, "compile_model", lambda self, m, *a: compiles.append(m.is_dynamic()) or real(self, m, *a))
+    loaded = load_exported(path)
+    with torch.no_grad():
+        for h, w in [(40, 56), (48, 64), (40, 56), (33, 47), (65, 31), (48, 64)]:
+            x = torch.randn(1, 3, h, w)
+            assert _rel(loaded(x), model(x)) < 1e-4
+    assert compiles == [False, False, True]  # two static shapes, then one dynamic copy for every other shape
+
+
 def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_not_kept(monkeypatch):
     import deeplab.runtimes as rt
 

@@ -9,8 +9,8 @@ and the Python API run it like the model itself:
   to ONNX (BatchNorm folded, image pooling projected once per image, full kernels; `deeplab.export`) and run by that
   runtime on the CPU, fp32 (OpenVINO is told f32 explicitly: on CPUs with bf16 it would otherwise compute in bf16).
   Both hand back NHWC logits, upsampled NHWC (faster in both), which come out as an (N, K, H, W) view in
-  channels_last memory. OpenVINO compiles one static-shape copy per input shape (the last four are kept), which runs
-  faster than its dynamic-shape mode.
+  channels_last memory. OpenVINO compiles one static-shape copy for each of the first four input shapes, which runs
+  faster than its dynamic-shape mode, and one dynamic-shape copy for any other shape.
 - ``"auto"`` (the default): on the first call, every runtime that is installed and can run the model is built,
   checked against the eager model on that input, and timed on it in interleaved rounds (about 1.5 seconds, 3 to
   10 rounds; `time_in_rounds`); the lowest median is kept for every later call and `choice` records the
@@ -35,7 +35,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,9 +158,10 @@ def onnxruntime_runner(path: str | os.PathLike, *, threads: int, layout: str = "
 
 
 def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW") -> Runner:
-    """OpenVINO on the CPU in f32, one compiled static-shape copy per input shape (the last OPENVINO_SHAPES); the
-    logits NHWC: OpenVINO upsamples them NHWC inside, and asking for NCHW adds a reorder (1.6 ms of 19 for
-    MobileNetV2 dm0.5 at 257x257, one thread here)."""
+    """OpenVINO on the CPU in f32: a static-shape copy compiled for each of the first OPENVINO_SHAPES input shapes
+    (faster than OpenVINO's dynamic-shape mode), one dynamic-shape copy for every shape after those (images of many
+    sizes would otherwise compile once each); the logits NHWC: OpenVINO upsamples them NHWC inside, and asking for
+    NCHW adds a reorder (1.6 ms of 19 for MobileNetV2 dm0.5 at 257x257, one thread here)."""
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
@@ -174,19 +174,18 @@ def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCH
         model = ppp.build()
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
               "NUM_STREAMS": 1}
-    compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+    compiled: dict[tuple[int, ...] | None, Any] = {}  # input shape (None: dynamic) -> infer request
 
     def run(x: np.ndarray) -> np.ndarray:
         shape = tuple(x.shape)
+        if shape not in compiled and len(compiled) >= OPENVINO_SHAPES:
+            shape = None
         request = compiled.get(shape)
         if request is None:
-            static = model.clone()
-            static.reshape({static.input(0): ov.PartialShape(list(shape))})
-            request = core.compile_model(static, "CPU", config).create_infer_request()
-            compiled[shape] = request
-            while len(compiled) > OPENVINO_SHAPES:
-                compiled.popitem(last=False)
-        compiled.move_to_end(shape)
+            copy = model.clone()
+            if shape is not None:
+                copy.reshape({copy.input(0): ov.PartialShape(list(shape))})
+            request = compiled[shape] = core.compile_model(copy, "CPU", config).create_infer_request()
         request.infer({0: x})
         return request.get_output_tensor(0).data.copy()
 
