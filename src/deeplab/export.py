@@ -17,6 +17,7 @@ TorchScript and .pt2 extra files), so a consumer can preprocess without the chec
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import io
@@ -147,9 +148,10 @@ def nhwc_logits(proto: Any) -> None:
     """Make an exported graph's logits (N, H, W, K), in place: its last upsampling runs on NHWC data.
 
     ONNX Runtime's bilinear Resize on NHWC data is vectorised over channels (1.6 ms against 3.4 ms NCHW for 21
-    classes 33x33 -> 257x257, one thread here), and OpenVINO's runs NHWC inside and would reorder its result back to
-    NCHW (1.6 ms more). So the final Resize gets a Transpose of its small input and its sizes (or scales) permuted;
-    a graph whose output is not a Resize gets a Transpose at the end.
+    classes 33x33 -> 257x257, one thread here). So the final Resize gets a Transpose of its small input and its sizes
+    (or scales) permuted; a graph whose output is not a Resize gets a Transpose at the end. For ONNX Runtime only:
+    OpenVINO picks a slow kernel for such a Resize (25 ms here) and gets NHWC logits from its output tensor's layout
+    instead (`runtimes.openvino_runner`).
     """
     from onnx import TensorProto, helper
 
@@ -177,11 +179,9 @@ def nhwc_logits(proto: Any) -> None:
         graph.node.append(helper.make_node("Transpose", [inner], [output.name], perm=perm))
     dims = output.type.tensor_type.shape.dim
     if len(dims) == 4:
-        copies = [type(d)() for d in dims]
-        for copy, d in zip(copies, dims):
-            copy.CopyFrom(d)
-        for i, j in enumerate(perm):
-            dims[i].CopyFrom(copies[j])
+        nchw = [copy.deepcopy(d) for d in dims]
+        for d, j in zip(dims, perm):
+            d.CopyFrom(nchw[j])
 
 
 def export_openvino(
