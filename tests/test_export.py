@@ -151,8 +151,8 @@ def test_export_rejects_one_check_size_an_old_opset_and_unknown_formats(tmp_path
         export_model(model, tmp_path / "m.onnx", format="onnx", sizes=((65, 65),))
     with pytest.raises(ValueError, match="opset 13"):
         export_model(model, tmp_path / "m.onnx", format="onnx", opset=13)
-    with pytest.raises(ValueError, match="unknown export format 'tflite'"):
-        export_model(model, tmp_path / "m.tflite", format="tflite")
+    with pytest.raises(ValueError, match="unknown export format 'tensorrt'"):
+        export_model(model, tmp_path / "m.engine", format="tensorrt")
 
 
 def test_an_export_that_fails_midway_leaves_no_file_and_keeps_an_existing_one(tmp_path, monkeypatch):

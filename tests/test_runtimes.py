@@ -240,7 +240,7 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
             built._run, built.nhwc = (lambda x: np.zeros((x.shape[0], 3, *x.shape[2:]), np.float32)), False
         return built
 
-    fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 5.0}
+    fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 5.0, "tflite": 25.0}
 
     def time_in_rounds(entries, **kwargs):  # every built candidate is timed, in one interleaved measurement
         for _, fn in entries.values():
@@ -256,7 +256,7 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
     with torch.no_grad():
         auto(x)
     assert auto.runtime == "onnxruntime"
-    assert auto.choice["ms"] == {"torch": fake_ms["torch"], "onnxruntime": fake_ms["onnxruntime"]}
+    assert auto.choice["ms"] == {name: fake_ms[name] for name in ("torch", "onnxruntime", "tflite")}
     assert "differs from the eager model" in auto.choice["skipped"]["openvino"]
 
 

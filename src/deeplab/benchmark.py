@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .runtimes import (
-    EXPORTED_SUFFIXES, load_exported, missing_runtime, optimize_for_inference, time_in_rounds, torch_only_reason,
+    EXPORTED_SUFFIXES, FILE_RUNTIMES, load_exported, missing_runtime, optimize_for_inference, time_in_rounds,
+    torch_only_reason,
 )
 
 __all__ = ["benchmark", "format_table", "time_in_rounds"]
@@ -26,15 +27,14 @@ __all__ = ["benchmark", "format_table", "time_in_rounds"]
 def _models(path: str | os.PathLike, runtimes: Sequence[str], threads: Sequence[int], skipped: list[dict]):
     from .checkpoint import load
 
-    exported = Path(path).suffix.lower() in EXPORTED_SUFFIXES
+    suffix = Path(path).suffix.lower()
+    exported = suffix in EXPORTED_SUFFIXES
     model = None if exported else load(path)
     for runtime in runtimes:
         why = missing_runtime(runtime)
-        if exported and runtime not in ("onnxruntime", "openvino"):
-            why = "an exported file runs in onnxruntime or openvino"
-        elif exported and runtime == "onnxruntime" and str(path).lower().endswith(".xml"):
-            why = "an OpenVINO IR file runs in openvino"
-        elif not exported and runtime in ("onnxruntime", "openvino"):
+        if exported and runtime not in FILE_RUNTIMES[suffix]:
+            why = f"a {suffix} file runs in {' or '.join(FILE_RUNTIMES[suffix])}"
+        elif not exported and runtime not in ("torch", "eager"):
             why = why or torch_only_reason(model)
         if why:
             skipped.append({"runtime": runtime, "skipped": why})
@@ -47,7 +47,7 @@ def _models(path: str | os.PathLike, runtimes: Sequence[str], threads: Sequence[
 
 
 def benchmark(
-    path: str | os.PathLike, *, runtimes: Sequence[str] = ("torch", "onnxruntime", "openvino"),
+    path: str | os.PathLike, *, runtimes: Sequence[str] = ("torch", "onnxruntime", "openvino", "tflite"),
     threads: Sequence[int] | None = None, size: Sequence[int] | None = None, runs: int = 10, progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows {runtime, threads, size, ms_median, ms_min, images_per_s} for the model at `path` (a checkpoint or an

@@ -327,8 +327,9 @@ def _add_runtime_flags(g) -> None:
 
     g.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
                    help="auto (default): the fastest installed runtime, measured on the first image; torch: the PyTorch "
-                   "fast path; eager: the model as built; onnxruntime / openvino: the exported graph (pip install "
-                   "'deeplab[onnx]' / 'deeplab[openvino]'). Each is checked against the eager model when built")
+                   "fast path; eager: the model as built; onnxruntime / openvino / tflite: the exported graph (pip install "
+                   "'deeplab[onnx]' / 'deeplab[openvino]' / 'deeplab[litert]'). Each is checked against the eager model "
+                   "when built")
     g.add_argument("--threads", type=_number(int, 1, "a positive number of threads"), default=None,
                    help="CPU threads for the network (default: PyTorch's, i.e. OMP_NUM_THREADS or the core count)")
 
@@ -360,7 +361,7 @@ def _load_for_inference(path: str, args: argparse.Namespace):
     from .runtimes import EXPORTED_SUFFIXES, load_exported
 
     if Path(path).suffix.lower() in EXPORTED_SUFFIXES:
-        runtime = args.runtime if args.runtime in ("onnxruntime", "openvino") else None
+        runtime = args.runtime if args.runtime in ("onnxruntime", "openvino", "tflite") else None
         model = load_exported(path, runtime=runtime, threads=args.threads)
         return model, model.metadata
     data = read_checkpoint(path)
@@ -540,7 +541,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         res = export_model(model, args.out, format=args.format, sizes=args.check_sizes, rtol=args.rtol,
                            opset=args.opset, dynamo=args.dynamo, metadata=extra,
-                           output_layout="NHWC" if args.nhwc_logits else "NCHW")
+                           output_layout="NHWC" if args.nhwc_logits else "NCHW", input_size=args.input_size)
     except ExportCheckError as e:
         print(f"deeplab export: FAILED: {e}", file=sys.stderr)
         return 1
@@ -640,10 +641,11 @@ def _add_quantize_benchmark(sub) -> None:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("benchmark", help="ms per image and images/s of a model on every installed runtime and thread count")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint, or an exported .onnx / OpenVINO .xml file")
+    p.add_argument("--checkpoint", required=True,
+                   help="deeplab checkpoint, or an exported .onnx / OpenVINO .xml / .tflite file")
     p.add_argument("--size", type=_size_arg, default=None, help="input HxW (default: the model's input size, else 513x513)")
-    p.add_argument("--runtimes", type=_str_tuple, default=("torch", "onnxruntime", "openvino"),
-                   help="comma-separated, from torch, eager, onnxruntime, openvino (default: torch,onnxruntime,openvino)")
+    p.add_argument("--runtimes", type=_str_tuple, default=("torch", "onnxruntime", "openvino", "tflite"),
+                   help="comma-separated, from torch, eager, onnxruntime, openvino, tflite (default: all but eager)")
     p.add_argument("--threads", dest="threads_list", type=_int_tuple, default=None,
                    help="thread counts, e.g. 1,2 (default: 1 and PyTorch's default)")
     p.add_argument("--runs", type=_number(int, 1, "a positive number of runs"), default=10,
@@ -692,10 +694,14 @@ def _add_eval_predict_export(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or torch.export, verified against eager")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, OpenVINO, TorchScript, torch.export or TF Lite, "
+                       "verified against eager")
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
-    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2"])
-    p.add_argument("--out", required=True, help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2)")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite"])
+    p.add_argument("--out", required=True,
+                   help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2, .tflite)")
+    p.add_argument("--input-size", type=_size_arg, default=None,
+                   help="tflite: the file's fixed input size HxW (default: the checkpoint's input size, else 513x513)")
     p.add_argument("--dynamo", action="store_true", help="ONNX: the torch.export-based exporter (slower) instead of the legacy one")
     p.add_argument("--opset", type=_number(int, 17, "17 or newer"), default=17, help="ONNX opset, 17 or newer (default %(default)s)")
     p.add_argument("--nhwc-logits", action="store_true",

@@ -1,4 +1,5 @@
-"""Export to ONNX, TorchScript and torch.export (.pt2), each verified against eager PyTorch before it is trusted.
+"""Export to ONNX, OpenVINO IR, TorchScript, torch.export (.pt2) and TF Lite, each verified against eager PyTorch
+before it is trusted.
 
 Every export takes a normalised (N, 3, H, W) float32 batch named `image` and returns (N, K, H, W) `logits` at the
 input size, with batch, height and width dynamic. After writing, the file is loaded back with its own runtime
@@ -12,7 +13,10 @@ ONNX uses the legacy TorchScript-based exporter by default (`dynamo=False`, abou
 `dynamo=True` uses the torch.export-based one (about 25 s). Opset 17 at least (18 with dynamo, its minimum). The
 image-pooling branch takes a global mean, not adaptive pooling, so it exports with dynamic sizes. The model's class
 names, mean / std, input size and align_corners travel in the file as JSON under the key `deeplab` (ONNX metadata,
-TorchScript and .pt2 extra files), so a consumer can preprocess without the checkpoint.
+TorchScript and .pt2 extra files, the TF Lite metadata table), so a consumer can preprocess without the checkpoint.
+
+TF Lite files (`deeplab.litert`) are static: one input size (`input_size`, default the model's fixed input size,
+else 513x513), batch 1, NHWC image in and NHWC logits out; they are checked at that size only.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from torch import nn
 from .checkpoint import named_os_error
 from .fast import optimize_for_inference
 
-FORMATS = ("onnx", "openvino", "torchscript", "pt2")
+FORMATS = ("onnx", "openvino", "torchscript", "pt2", "tflite")
 DEFAULT_CHECK_SIZES: tuple[tuple[int, int], ...] = ((257, 257), (193, 321))
 MIN_OPSET = 17
 
@@ -209,6 +213,30 @@ def export_openvino(
     return path
 
 
+def export_tflite(
+    model: nn.Module, path: str | os.PathLike, *, input_size: Sequence[int], metadata: dict[str, Any] | None = None,
+    fold_bn: bool = True,
+) -> Path:
+    """Write `model` as a TF Lite flatbuffer for one input size (TF Lite graphs are static): NHWC float32 image
+    (1, H, W, 3) in, NHWC logits (1, H, W, K) out (`deeplab.litert`); the metadata, with that input size, goes in
+    the file's metadata table under `deeplab`."""
+    from .litert import missing, tflite_bytes
+
+    why = missing()
+    if why:
+        raise ImportError(f"TF Lite export: {why}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = (int(v) for v in input_size)
+    meta = model_metadata(model, {
+        **(metadata or {}), "input_size": [h, w], "input_layout": "NHWC", "output_layout": "NHWC",
+        "input": f"image: float32 (1, {h}, {w}, 3) NHWC, RGB normalised as (x - mean) / std with x in 0..255",
+        "output": f"logits: float32 (1, {h}, {w}, K) NHWC",
+    })
+    path.write_bytes(tflite_bytes(model, (1, 3, h, w), metadata=meta, fold_bn=fold_bn))
+    return path
+
+
 def export_torchscript(
     model: nn.Module, path: str | os.PathLike, *, example_size: Sequence[int] = DEFAULT_CHECK_SIZES[0],
     metadata: dict[str, Any] | None = None,
@@ -242,6 +270,13 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, *, example_size: Seque
     return path
 
 
+def _tflite_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int]:
+    if input_size is None:
+        pre = getattr(model, "preprocessing", None)
+        input_size = pre.input_size if pre is not None and pre.input_size else (513, 513)
+    return int(input_size[0]), int(input_size[1])
+
+
 def _runner(path: Path, fmt: str):
     """A function numpy (N, 3, H, W) -> numpy logits, running the exported file with its own runtime."""
     if fmt in ("onnx", "openvino"):
@@ -254,6 +289,11 @@ def _runner(path: Path, fmt: str):
             path, threads=torch.get_num_threads(), layout=layout
         )
         return (lambda x: run(x).transpose(0, 3, 1, 2)) if out_layout == "NHWC" else run
+    if fmt == "tflite":
+        from .litert import interpreter
+
+        run = interpreter(path.read_bytes(), threads=torch.get_num_threads())
+        return lambda x: run(x).transpose(0, 3, 1, 2)
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -322,6 +362,8 @@ def _write(graph: nn.Module, path: Path, *, format: str, opset: int, dynamo: boo
                     output_layout=output_layout)
     elif format == "openvino":
         export_openvino(graph, path, opset=opset, example_size=example_size, metadata=metadata)
+    elif format == "tflite":
+        export_tflite(graph, path, input_size=example_size, metadata=metadata, fold_bn=False)  # `graph` is folded
     elif format == "torchscript":
         export_torchscript(graph, path, example_size=example_size, metadata=metadata)
     else:
@@ -405,6 +447,7 @@ def export_model(
     fold_bn: bool = True,
     metadata: dict[str, Any] | None = None,
     output_layout: str = "NCHW",
+    input_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Export `model` (in eval mode, on CPU, float32) to `path` and verify it at every size in `sizes`.
 
@@ -414,13 +457,18 @@ def export_model(
     Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
     `metadata` adds to what the file carries (`model_metadata`). OpenVINO IR (`format="openvino"`) is written as
     `path` (.xml) and the .bin beside it. `output_layout="NHWC"` (ONNX only) gives (N, H, W, K) logits, upsampled
-    NHWC, which ONNX Runtime does about twice as fast (`nhwc_logits`).
+    NHWC, which ONNX Runtime does about twice as fast (`nhwc_logits`). `format="tflite"` writes a static graph for
+    `input_size` (default: the model's fixed input size, else 513x513), checked at that size only.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose from {list(FORMATS)}")
     if output_layout != "NCHW" and format != "onnx":
         raise ValueError(f"--nhwc-logits applies to --format onnx, not {format}")
-    if len(sizes) < 2:
+    if format == "tflite":
+        sizes = (_tflite_size(model, input_size),)  # a static graph: checked at the one size it runs at
+    elif input_size is not None:
+        raise ValueError(f"--input-size applies to --format tflite (a {format} file takes any input size)")
+    elif len(sizes) < 2:
         raise ValueError(f"check at two sizes at least (got {list(sizes)}), so a size frozen into the graph shows")
     cfg = getattr(model, "config", None)
     if getattr(cfg, "pointrend", False) and len({tuple(int(v) for v in size) for size in sizes}) > 1:
@@ -429,7 +477,7 @@ def export_model(
             "points each) is computed from the input size while tracing, so the graph holds it as constants. Pass the "
             f"size you will run at twice, e.g. --check-sizes 513x513,513x513 (got {[list(s) for s in sizes]})"
         )
-    if format == "pt2" and getattr(model, "activation_rounding", None):
+    if format in ("pt2", "tflite") and getattr(model, "activation_rounding", None):
         raise ValueError(
             "this model rounds its activations as its uint8 .tflite file does, and torch.export cannot trace that "
             "rounding (fake_quantize has no meta kernel); export it with --format onnx or torchscript, or convert the "

@@ -46,7 +46,7 @@ __all__ = [
 
 # "auto": the fastest of the runtimes below that can run the model, measured on the first input (deeplab.runtimes);
 # "torch": the PyTorch fast path (deeplab.fast); "eager": the model as built, no fast path.
-RUNTIME_CHOICES = ("auto", "torch", "eager", "onnxruntime", "openvino")
+RUNTIME_CHOICES = ("auto", "torch", "eager", "onnxruntime", "openvino", "tflite")
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class InferenceOptions:
             raise ValueError(f"threads must be a positive number, got {self.threads!r}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
-        if self.amp != "off" and self.runtime in ("onnxruntime", "openvino"):
+        if self.amp != "off" and self.runtime in ("onnxruntime", "openvino", "tflite"):
             raise ValueError(f"amp={self.amp!r} is autocast, a PyTorch feature; use it with runtime 'torch' or 'eager'")
         if self.crf_backend not in ("torch", "pydensecrf"):
             raise ValueError(f"crf_backend must be 'torch' or 'pydensecrf', got {self.crf_backend!r}")

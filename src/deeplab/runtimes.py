@@ -1,4 +1,4 @@
-"""One inference callable, whatever runs underneath: the PyTorch fast path, ONNX Runtime or OpenVINO.
+"""One inference callable, whatever runs underneath: the PyTorch fast path, ONNX Runtime, OpenVINO or TF Lite.
 
 `optimize_for_inference(model, runtime=...)` returns an `nn.Module` that maps a normalised (N, 3, H, W) float batch
 to (N, K, H, W) logits and carries the model's `config`, `class_names` and `preprocessing`, so `eval`, `predict`
@@ -11,6 +11,10 @@ and the Python API run it like the model itself:
   Both hand back NHWC logits, upsampled NHWC (faster in both), which come out as an (N, K, H, W) view in
   channels_last memory. OpenVINO compiles one static-shape copy for each of the first four input shapes, which runs
   faster than its dynamic-shape mode, and one dynamic-shape copy for any other shape.
+- ``"tflite"`` (optional extra ``deeplab[litert]``): the graph written as a TF Lite flatbuffer (`deeplab.litert`) and
+  run by the official TF Lite runtime (ai-edge-litert, XNNPACK), NHWC inside and out. TF Lite graphs are static: one
+  is written for each of the first four input shapes (a second or so each), any other shape runs in the PyTorch
+  fast path.
 - ``"auto"`` (the default): on the first call, every runtime that is installed and can run the model is built,
   checked against the eager model on that input, and timed on it in interleaved rounds (about 1.5 seconds, 3 to
   10 rounds; `time_in_rounds`); the lowest median is kept for every later call and `choice` records the
@@ -23,7 +27,7 @@ model's to `rtol` (1e-4) of the eager logits' range, or it is refused (named, wi
 PyTorch runs (a CUDA device, activation rounding of converted uint8 files, PointRend subdivision, autocast) get the
 PyTorch fast path under "auto" and a clear error when another runtime is asked for.
 
-`load_exported(path)` opens a file `deeplab export` wrote (`.onnx`, or OpenVINO's `.xml`) as the same kind of module,
+`load_exported(path)` opens a file `deeplab export` wrote (`.onnx`, OpenVINO's `.xml`, `.tflite`) as the same kind of module,
 with the metadata the file carries (class names, preprocessing, model config), so `deeplab predict --checkpoint
 model.onnx` needs nothing else.
 """
@@ -45,9 +49,9 @@ from torch import nn
 
 from .config import ModelConfig, Preprocessing
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
-EXTRA = {"onnxruntime": "onnx", "openvino": "openvino"}
-EXPORTED_SUFFIXES = (".onnx", ".xml")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "tflite")
+EXTRA = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "litert"}
+EXPORTED_SUFFIXES = (".onnx", ".xml", ".tflite")
 DEFAULT_RTOL = 1e-4
 OPENVINO_SHAPES = 4
 AUTO_BUDGET_S = 1.5  # seconds `auto` spends timing the candidates on the first input (at least 3 rounds)
@@ -67,6 +71,10 @@ __all__ = [
 
 def missing_runtime(runtime: str) -> str | None:
     """None when `runtime` can be imported here, else why not (with the install command)."""
+    if runtime == "tflite":
+        from .litert import missing
+
+        return missing()
     module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime)
     if module is None:
         return None
@@ -81,7 +89,7 @@ def torch_only_reason(model: nn.Module, *, amp: str = "off") -> str | None:
     """Why only PyTorch can run `model` (None when an exported graph can)."""
     param = next(model.parameters(), None)
     if param is not None and param.device.type != "cpu":
-        return f"the model is on {param.device} (ONNX Runtime and OpenVINO run here on the CPU)"
+        return f"the model is on {param.device} (ONNX Runtime, OpenVINO and TF Lite run here on the CPU)"
     if amp != "off":
         return f"amp {amp} is PyTorch autocast"
     if getattr(model, "activation_rounding", None):
@@ -93,7 +101,8 @@ def torch_only_reason(model: nn.Module, *, amp: str = "off") -> str | None:
 
 
 def runtime_name(model: nn.Module) -> str:
-    """Which runtime a prepared model runs: torch, eager, onnxruntime, openvino (auto: once it has chosen)."""
+    """Which runtime a prepared model runs: torch, eager, onnxruntime, openvino, tflite (auto: once it has
+    chosen)."""
     if isinstance(model, AutoRuntime):
         return model.runtime or "auto (not run yet)"
     if isinstance(getattr(model, "runtime", None), str):
@@ -105,7 +114,7 @@ def runtime_name(model: nn.Module) -> str:
 
 
 class RuntimeModel(nn.Module):
-    """An exported graph run by ONNX Runtime or OpenVINO, carrying what `eval` and `predict` read from a model."""
+    """An exported graph run by ONNX Runtime, OpenVINO or TF Lite, carrying what `eval` and `predict` read from a model."""
 
     def __init__(
         self, run: Callable[[np.ndarray], np.ndarray], *, runtime: str, config: ModelConfig,
@@ -192,12 +201,38 @@ def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCH
     return run, "NHWC"
 
 
-RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner}  # each: path -> (run, output layout)
+def tflite_runner(path: str | os.PathLike, *, threads: int, layout: str = "NHWC") -> Runner:
+    """The TF Lite runtime (XNNPACK) on a file `deeplab export --format tflite` wrote: one static input shape."""
+    from .litert import input_shape, interpreter
+
+    content = Path(path).read_bytes()
+    run_graph = interpreter(content, threads=threads)
+    expected = input_shape(content)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if tuple(x.shape) != expected:
+            raise ValueError(
+                f"{path}: a TF Lite file runs at the one input size it was exported for, {expected[2]}x{expected[3]} "
+                f"(batch {expected[0]}), not {x.shape[2]}x{x.shape[3]} (batch {x.shape[0]}); run with --input-size "
+                "model (the default) or export at this size with deeplab export --format tflite --input-size HxW"
+            )
+        return run_graph(x)
+
+    return run, "NHWC"
+
+
+RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner, "tflite": tflite_runner}
+# each: path -> (run, output layout)
+FILE_RUNTIMES = {".onnx": ("onnxruntime", "openvino"), ".xml": ("openvino",), ".tflite": ("tflite",)}  # first: default
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `deeplab` metadata of an exported .onnx or OpenVINO .xml file ({} when it has none)."""
+    """The `deeplab` metadata of an exported .onnx, OpenVINO .xml or .tflite file ({} when it has none)."""
     path = Path(path)
+    if path.suffix.lower() == ".tflite":
+        from .litert import read_tflite_metadata
+
+        return read_tflite_metadata(path.read_bytes())
     if path.suffix.lower() == ".onnx":
         import onnx
 
@@ -212,26 +247,29 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None) -> RuntimeModel:
-    """Open an exported `.onnx` (ONNX Runtime by default; OpenVINO reads it too) or OpenVINO `.xml` file."""
+    """Open an exported `.onnx` (ONNX Runtime by default; OpenVINO reads it too), OpenVINO `.xml` or `.tflite` file
+    (the TF Lite runtime)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXPORTED_SUFFIXES:
-        raise ValueError(f"{path}: not an exported model (.onnx or .xml)")
+        raise ValueError(f"{path}: not an exported model (.onnx, .xml or .tflite)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass the file `deeplab export` or `deeplab quantize` wrote")
-    runtime = runtime or ("onnxruntime" if suffix == ".onnx" else "openvino")
-    if runtime in ("auto", "torch", "eager"):
-        runtime = "onnxruntime" if suffix == ".onnx" else "openvino"
-    if runtime == "onnxruntime" and suffix == ".xml":
-        raise ValueError(f"{path}: an OpenVINO IR file runs in OpenVINO; pass --runtime openvino (or auto)")
+    readers = FILE_RUNTIMES[suffix]
+    runtime = readers[0] if runtime in (None, "auto", "torch", "eager") else runtime
+    if runtime not in readers:
+        raise ValueError(f"{path}: a {suffix} file runs in {' or '.join(readers)}, not {runtime}; pass --runtime "
+                         f"{readers[0]} (or auto)")
     why = missing_runtime(runtime)
     if why:
         raise ImportError(f"{path}: {why}")
     meta = read_metadata(path)
     if not meta.get("class_names") or meta.get("mean") is None:
+        hint = (f"; an official TF DeepLab .tflite file: convert it first: deeplab convert {path} model.pt"
+                if suffix == ".tflite" else "")
         raise ValueError(
             f"{path}: carries no deeplab metadata (class names, preprocessing); export it with `deeplab export` "
-            "from a deeplab checkpoint"
+            f"from a deeplab checkpoint{hint}"
         )
     if meta.get("model_config"):
         config = ModelConfig.from_dict(meta["model_config"])
@@ -279,8 +317,23 @@ def _exported_runtime(model: nn.Module, runtime: str, *, threads: int, folder: s
     ).eval()
 
 
+def _litert_runtime(model: nn.Module, *, threads: int) -> RuntimeModel:
+    """`model` in the TF Lite runtime (`deeplab.litert`): a graph written per input shape for the first
+    `litert.SHAPES` shapes, the PyTorch fast path for any other."""
+    from .fast import optimize_for_inference as torch_fast_path
+    from .litert import litert_runner
+
+    run, layout = litert_runner(model, threads=threads, fallback=lambda: torch_fast_path(model))
+    return RuntimeModel(
+        run, runtime="tflite", config=getattr(model, "config", None),
+        class_names=getattr(model, "class_names", ()), preprocessing=getattr(model, "preprocessing", Preprocessing()),
+        source="written in memory", threads=threads, nhwc=layout == "NHWC",
+    ).eval()
+
+
 def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None) -> nn.Module:
-    """`model` prepared for `runtime` ("torch", "onnxruntime", "openvino" or "eager"); not checked (see `checked`)."""
+    """`model` prepared for `runtime` ("torch", "onnxruntime", "openvino", "tflite" or "eager"); not checked (see
+    `check_against_eager`)."""
     from .fast import optimize_for_inference as torch_fast_path
 
     if runtime == "eager":
@@ -290,6 +343,8 @@ def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None)
     why = missing_runtime(runtime) or torch_only_reason(model)
     if why:
         raise ValueError(f"--runtime {runtime}: {why}; use --runtime torch")
+    if runtime == "tflite":
+        return _litert_runtime(model.eval(), threads=_threads(threads))
     with tempfile.TemporaryDirectory(prefix="deeplab-runtime-") as folder:
         # ONNX Runtime and OpenVINO read the file into memory: the folder can go once the session exists.
         return _exported_runtime(model.eval(), runtime, threads=_threads(threads), folder=folder)
