@@ -8,8 +8,10 @@ converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 
     torch        the PyTorch fast path (deeplab.fast)
     onnxruntime  ONNX Runtime on `deeplab export`'s ONNX file, through its own API (all graph optimizations)
     openvino     OpenVINO on `deeplab export --format openvino`'s IR, through its own API (static shape, LATENCY, f32)
-    tflite       the official TF Lite runtime (ai-edge-litert, XNNPACK) on the .tflite file itself (the dm1.0 file
-                 is uint8: TF Lite runs it in uint8, the others its fp32 conversion)
+    tflite       the official TF Lite runtime (ai-edge-litert, XNNPACK) on `deeplab export --format tflite`'s file
+                 (fp32, NHWC input as a TF Lite user feeds it)
+    official     the same runtime on the official .tflite file itself (the dm1.0 file is uint8: TF Lite runs it in
+                 uint8, the other columns its fp32 conversion)
     int8         with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in
                  ONNX Runtime
 
@@ -47,7 +49,7 @@ MODELS = {
     "xception65": "xception65",
     "resnet101": "resnet101_beta",
 }
-PEERS = ("torch", "onnxruntime", "openvino")  # the columns after deeplab's default path
+PEERS = ("torch", "onnxruntime", "openvino", "tflite")  # the columns after deeplab's default path
 
 
 def build(name: str):
@@ -111,40 +113,41 @@ def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: li
         entries[(name, "deeplab", threads)] = (threads, _no_grad(default, x), runtime_name(default))
         torch_path = optimize_for_inference(model, runtime="torch", example=x)
         entries[(name, "torch", threads)] = (threads, _no_grad(torch_path, x), "torch")
-        for runtime in ("onnxruntime", "openvino"):
+        for runtime in ("onnxruntime", "openvino", "tflite"):
             why = missing_runtime(runtime)
             if why:
                 skipped.append({"model": name, "runtime": runtime, "skipped": why})
                 continue
-            path = exported(model, name, runtime, folder)
+            path = exported(model, name, runtime, folder, size)
             entries[(name, runtime, threads)] = (threads, peer_entry(runtime, path, threads, x), runtime)
-        if tfl is not None:
-            why = _litert_missing()
-            if why:
-                skipped.append({"model": name, "runtime": "tflite", "skipped": why})
-            else:
-                kind = "uint8" if "quant" in tfl.name else "float"
-                entries[(name, "tflite", threads)] = (threads, tflite_entry(tfl, threads, size), f"tflite {kind}")
+        if tfl is not None and missing_runtime("tflite") is None:
+            kind = "uint8" if "quant" in tfl.name else "float"
+            entries[(name, "official", threads)] = (threads, tflite_entry(tfl, threads, size), f"tflite {kind}")
         if int8 and missing_runtime("onnxruntime") is None:
             entries[(name, "int8", threads)] = (threads, int8_entry(name, model, threads, x, folder), "onnxruntime int8")
     return entries
 
 
-def exported(model, name: str, runtime: str, folder: str) -> Path:
-    """`deeplab export`'s file for `runtime` (ONNX, or OpenVINO IR), written once per model and verified."""
+def exported(model, name: str, runtime: str, folder: str, size) -> Path:
+    """`deeplab export`'s file for `runtime` (ONNX, OpenVINO IR, or TF Lite at the row's size), written once per
+    model and verified."""
     from deeplab.export import export_model
 
-    path = Path(folder) / (f"{name}.onnx" if runtime == "onnxruntime" else f"{name}.xml")
+    fmt, suffix = {"onnxruntime": ("onnx", ".onnx"), "openvino": ("openvino", ".xml"), "tflite": ("tflite", ".tflite")}[runtime]
+    path = Path(folder) / f"{name}{suffix}"
     if not path.exists():
-        export_model(model, path, format="onnx" if runtime == "onnxruntime" else "openvino")
+        export_model(model, path, format=fmt, input_size=size if fmt == "tflite" else None)
     return path
 
 
 def peer_entry(runtime: str, path: Path, threads: int, x: torch.Tensor):
     """The exported file in the runtime's own Python API, set up as its documentation says for CPU latency:
     ONNX Runtime with all graph optimizations and `threads` intra-op threads; OpenVINO compiled for this input
-    shape (static), LATENCY hint, f32, `threads` threads. Logits as the file gives them (NCHW)."""
+    shape (static), LATENCY hint, f32, `threads` threads; TF Lite with `threads` threads (XNNPACK), fed NHWC. Logits
+    as the file gives them."""
     data = x.numpy()
+    if runtime == "tflite":
+        return tflite_entry(path, threads, x.shape[-2:])
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
@@ -168,14 +171,6 @@ def peer_entry(runtime: str, path: Path, threads: int, x: torch.Tensor):
     return run
 
 
-def _litert_missing() -> str | None:
-    try:
-        import ai_edge_litert.interpreter  # noqa: F401
-    except ImportError:
-        return "ai-edge-litert is not installed: pip install ai-edge-litert"
-    return None
-
-
 def _no_grad(model, x):
     def run():
         with torch.no_grad():
@@ -197,7 +192,7 @@ def main() -> None:
     skipped: list[dict] = []
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"# {cpu}, {torch.get_num_threads()} torch threads by default, rounds {args.rounds}", flush=True)
-    columns = ["deeplab", *PEERS, "tflite"] + (["int8"] if args.int8 else [])
+    columns = ["deeplab", *PEERS, "official"] + (["int8"] if args.int8 else [])
     lines = ["| model | threads | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     records = []
     with tempfile.TemporaryDirectory() as folder:
