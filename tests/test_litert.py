@@ -183,3 +183,20 @@ def test_the_official_model_written_back_reproduces_the_official_runtimes_output
     assert (np.abs(out - final.reshape(out.shape)) <= tol).all()
     golden = np.asarray(Image.open(FLOAT_DIR / "reference" / "tfls_segmentation_golden_x10.png")).astype(np.int64) // 10
     np.testing.assert_array_equal(out.argmax(-1), golden)
+
+
+def test_auto_choosing_tflite_runs_other_shapes_in_the_runner_up(monkeypatch):
+    import deeplab.litert as lt
+    import deeplab.runtimes as rt
+
+    monkeypatch.setattr(lt, "SHAPES", 1)
+    fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 25.0, "tflite": 10.0}
+    monkeypatch.setattr(rt, "time_in_rounds", lambda entries, **kw: {n: [fake_ms[n]] for n in entries})
+    model = tiny()
+    auto = optimize_for_inference(model, runtime="auto", example=torch.randn(1, 3, 49, 49))
+    assert auto.runtime == "tflite"
+    runner_up = "onnxruntime" if "onnxruntime" in auto.choice["ms"] else "torch"
+    assert runtime_name(auto.chosen.other_shapes["runtime"]) == runner_up
+    x = torch.randn(1, 3, 41, 57)  # a second shape: no TF Lite graph for it
+    with torch.no_grad():
+        assert _rel(auto(x), model(x)) < 1e-4
