@@ -19,10 +19,12 @@ at 1 and 2 threads, batch 1. ONNX Runtime and OpenVINO run with their default se
 spin for a while after each call: anything started right after, PyTorch included, measured up to 2x slower), so
 every timed call is preceded by 50 ms idle, as calls spaced by other work are. Every entry is built first (each exported-graph runtime checked against eager PyTorch
 to 1e-4 of the logit range), warmed up twice, then timed in rounds: each round runs every entry once, so the shared
-machine's drift hits all alike. Printed: a Markdown table (median ms, min in brackets) and one JSON line per entry.
+machine's drift hits all alike, starting one entry later than the round before, so no entry always follows the same
+one. Printed: a Markdown table (median ms, min in brackets) and one JSON line per entry.
 A runtime that is not installed is skipped with the reason.
 
-    OMP_NUM_THREADS=2 python benchmarks/runtimes.py --rounds 15
+    OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models mnv2-dm05,mnv2-dm10 --rounds 20 --int8
+    OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models xception65,resnet101 --rounds 6 --int8
     python benchmarks/runtimes.py --models mnv2-dm05 --threads 1 --rounds 5     # quick
 """
 

@@ -372,7 +372,8 @@ def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: 
                    desc: str = "benchmark", gap_s: float = 0.05, budget_s: float | None = None) -> dict[Any, list[float]]:
     """Milliseconds per call of each entry {key: (threads, fn)} over `runs` interleaved rounds, after two warm-up
     calls each; PyTorch's thread count is set to the entry's before each call, and `gap_s` idle seconds precede it
-    (ONNX Runtime's threads spin after a call and would slow whatever runs next). With `budget_s`, as many rounds as
+    (ONNX Runtime's threads spin after a call and would slow whatever runs next); each round starts one entry later
+    than the one before. With `budget_s`, as many rounds as
     fit in it by the second warm-up calls' times, at least 3 and at most `runs`."""
     from tqdm import tqdm
 
@@ -386,8 +387,11 @@ def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: 
         round_s += time.perf_counter() - t0 + gap_s
     if budget_s is not None:
         runs = max(3, min(runs, int(budget_s / max(round_s, 1e-6))))
-    for _ in tqdm(range(runs), desc=desc, unit="round", disable=not progress, dynamic_ncols=True):
-        for key, (threads, fn) in entries.items():
+    items = list(entries.items())
+    for r in tqdm(range(runs), desc=desc, unit="round", disable=not progress, dynamic_ncols=True):
+        # each round starts one entry later than the last: what ran just before an entry (another runtime's
+        # threads still spinning, a cold cache) is not always the same one
+        for key, (threads, fn) in items[r % len(items):] + items[: r % len(items)]:
             torch.set_num_threads(threads)
             time.sleep(gap_s)
             t0 = time.perf_counter()
