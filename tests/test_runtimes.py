@@ -260,6 +260,26 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
     assert "differs from the eager model" in auto.choice["skipped"]["openvino"]
 
 
+def test_auto_times_the_runtimes_within_5_percent_of_the_fastest_again_before_it_picks(monkeypatch):
+    import deeplab.runtimes as rt
+
+    calls = []
+    first = {"torch": 30.0, "onnxruntime": 20.5, "openvino": 20.0, "tflite": 25.0}
+    second = {"onnxruntime": 19.0, "openvino": 21.0}  # the first impression was noise
+
+    def time_in_rounds(entries, **kwargs):
+        calls.append((sorted(entries), kwargs.get("warm", False)))
+        table = first if len(calls) == 1 else second
+        return {name: [table[name]] * 3 for name in entries}
+
+    monkeypatch.setattr(rt, "time_in_rounds", time_in_rounds)
+    monkeypatch.setattr(rt, "missing_runtime", lambda name: None)
+    monkeypatch.setattr(rt, "build_runtime", lambda model, runtime, *, threads=None: model)
+    auto = optimize_for_inference(tiny(), runtime="auto", example=torch.randn(1, 3, 33, 33))
+    assert calls == [(["onnxruntime", "openvino", "tflite", "torch"], False), (["onnxruntime", "openvino"], True)]
+    assert auto.runtime == "onnxruntime" and auto.choice["rounds"] == 6
+
+
 def test_auto_uses_pytorch_for_what_only_pytorch_runs():
     model = tiny()
     model.activation_rounding = {"backbone": (0.1, 0)}  # as a converted uint8 model carries

@@ -124,11 +124,13 @@ def _pads(g: _Graph, x: int, node, pads: list[int], kernel, stride, dilation, *,
 def _conv(g: _Graph, node, env) -> int:
     args = list(node.args) + [None] * (7 - len(node.args))
     x, weight, bias = env[args[0].name], env[args[1].name], (env[args[2].name] if args[2] is not None else None)
+    if isinstance(args[4], str):
+        raise UnsupportedOp(f"convolution padding {args[4]!r}")
+    if not isinstance(weight, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)):
+        raise UnsupportedOp("a convolution whose weights are computed in the graph")
     stride, pads, dilation = (list(a) if a is not None else d for a, d in zip(args[3:6], ([1, 1], [0, 0], [1, 1])))
     stride, pads, dilation = ([v[0], v[0]] if len(v) == 1 else v for v in (stride, pads, dilation))
     groups = args[6] or 1
-    if isinstance(pads, str):
-        raise UnsupportedOp(f"convolution padding {pads!r}")
     w = weight.detach().float().numpy()
     out_c, in_per_group, kh, kw = w.shape
     in_c = g.tensors[x]["shape"][3]
@@ -183,7 +185,11 @@ def _binary(kind: str):
 
 def _const_nhwc(t: torch.Tensor) -> np.ndarray:
     a = t.detach().float().numpy()
-    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+    if a.ndim == 4:
+        return a.transpose(0, 2, 3, 1)
+    if a.size == 1:
+        return a.reshape(1)
+    raise UnsupportedOp(f"a {a.ndim}-d constant of shape {list(a.shape)} broadcast against an image tensor")
 
 
 def _mean(g: _Graph, node, env) -> int:
@@ -205,6 +211,11 @@ def _adaptive_avg_pool(g: _Graph, node, env) -> int:
 def _resize(g: _Graph, node, env) -> int:
     shape = _nhwc(node.meta["val"].shape)
     align = bool(node.args[2])
+    scales = [v for a in node.args[3:] for v in (a if isinstance(a, (list, tuple)) else [a]) if v is not None]
+    in_h, in_w = g.tensors[env[node.args[0].name]]["shape"][1:3]
+    if scales and not align and any(abs(1 / s - i / o) > 1e-9 for s, i, o in zip(scales, (in_h, in_w), shape[1:3])):
+        # PyTorch maps output to input pixels by 1 / scale_factor, TF Lite by in / out
+        raise UnsupportedOp(f"bilinear resizing by scale factors {list(scales)} that are not out / in")
     size = g.const(np.array(shape[1:3]), name=f"{node.name}/size", dtype="int32")
     return g.op("RESIZE_BILINEAR", [env[node.args[0].name], size], shape, name=node.name, align_corners=align,
                 half_pixel_centers=not align)
@@ -290,8 +301,9 @@ def _op_name(target) -> str:
     return name.split("::")[-1].rstrip("_")
 
 
-def _lower(ep: torch.export.ExportedProgram) -> _Graph:
-    """The exported program's ATen graph as a TF Lite graph (NHWC)."""
+def _lower(ep: torch.export.ExportedProgram, *, nchw_input: bool = False) -> _Graph:
+    """The exported program's ATen graph as a TF Lite graph (NHWC; with `nchw_input` the graph reads the image NCHW
+    and its first operator, a TRANSPOSE, makes it NHWC)."""
     from torch.export.graph_signature import InputKind
 
     constants: dict[str, torch.Tensor] = {}
@@ -306,6 +318,11 @@ def _lower(ep: torch.export.ExportedProgram) -> _Graph:
         if node.op == "placeholder":
             if node.name in constants:
                 env[node.name] = constants[node.name]
+            elif nchw_input:
+                image = g.tensor(node.meta["val"].shape, name="image")
+                g.inputs.append(image)
+                perm = g.const(np.array([0, 2, 3, 1]), name="image/perm", dtype="int32")
+                env[node.name] = g.op("TRANSPOSE", [image, perm], _nhwc(node.meta["val"].shape), name="image/nhwc")
             else:
                 env[node.name] = g.tensor(_nhwc(node.meta["val"].shape), name="image")
                 g.inputs.append(env[node.name])
@@ -332,7 +349,7 @@ OPTIONS = {  # operator -> its options table in the schema (None: it has none we
     "CONV_2D": "Conv2DOptions", "DEPTHWISE_CONV_2D": "DepthwiseConv2DOptions", "ADD": "AddOptions",
     "SUB": "SubOptions", "MUL": "MulOptions", "MEAN": "ReducerOptions", "RESIZE_BILINEAR": "ResizeBilinearOptions",
     "CONCATENATION": "ConcatenationOptions", "MAX_POOL_2D": "Pool2DOptions", "PAD": "PadOptions",
-    "PADV2": "PadV2Options", "STRIDED_SLICE": "StridedSliceOptions", "HARD_SWISH": "HardSwishOptions", "RELU": None, "RELU6": None, "LOGISTIC": None,
+    "PADV2": "PadV2Options", "STRIDED_SLICE": "StridedSliceOptions", "TRANSPOSE": "TransposeOptions", "HARD_SWISH": "HardSwishOptions", "RELU": None, "RELU6": None, "LOGISTIC": None,
 }
 
 
@@ -441,11 +458,13 @@ def _serialize(g: _Graph, metadata: dict[str, Any] | None) -> bytes:
     return bytes(b.Output())
 
 
-def tflite_bytes(model: nn.Module, shape, *, metadata: dict[str, Any] | None = None, fold_bn: bool = True) -> bytes:
+def tflite_bytes(model: nn.Module, shape, *, metadata: dict[str, Any] | None = None, fold_bn: bool = True,
+                 nchw_input: bool = False) -> bytes:
     """`model` (eval mode, CPU, float) as a TF Lite flatbuffer for NCHW input `shape` (the file reads it NHWC);
     `metadata` is stored as JSON under "deeplab". With `fold_bn`, the graph of `deeplab.fast` (BatchNorm folded,
-    image pooling projected once) is written, else `model` as it is. Raises UnsupportedOp when the graph holds an
-    operator without a TF Lite equivalent here."""
+    image pooling projected once) is written, else `model` as it is. `nchw_input`: the file reads the image NCHW
+    (its first operator transposes it), as PyTorch holds it: `litert_runner`'s in-memory graphs. Raises UnsupportedOp
+    when the graph holds an operator without a TF Lite equivalent here."""
     import warnings
 
     from .fast import optimize_for_inference as torch_fast_path
@@ -455,7 +474,7 @@ def tflite_bytes(model: nn.Module, shape, *, metadata: dict[str, Any] | None = N
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         ep = torch.export.export(graph, (x,))
-    return _serialize(_lower(ep), metadata)
+    return _serialize(_lower(ep, nchw_input=nchw_input), metadata)
 
 
 def read_tflite_metadata(content: bytes) -> dict[str, Any]:
@@ -479,8 +498,9 @@ def input_shape(content: bytes) -> tuple[int, int, int, int]:
     return n, c, h, w
 
 
-def interpreter(content: bytes, *, threads: int) -> Callable[[np.ndarray], np.ndarray]:
-    """run(NCHW float32 array) -> NHWC logits, by the TF Lite runtime (XNNPACK) on the flatbuffer `content`."""
+def interpreter(content: bytes, *, threads: int, nchw_input: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """run(NCHW float32 array) -> NHWC logits, by the TF Lite runtime (XNNPACK) on the flatbuffer `content`, whose
+    input is NHWC (transposed here) or, with `nchw_input`, NCHW (`tflite_bytes(nchw_input=True)`: copied as it is)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=content, num_threads=threads)
@@ -492,7 +512,7 @@ def interpreter(content: bytes, *, threads: int) -> Callable[[np.ndarray], np.nd
         # NCHW -> the graph's NHWC in one copy, by numpy: PyTorch's copy is faster alone, but its OpenMP threads spin
         # after it and slow XNNPACK's at 2 threads (8.6 -> 14.2 ms, MobileNetV2 dm0.5 257); the view is dropped
         # before invoke, as the runtime requires
-        buffer()[...] = x.transpose(0, 2, 3, 1)
+        buffer()[...] = x if nchw_input else x.transpose(0, 2, 3, 1)
         interp.invoke()
         return interp.get_tensor(out)
 
@@ -511,7 +531,8 @@ def litert_runner(model: nn.Module, *, threads: int, fallback: Callable[[], Call
         shape = tuple(x.shape)
         fn = graphs.get(shape)
         if fn is None and len(graphs) < SHAPES:
-            fn = graphs[shape] = interpreter(tflite_bytes(model, shape), threads=threads)
+            fn = graphs[shape] = interpreter(tflite_bytes(model, shape, nchw_input=True), threads=threads,
+                                                     nchw_input=True)
         if fn is not None:
             return fn(x)
         if fallback is None:

@@ -17,9 +17,9 @@ and the Python API run it like the model itself:
   fast path (under "auto": in the fastest of the other runtimes).
 - ``"auto"`` (the default): on the first call, every runtime that is installed and can run the model is built,
   checked against the eager model on that input, and timed on it in interleaved rounds (about 1.5 seconds, 3 to
-  10 rounds; `time_in_rounds`); the lowest median is kept for every later call and `choice` records the
-  figures. Which one wins depends on the model
-  and the machine (docs/performance.md has the measurements).
+  10 rounds; `time_in_rounds`), then the ones within 5% of the fastest are timed as long again; the lowest median
+  is kept for every later call and `choice` records the figures. Which one wins depends on the model and the
+  machine (docs/deploy.md has the measurements).
 - ``"eager"``: the model as it is.
 
 Every runtime other than eager is checked when it is built: on the first input its logits must equal the eager
@@ -55,6 +55,7 @@ EXPORTED_SUFFIXES = (".onnx", ".xml", ".tflite")
 DEFAULT_RTOL = 1e-4
 OPENVINO_SHAPES = 4
 AUTO_BUDGET_S = 1.5  # seconds `auto` spends timing the candidates on the first input (at least 3 rounds)
+AUTO_CLOSE = 0.05  # candidates within 5% of the fastest median are timed again before `auto` picks
 
 __all__ = [
     "EXPORTED_SUFFIXES",
@@ -369,19 +370,21 @@ def check_against_eager(candidate: nn.Module, eager: nn.Module, x: torch.Tensor,
 
 
 def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: bool = False,
-                   desc: str = "benchmark", gap_s: float = 0.05, budget_s: float | None = None) -> dict[Any, list[float]]:
+                   desc: str = "benchmark", gap_s: float = 0.05, budget_s: float | None = None,
+                   warm: bool = False) -> dict[Any, list[float]]:
     """Milliseconds per call of each entry {key: (threads, fn)} over `runs` interleaved rounds, after two warm-up
-    calls each; PyTorch's thread count is set to the entry's before each call, and `gap_s` idle seconds precede it
-    (ONNX Runtime's threads spin after a call and would slow whatever runs next); each round starts one entry later
-    than the one before. With `budget_s`, as many rounds as
-    fit in it by the second warm-up calls' times, at least 3 and at most `runs`."""
+    calls each (one when `warm`: the entries have run before); PyTorch's thread count is set to the entry's before
+    each call, and `gap_s` idle seconds precede it (ONNX Runtime's threads spin after a call and would slow whatever
+    runs next); each round starts one entry later than the one before. With `budget_s`, as many rounds as fit in it
+    by the last warm-up calls' times, at least 3 and at most `runs`."""
     from tqdm import tqdm
 
     times: dict[Any, list[float]] = {key: [] for key in entries}
     round_s = 0.0
     for threads, fn in entries.values():
         torch.set_num_threads(threads)
-        fn()
+        if not warm:
+            fn()
         t0 = time.perf_counter()
         fn()
         round_s += time.perf_counter() - t0 + gap_s
@@ -419,8 +422,7 @@ class AutoRuntime(nn.Module):
         self.choice: dict[str, Any] = {}
 
     def _choose(self, x: torch.Tensor) -> None:
-        """Build and check every candidate, then time them in interleaved rounds (`time_in_rounds`, about
-        AUTO_BUDGET_S seconds, at least 3 rounds) and keep the one with the lowest median."""
+        """Build and check every candidate, time them (`_time`) and keep the one with the lowest median."""
         built: dict[str, nn.Module] = {}
         skipped: dict[str, str] = {}
         only_torch = torch_only_reason(self.eager)
@@ -438,11 +440,7 @@ class AutoRuntime(nn.Module):
                     skipped[name] = str(e).splitlines()[0]
                     continue
                 built[name] = candidate
-            threads = _threads(self.threads)
-            entries = {name: (threads, lambda c=c: c(x)) for name, c in built.items()}
-            # ONNX Runtime's worker threads spin after a call (there are none to spin with one thread)
-            gap_s = 0.02 if threads > 1 else 0.0
-            times = time_in_rounds(entries, runs=10, gap_s=gap_s, budget_s=AUTO_BUDGET_S)
+            times = self._time(built, x)
         timings = {name: statistics.median(t) for name, t in times.items()}
         self.runtime = min(timings, key=timings.get)  # the torch fast path always builds
         self.chosen = built[self.runtime]
@@ -451,6 +449,25 @@ class AutoRuntime(nn.Module):
             self.chosen.other_shapes["runtime"] = built[runner_up]
         self.choice = {"runtime": self.runtime, "ms": timings, "skipped": skipped, "shape": list(x.shape),
                        "rounds": len(times[self.runtime])}
+
+    def _time(self, built: dict[str, nn.Module], x: torch.Tensor) -> dict[str, list[float]]:
+        """ms per call of each built candidate on `x`, interleaved (`time_in_rounds`, about AUTO_BUDGET_S seconds);
+        the ones within AUTO_CLOSE of the fastest median are timed for as long again, so that the noise of a few
+        rounds does not decide between runtimes a few percent apart (large models get 3 rounds in the budget)."""
+        threads = _threads(self.threads)
+        entries = {name: (threads, lambda c=c: c(x)) for name, c in built.items()}
+        # 50 ms idle before each call at 2+ threads, as calls spaced by other work are: ONNX Runtime's worker
+        # threads spin after a call (slowing the next candidate), TF Lite's sleep (8.6 ms back to back, 13-15 ms
+        # after 50 ms idle: MobileNetV2 dm0.5 257 at 2 threads here), so back-to-back timing would favour TF Lite
+        gap_s = 0.05 if threads > 1 else 0.0
+        times = time_in_rounds(entries, runs=10, gap_s=gap_s, budget_s=AUTO_BUDGET_S)
+        best = min(statistics.median(t) for t in times.values())
+        close = {name: entries[name] for name, t in times.items() if statistics.median(t) <= best * (1 + AUTO_CLOSE)}
+        if len(close) > 1:
+            more = time_in_rounds(close, runs=10, gap_s=gap_s, budget_s=AUTO_BUDGET_S, warm=True)
+            for name, t in more.items():
+                times[name] += t
+        return times
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chosen is None:
