@@ -200,3 +200,33 @@ def test_auto_choosing_tflite_runs_other_shapes_in_the_runner_up(monkeypatch):
     x = torch.randn(1, 3, 41, 57)  # a second shape: no TF Lite graph for it
     with torch.no_grad():
         assert _rel(auto(x), model(x)) < 1e-4
+
+
+def test_what_tflite_would_compute_differently_is_refused_not_written():
+    import torch.nn.functional as F
+
+    class Resize(nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def forward(self, x):
+            return F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+    class AddRow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("row", torch.randn(33))  # broadcast along W in NCHW, along C in NHWC
+
+        def forward(self, x):
+            return x + self.row
+
+    x = torch.randn(1, 3, 33, 33)
+    # 33 -> 49 by 1.5: PyTorch maps pixels by 1 / 1.5, TF Lite by 33 / 49
+    with pytest.raises(UnsupportedOp, match=r"scale factors \[1.5, 1.5\]"):
+        tflite_bytes(Resize(1.5), x.shape, fold_bn=False)
+    with pytest.raises(UnsupportedOp, match=r"1-d constant of shape \[33\]"):
+        tflite_bytes(AddRow(), x.shape, fold_bn=False)
+    run = interpreter(tflite_bytes(Resize(2.0), x.shape, fold_bn=False), threads=1)  # 33 -> 66: the same mapping
+    out = torch.from_numpy(run(x.numpy())).permute(0, 3, 1, 2)
+    assert _rel(out, Resize(2.0)(x)) < 1e-5

@@ -385,6 +385,16 @@ def test_benchmark_command_prints_a_row_per_runtime_and_thread_count(tmp_path, c
     assert all(r["ms_median"] > 0 and r["runs"] == 2 and r["size"] == [65, 65] for r in rows)
 
 
+def test_quantize_checks_agreement_on_images_the_calibration_did_not_see():
+    from deeplab.cli import _calibration_and_check
+
+    # CamVid's 367 training images, 64 to calibrate, 8 to check: spreading both over all 367 put all 8 checks on
+    # calibration images (64 is a multiple of 8), and the agreement went unreported
+    chosen, others = _calibration_and_check(367, 64, 8)
+    assert len(chosen) == 64 and len(others) == 8 and not set(chosen) & set(others)
+    assert _calibration_and_check(10, 64, 8) == (list(range(10)), [])  # all used to calibrate: nothing to check
+
+
 def test_quantize_calibrates_on_plain_image_files_too(tmp_path, capsys):
     from PIL import Image
 

@@ -559,6 +559,15 @@ def _spread(count: int, total: int, offset: float = 0.0) -> list[int]:
     return sorted({min(total - 1, int((i + offset) * step)) for i in range(count)})
 
 
+def _calibration_and_check(count: int, calibration: int, check: int) -> tuple[list[int], list[int]]:
+    """Indices of `calibration` images spread over `count`, and of up to `check` others spread over the rest, for
+    the int8-vs-float agreement on images the calibration did not see (none when it used them all)."""
+    chosen = _spread(calibration, count)
+    taken = set(chosen)
+    rest = [i for i in range(count) if i not in taken]
+    return chosen, [rest[j] for j in _spread(check, len(rest), offset=0.5)] if rest else []
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .checkpoint import model_from_checkpoint, read_checkpoint
     from .evaluate import build_eval_dataset
@@ -594,10 +603,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, **options)
         count = len(dataset)
         load = lambda i: dataset[i][0][None]  # noqa: E731
-    chosen = _spread(args.calibration_images, count)
+    chosen, others = _calibration_and_check(count, args.calibration_images, args.check_images)
     calibration = [x for i in chosen for x in scaled(load(i))]
-    # Agreement on images the calibration did not see (none when it used them all).
-    others = [i for i in _spread(args.check_images, count, offset=0.5) if i not in set(chosen)]
     held = [x for i in others for x in scaled(load(i))]
     extra = {"train_config": data["train_config"]} if data.get("train_config") else {}
     extra["calibration"] = {"dataset": name, "split": split, "images": len(calibration), "scales": list(scales)}
