@@ -230,3 +230,20 @@ def test_what_tflite_would_compute_differently_is_refused_not_written():
     run = interpreter(tflite_bytes(Resize(2.0), x.shape, fold_bn=False), threads=1)  # 33 -> 66: the same mapping
     out = torch.from_numpy(run(x.numpy())).permute(0, 3, 1, 2)
     assert _rel(out, Resize(2.0)(x)) < 1e-5
+
+
+def test_an_activation_is_not_fused_into_a_convolution_whose_output_is_read_elsewhere():
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y.clone()) + y  # the ReLU reads the convolution through a copy; the sum reads it raw
+
+    torch.manual_seed(0)
+    model, x = Branches().eval(), torch.randn(1, 3, 17, 17)
+    run = interpreter(tflite_bytes(model, x.shape, fold_bn=False), threads=1)
+    with torch.no_grad():
+        assert _rel(torch.from_numpy(run(x.numpy())).permute(0, 3, 1, 2), model(x)) < 1e-5

@@ -63,6 +63,7 @@ class _Graph:
         self.buffers: list[bytes] = [b""]  # buffer 0 is the empty buffer, by the schema's convention
         self.ops: list[dict[str, Any]] = []
         self.producer: dict[int, dict[str, Any]] = {}
+        self.aliased: set[int] = set()  # tensors that also stand for another node's output (`_identity`)
         self.inputs: list[int] = []
         self.outputs: list[int] = []
 
@@ -157,7 +158,7 @@ def _activation(kind: str):
         x = env[node.args[0].name]
         producer = g.producer.get(x)
         if (producer is not None and producer["kind"] in FUSABLE and len(node.args[0].users) == 1
-                and producer["options"].get("fused_activation_function") == "NONE" and x not in g.outputs):
+                and producer["options"].get("fused_activation_function") == "NONE" and x not in g.aliased):
             producer["options"]["fused_activation_function"] = kind
             return x
         return g.op(kind, [x], g.tensors[x]["shape"], name=node.name)
@@ -197,13 +198,16 @@ def _mean(g: _Graph, node, env) -> int:
     keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
     if dims != [2, 3] or not keep:
         raise UnsupportedOp(f"mean over dims {node.args[1]} (keepdim={keep}); only the spatial mean is written")
-    axes = g.const(np.array([1, 2]), name=f"{node.name}/axes", dtype="int32")
-    return g.op("MEAN", [env[node.args[0].name], axes], _nhwc(node.meta["val"].shape), name=node.name, keep_dims=True)
+    return _spatial_mean(g, node, env)
 
 
 def _adaptive_avg_pool(g: _Graph, node, env) -> int:
     if list(node.args[1]) != [1, 1]:
         raise UnsupportedOp(f"adaptive average pooling to {list(node.args[1])} (only to 1x1)")
+    return _spatial_mean(g, node, env)
+
+
+def _spatial_mean(g: _Graph, node, env) -> int:
     axes = g.const(np.array([1, 2]), name=f"{node.name}/axes", dtype="int32")
     return g.op("MEAN", [env[node.args[0].name], axes], _nhwc(node.meta["val"].shape), name=node.name, keep_dims=True)
 
@@ -281,7 +285,9 @@ def _hardsigmoid(g: _Graph, node, env) -> int:
 
 
 def _identity(g: _Graph, node, env):
-    return env[node.args[0].name]
+    x = env[node.args[0].name]
+    g.aliased.add(x)  # read through two nodes now: an activation after either must not be fused into its producer
+    return x
 
 
 LOWER: dict[str, Callable[..., Any]] = {
