@@ -280,39 +280,6 @@ def test_auto_times_the_runtimes_within_5_percent_of_the_fastest_again_before_it
     assert auto.runtime == "onnxruntime" and auto.choice["rounds"] == 6
 
 
-def test_auto_hands_over_to_the_runner_up_when_its_choice_runs_slower_than_measured(monkeypatch):
-    import time
-
-    import deeplab.runtimes as rt
-
-    class Runtime(nn.Module):
-        def __init__(self, model, name, sleep_s):
-            super().__init__()
-            self.model, self.runtime, self.sleep_s = model, name, sleep_s
-            self.other_shapes = {}  # as the TF Lite runtime has (its runner-up for shapes it has no graph for)
-
-        def forward(self, x):
-            time.sleep(self.sleep_s)
-            return self.model(x)
-
-    sleeps = {"torch": 0.0, "onnxruntime": 0.0, "openvino": 0.0, "tflite": 0.03}  # tflite: 30 ms per call
-    measured = {"torch": 30.0, "onnxruntime": 10.0, "openvino": 12.0, "tflite": 5.0}  # but 5 ms when chosen
-    monkeypatch.setattr(rt, "build_runtime", lambda model, name, *, threads=None: Runtime(model, name, sleeps[name]))
-    monkeypatch.setattr(rt, "time_in_rounds", lambda entries, **kw: {n: [measured[n]] * 3 for n in entries})
-    monkeypatch.setattr(rt, "missing_runtime", lambda name: None)
-    model = tiny()
-    x = torch.randn(1, 3, 33, 33)
-    auto = optimize_for_inference(model, runtime="auto", example=x)
-    assert auto.runtime == "tflite"
-    with torch.no_grad():
-        auto(torch.randn(1, 3, 41, 41))  # another shape: not timed
-        for _ in range(rt.AUTO_LIVE_CALLS):
-            assert auto.runtime == "tflite"
-            auto(x)
-    assert auto.runtime == "onnxruntime" and auto.choice["switched"]["from"] == "tflite"
-    assert auto.choice["switched"]["live_ms"] >= 30 and auto.choice["runtime"] == "onnxruntime"
-
-
 def test_auto_uses_pytorch_for_what_only_pytorch_runs():
     model = tiny()
     model.activation_rounding = {"backbone": (0.1, 0)}  # as a converted uint8 model carries

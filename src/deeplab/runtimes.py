@@ -56,7 +56,6 @@ DEFAULT_RTOL = 1e-4
 OPENVINO_SHAPES = 4
 AUTO_BUDGET_S = 1.5  # seconds `auto` spends timing the candidates on the first input (at least 3 rounds)
 AUTO_CLOSE = 0.05  # candidates within 5% of the fastest median are timed again before `auto` picks
-AUTO_LIVE_CALLS = 5  # calls at the choice's input shape that `auto` times to review its choice (see AutoRuntime)
 
 __all__ = [
     "EXPORTED_SUFFIXES",
@@ -405,13 +404,7 @@ def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: 
 
 
 class AutoRuntime(nn.Module):
-    """Picks the fastest runtime on the first input (see the module docstring), then runs only that one.
-
-    The choice is measured in a few seconds of interleaved rounds, where a runtime may fare better than between the
-    calls of real work (TF Lite's worker thread sleeps after a call and wakes slowly on some VMs: MobileNetV2 dm0.5 at
-    2 threads measured 9.3 ms in the choice and ran at 14.5). So the next AUTO_LIVE_CALLS calls at the same input
-    shape are timed as they come; if their median exceeds the runner-up's measured median by more than AUTO_CLOSE,
-    the runner-up takes over, once, and `choice["switched"]` records why."""
+    """Picks the fastest runtime on the first input (see the module docstring), then runs only that one."""
 
     def __init__(self, model: nn.Module, *, threads: int | None = None, candidates: tuple[str, ...] = RUNTIMES,
                  rtol: float = DEFAULT_RTOL) -> None:
@@ -427,8 +420,6 @@ class AutoRuntime(nn.Module):
         self.chosen: nn.Module | None = None
         self.runtime: str | None = None
         self.choice: dict[str, Any] = {}
-        self.runner_up: tuple[str, nn.Module] | None = None  # the second fastest, until the choice is reviewed
-        self.live: list[float] = []  # ms of the chosen runtime's calls at the choice's shape, until reviewed
 
     def _choose(self, x: torch.Tensor) -> None:
         """Build and check every candidate, time them (`_time`) and keep the one with the lowest median."""
@@ -453,27 +444,11 @@ class AutoRuntime(nn.Module):
         timings = {name: statistics.median(t) for name, t in times.items()}
         self.runtime = min(timings, key=timings.get)  # the torch fast path always builds
         self.chosen = built[self.runtime]
-        others = [n for n in timings if n != self.runtime]
-        if others:
-            runner_up = min(others, key=timings.get)
-            self.runner_up = (runner_up, built[runner_up])
-            if self.runtime == "tflite":  # shapes beyond TF Lite's static graphs: the fastest of the others
-                self.chosen.other_shapes["runtime"] = built[runner_up]
+        if self.runtime == "tflite":  # shapes beyond TF Lite's static graphs: the fastest of the others
+            runner_up = min((n for n in timings if n != "tflite"), key=timings.get)
+            self.chosen.other_shapes["runtime"] = built[runner_up]
         self.choice = {"runtime": self.runtime, "ms": timings, "skipped": skipped, "shape": list(x.shape),
                        "rounds": len(times[self.runtime])}
-
-    def _review(self) -> None:
-        """After AUTO_LIVE_CALLS timed calls: switch to the runner-up if the chosen runtime ran slower than the
-        runner-up measured, by more than AUTO_CLOSE (see the class docstring)."""
-        live = statistics.median(self.live)
-        self.choice["live_ms"] = live
-        name, module = self.runner_up
-        measured = self.choice["ms"][name]
-        if live > measured * (1 + AUTO_CLOSE):
-            self.choice["switched"] = {"from": self.runtime, "live_ms": live, "to": name, "measured_ms": measured}
-            self.runtime, self.chosen = name, module
-            self.choice["runtime"] = name
-        self.runner_up, self.live = None, []
 
     def _time(self, built: dict[str, nn.Module], x: torch.Tensor) -> dict[str, list[float]]:
         """ms per call of each built candidate on `x`, interleaved (`time_in_rounds`, about AUTO_BUDGET_S seconds);
@@ -497,15 +472,7 @@ class AutoRuntime(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chosen is None:
             self._choose(x)
-            return self.chosen(x)
-        if self.runner_up is None or list(x.shape) != self.choice["shape"]:
-            return self.chosen(x)
-        t0 = time.perf_counter()
-        out = self.chosen(x)
-        self.live.append((time.perf_counter() - t0) * 1e3)
-        if len(self.live) == AUTO_LIVE_CALLS:
-            self._review()
-        return out
+        return self.chosen(x)
 
 
 def optimize_for_inference(
