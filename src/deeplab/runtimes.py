@@ -214,8 +214,9 @@ def tflite_runner(path: str | os.PathLike, *, threads: int, layout: str = "NHWC"
         if tuple(x.shape) != expected:
             raise ValueError(
                 f"{path}: a TF Lite file runs at the one input size it was exported for, {expected[2]}x{expected[3]} "
-                f"(batch {expected[0]}), not {x.shape[2]}x{x.shape[3]} (batch {x.shape[0]}); run with --input-size "
-                "model (the default) or export at this size with deeplab export --format tflite --input-size HxW"
+                f"(batch {expected[0]}), not {x.shape[2]}x{x.shape[3]} (batch {x.shape[0]}): run it at that size "
+                "(--scales 1 and no --window; --input-size model, the default, resizes each image to it) or export one "
+                f"for {x.shape[2]}x{x.shape[3]} with deeplab export --format tflite --input-size {x.shape[2]}x{x.shape[3]}"
             )
         return run_graph(x)
 
