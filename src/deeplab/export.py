@@ -279,21 +279,13 @@ def _tflite_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[in
 
 def _runner(path: Path, fmt: str):
     """A function numpy (N, 3, H, W) -> numpy logits, running the exported file with its own runtime."""
-    if fmt in ("onnx", "openvino"):
-        from .runtimes import RUNNERS
-
-        from .runtimes import read_metadata
+    if fmt in ("onnx", "openvino", "tflite"):
+        from .runtimes import RUNNERS, read_metadata
 
         layout = read_metadata(path).get("output_layout", "NCHW")
-        run, out_layout = RUNNERS["onnxruntime" if fmt == "onnx" else "openvino"](
-            path, threads=torch.get_num_threads(), layout=layout
-        )
+        runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "tflite"}[fmt]
+        run, out_layout = RUNNERS[runtime](path, threads=torch.get_num_threads(), layout=layout)
         return (lambda x: run(x).transpose(0, 3, 1, 2)) if out_layout == "NHWC" else run
-    if fmt == "tflite":
-        from .litert import interpreter
-
-        run = interpreter(path.read_bytes(), threads=torch.get_num_threads())
-        return lambda x: run(x).transpose(0, 3, 1, 2)
     if fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

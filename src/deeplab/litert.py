@@ -336,7 +336,8 @@ def _lower(ep: torch.export.ExportedProgram, *, nchw_input: bool = False) -> _Gr
             name = _op_name(node.target)
             lower = LOWER.get(name)
             if lower is None:
-                raise UnsupportedOp(f"operator {name} (from {node.meta.get('stack_trace', '').strip().splitlines()[-1:] or node.name})")
+                where = (node.meta.get("stack_trace") or "").strip().splitlines()
+                raise UnsupportedOp(f"operator {name} (at {where[-1].strip() if where else node.name})")
             env[node.name] = lower(g, node, env)
         elif node.op == "output":
             g.outputs = [env[a.name] for a in node.args[0]]
@@ -373,17 +374,15 @@ def _int_vector(builder, values) -> int:
     return builder.CreateNumpyVector(np.asarray(values, dtype=np.int32))
 
 
-def _serialize(g: _Graph, metadata: dict[str, Any] | None) -> bytes:
-    import flatbuffers
-    import tflite as tfl
+def _table_vector(b, offsets) -> int:
+    b.StartVector(4, len(offsets), 4)
+    for off in reversed(offsets):
+        b.PrependUOffsetTRelative(off)
+    return b.EndVector()
 
-    buffers = list(g.buffers)
-    meta_buffer = None
-    if metadata is not None:
-        buffers.append(json.dumps(metadata).encode())
-        meta_buffer = len(buffers) - 1
-    b = flatbuffers.Builder(sum(len(x) for x in buffers) + 64 * len(buffers) + (1 << 20))
-    buffer_offsets = []
+
+def _write_buffers(b, tfl, buffers: list[bytes]) -> int:
+    offsets = []
     for data in buffers:
         data_off = None
         if data:
@@ -394,20 +393,27 @@ def _serialize(g: _Graph, metadata: dict[str, Any] | None) -> bytes:
         tfl.BufferStart(b)
         if data_off is not None:
             tfl.BufferAddData(b, data_off)
-        buffer_offsets.append(tfl.BufferEnd(b))
+        offsets.append(tfl.BufferEnd(b))
+    return _table_vector(b, offsets)
+
+
+def _write_tensors(b, tfl, tensors: list[dict[str, Any]]) -> int:
     types = {"float32": tfl.TensorType.FLOAT32, "int32": tfl.TensorType.INT32}
-    tensor_offsets = []
-    for t in g.tensors:
+    offsets = []
+    for t in tensors:
         name, shape = b.CreateString(t["name"]), _int_vector(b, t["shape"])
         tfl.TensorStart(b)
         tfl.TensorAddShape(b, shape)
         tfl.TensorAddType(b, types[t["dtype"]])
         tfl.TensorAddBuffer(b, t["buffer"])
         tfl.TensorAddName(b, name)
-        tensor_offsets.append(tfl.TensorEnd(b))
-    kinds = sorted({op["kind"] for op in g.ops})
-    op_offsets = []
-    for op in g.ops:
+        offsets.append(tfl.TensorEnd(b))
+    return _table_vector(b, offsets)
+
+
+def _write_operators(b, tfl, ops: list[dict[str, Any]], kinds: list[str]) -> int:
+    offsets = []
+    for op in ops:
         inputs, outputs = _int_vector(b, op["inputs"]), _int_vector(b, op["outputs"])
         table = OPTIONS[op["kind"]]
         options = _options(b, tfl, table, op["options"]) if table else None
@@ -418,39 +424,51 @@ def _serialize(g: _Graph, metadata: dict[str, Any] | None) -> bytes:
         if options is not None:
             tfl.OperatorAddBuiltinOptionsType(b, getattr(tfl.BuiltinOptions, table))
             tfl.OperatorAddBuiltinOptions(b, options)
-        op_offsets.append(tfl.OperatorEnd(b))
-    code_offsets = []
+        offsets.append(tfl.OperatorEnd(b))
+    return _table_vector(b, offsets)
+
+
+def _write_codes(b, tfl, kinds: list[str]) -> int:
+    offsets = []
     for kind in kinds:
         code = getattr(tfl.BuiltinOperator, kind)
         tfl.OperatorCodeStart(b)
-        tfl.OperatorCodeAddDeprecatedBuiltinCode(b, min(code, 127))
+        tfl.OperatorCodeAddDeprecatedBuiltinCode(b, min(code, 127))  # 127: "see builtin_code"
         tfl.OperatorCodeAddBuiltinCode(b, code)
         tfl.OperatorCodeAddVersion(b, 1)
-        code_offsets.append(tfl.OperatorCodeEnd(b))
+        offsets.append(tfl.OperatorCodeEnd(b))
+    return _table_vector(b, offsets)
 
-    def table_vector(offsets) -> int:
-        b.StartVector(4, len(offsets), 4)
-        for off in reversed(offsets):
-            b.PrependUOffsetTRelative(off)
-        return b.EndVector()
 
-    tensors, operators = table_vector(tensor_offsets), table_vector(op_offsets)
-    sg_inputs, sg_outputs, sg_name = _int_vector(b, g.inputs), _int_vector(b, g.outputs), b.CreateString("main")
+def _write_subgraph(b, tfl, g: _Graph, kinds: list[str]) -> int:
+    tensors, operators = _write_tensors(b, tfl, g.tensors), _write_operators(b, tfl, g.ops, kinds)
+    inputs, outputs, name = _int_vector(b, g.inputs), _int_vector(b, g.outputs), b.CreateString("main")
     tfl.SubGraphStart(b)
     tfl.SubGraphAddTensors(b, tensors)
-    tfl.SubGraphAddInputs(b, sg_inputs)
-    tfl.SubGraphAddOutputs(b, sg_outputs)
+    tfl.SubGraphAddInputs(b, inputs)
+    tfl.SubGraphAddOutputs(b, outputs)
     tfl.SubGraphAddOperators(b, operators)
-    tfl.SubGraphAddName(b, sg_name)
-    subgraph = tfl.SubGraphEnd(b)
+    tfl.SubGraphAddName(b, name)
+    return _table_vector(b, [tfl.SubGraphEnd(b)])
+
+
+def _serialize(g: _Graph, metadata: dict[str, Any] | None) -> bytes:
+    """The graph as a TF Lite flatbuffer (schema version 3); `metadata` as JSON in a buffer named "deeplab"."""
+    import flatbuffers
+    import tflite as tfl
+
+    buffers = list(g.buffers) + ([json.dumps(metadata).encode()] if metadata is not None else [])
+    b = flatbuffers.Builder(sum(len(x) for x in buffers) + 64 * len(buffers) + (1 << 20))
+    buffer_vec = _write_buffers(b, tfl, buffers)
+    kinds = sorted({op["kind"] for op in g.ops})
+    subgraphs, codes = _write_subgraph(b, tfl, g, kinds), _write_codes(b, tfl, kinds)
     metadata_vec = None
-    if meta_buffer is not None:
+    if metadata is not None:
         meta_name = b.CreateString("deeplab")
         tfl.MetadataStart(b)
         tfl.MetadataAddName(b, meta_name)
-        tfl.MetadataAddBuffer(b, meta_buffer)
-        metadata_vec = table_vector([tfl.MetadataEnd(b)])
-    codes, subgraphs, buffer_vec = table_vector(code_offsets), table_vector([subgraph]), table_vector(buffer_offsets)
+        tfl.MetadataAddBuffer(b, len(buffers) - 1)
+        metadata_vec = _table_vector(b, [tfl.MetadataEnd(b)])
     description = b.CreateString("deeplab")
     tfl.ModelStart(b)
     tfl.ModelAddVersion(b, 3)

@@ -312,6 +312,11 @@ def _exported_runtime(model: nn.Module, runtime: str, *, threads: int, folder: s
         ov.save_model(ov.convert_model(str(path)), str(xml), compress_to_fp16=False)
         path = xml
     run, layout = RUNNERS[runtime](path, threads=threads, layout=layout)
+    return _in_memory(model, run, layout=layout, runtime=runtime, threads=threads)
+
+
+def _in_memory(model: nn.Module, run, *, layout: str, runtime: str, threads: int) -> RuntimeModel:
+    """A graph made from `model` in this process, run by `runtime`, carrying the model's attributes."""
     return RuntimeModel(
         run, runtime=runtime, config=getattr(model, "config", None),
         class_names=getattr(model, "class_names", ()), preprocessing=getattr(model, "preprocessing", Preprocessing()),
@@ -328,13 +333,9 @@ def _litert_runtime(model: nn.Module, *, threads: int) -> RuntimeModel:
     other_shapes: dict[str, nn.Module] = {}  # `auto` puts its runner-up here (see AutoRuntime._choose)
     run, layout = litert_runner(model, threads=threads,
                                 fallback=lambda: other_shapes.get("runtime") or torch_fast_path(model))
-    prepared = RuntimeModel(
-        run, runtime="tflite", config=getattr(model, "config", None),
-        class_names=getattr(model, "class_names", ()), preprocessing=getattr(model, "preprocessing", Preprocessing()),
-        source="written in memory", threads=threads, nhwc=layout == "NHWC",
-    )
+    prepared = _in_memory(model, run, layout=layout, runtime="tflite", threads=threads)
     prepared.other_shapes = other_shapes
-    return prepared.eval()
+    return prepared
 
 
 def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None) -> nn.Module:
