@@ -15,13 +15,15 @@ converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 
     int8         with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in
                  ONNX Runtime
 
-at 1 and 2 threads, batch 1. ONNX Runtime and OpenVINO run with their default settings (ONNX Runtime's worker threads
-spin for a while after each call: anything started right after, PyTorch included, measured up to 2x slower), so
-every timed call is preceded by 50 ms idle, as calls spaced by other work are. Every entry is built first (each exported-graph runtime checked against eager PyTorch
-to 1e-4 of the logit range), warmed up twice, then timed in rounds: each round runs every entry once, so the shared
-machine's drift hits all alike, starting one entry later than the round before, so no entry always follows the same
-one. Printed: a Markdown table (median ms, min in brackets) and one JSON line per entry.
-A runtime that is not installed is skipped with the reason.
+at 1 and 2 threads, batch 1. Every entry is built first (each exported-graph runtime checked against eager PyTorch
+to 1e-4 of the logit range), warmed up twice, then timed in rounds (`deeplab.runtimes.time_in_rounds`, as `auto`
+and `deeplab benchmark` time): each round runs every entry once, so the shared machine's drift hits all alike,
+starting one entry later than the round before, so no entry always follows the same one. An entry's turn starts
+with 50 ms idle (ONNX Runtime's worker threads spin for a while after each call: anything started right after,
+PyTorch included, measured up to 2x slower); a call under 0.1 s then gets one untimed call (on this VM a worker
+thread that slept through the idle can take milliseconds to run again) and is timed back to back for about 50 ms
+(up to 5 calls). Printed: a Markdown table (median ms over all timed calls, min in brackets) and one JSON line per
+entry. A runtime that is not installed is skipped with the reason.
 
     OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models mnv2-dm05,mnv2-dm10 --rounds 20 --int8
     OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models xception65,resnet101 --rounds 6 --int8
@@ -213,7 +215,8 @@ def main() -> None:
                     med, low = statistics.median(times[key]), min(times[key])
                     label = entries[key][2]
                     records.append({"model": name, "column": col, "runs": label, "threads": threads,
-                                    "ms_median": round(med, 2), "ms_min": round(low, 2), "rounds": args.rounds})
+                                    "ms_median": round(med, 2), "ms_min": round(low, 2), "rounds": args.rounds,
+                                    "calls": len(times[key])})
                     note = f" ({label})" if col == "deeplab" else ""
                     cells.append(f"{med:.1f} [{low:.1f}]{note}")
                 lines.append(f"| {name} | {threads} | " + " | ".join(cells) + " |")

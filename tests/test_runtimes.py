@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -260,6 +261,22 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
     assert "differs from the eager model" in auto.choice["skipped"]["openvino"]
 
 
+def test_time_in_rounds_times_short_calls_back_to_back_after_an_untimed_one_and_long_calls_once():
+    from deeplab.runtimes import BLOCK_CALLS, time_in_rounds
+
+    counts = {"short": 0, "long": 0}
+
+    def call(name, seconds):
+        counts[name] += 1
+        time.sleep(seconds)
+
+    times = time_in_rounds({"short": (1, lambda: call("short", 0.001)), "long": (1, lambda: call("long", 0.12))},
+                           runs=2, gap_s=0.0)
+    # 2 warm-up calls; per round: one untimed call (it wakes a sleeping worker thread) and BLOCK_CALLS timed ones
+    assert counts["short"] == 2 + 2 * (1 + BLOCK_CALLS) and len(times["short"]) == 2 * BLOCK_CALLS
+    assert counts["long"] == 2 + 2 and len(times["long"]) == 2 and min(times["long"]) >= 120
+
+
 def test_auto_times_the_runtimes_within_5_percent_of_the_fastest_again_before_it_picks(monkeypatch):
     import deeplab.runtimes as rt
 
@@ -277,7 +294,7 @@ def test_auto_times_the_runtimes_within_5_percent_of_the_fastest_again_before_it
     monkeypatch.setattr(rt, "build_runtime", lambda model, runtime, *, threads=None: model)
     auto = optimize_for_inference(tiny(), runtime="auto", example=torch.randn(1, 3, 33, 33))
     assert calls == [(["onnxruntime", "openvino", "tflite", "torch"], False), (["onnxruntime", "openvino"], True)]
-    assert auto.runtime == "onnxruntime" and auto.choice["rounds"] == 6
+    assert auto.runtime == "onnxruntime" and auto.choice["calls"] == 6
 
 
 def test_auto_uses_pytorch_for_what_only_pytorch_runs():
@@ -382,7 +399,7 @@ def test_benchmark_command_prints_a_row_per_runtime_and_thread_count(tmp_path, c
                  "--runtimes", "torch,onnxruntime", "--json", "--quiet"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {(r["runtime"], r["threads"]) for r in rows} == {("torch", 1), ("onnxruntime", 1)}
-    assert all(r["ms_median"] > 0 and r["runs"] == 2 and r["size"] == [65, 65] for r in rows)
+    assert all(r["ms_median"] > 0 and r["rounds"] == 2 and r["calls"] >= 2 and r["size"] == [65, 65] for r in rows)
 
 
 def test_quantize_checks_agreement_on_images_the_calibration_did_not_see():

@@ -1,7 +1,8 @@
 """`deeplab benchmark`: milliseconds per image of one model on every installed runtime and thread count.
 
 Each (runtime, threads) pair is built once (and checked against the eager model, as `deeplab.runtimes` does), warmed
-up with two runs, then timed in rounds: every round runs each pair once, so drift on a shared machine (another
+up with two runs, then timed in rounds: every round runs each pair once (after 50 ms idle; a call under 0.1 s
+after one untimed call and back to back for about 50 ms: `time_in_rounds`), so drift on a shared machine (another
 process, the CPU clock) hits all pairs alike instead of whichever was timed last. Reported per pair: the median and
 the minimum over the rounds, and images per second from the median. Batch 1, a random normalised input.
 """
@@ -74,7 +75,8 @@ def benchmark(
     for (runtime, n), values in times.items():
         median = statistics.median(values)
         rows.append({"runtime": runtime, "threads": n, "size": list(x.shape[-2:]), "ms_median": round(median, 2),
-                     "ms_min": round(min(values), 2), "images_per_s": round(1000 / median, 2), "runs": len(values)})
+                     "ms_min": round(min(values), 2), "images_per_s": round(1000 / median, 2), "rounds": runs,
+                     "calls": len(values)})
     return rows + skipped
 
 

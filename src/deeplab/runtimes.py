@@ -17,9 +17,9 @@ and the Python API run it like the model itself:
   fast path (under "auto": in the fastest of the other runtimes).
 - ``"auto"`` (the default): on the first call, every runtime that is installed and can run the model is built,
   checked against the eager model on that input, and timed on it in interleaved rounds (about 1.5 seconds, 3 to
-  10 rounds; `time_in_rounds`), then the ones within 5% of the fastest are timed as long again; the lowest median
-  is kept for every later call and `choice` records the figures. Which one wins depends on the model and the
-  machine (docs/deploy.md has the measurements).
+  10 rounds; `time_in_rounds`: a short call is timed back to back after an untimed one), then the ones within 5%
+  of the fastest are timed as long again; the lowest median is kept for every later call and `choice` records the
+  figures. Which one wins depends on the model and the machine (docs/deploy.md has the measurements).
 - ``"eager"``: the model as it is.
 
 Every runtime other than eager is checked when it is built: on the first input its logits must equal the eager
@@ -56,6 +56,8 @@ DEFAULT_RTOL = 1e-4
 OPENVINO_SHAPES = 4
 AUTO_BUDGET_S = 1.5  # seconds `auto` spends timing the candidates on the first input (at least 3 rounds)
 AUTO_CLOSE = 0.05  # candidates within 5% of the fastest median are timed again before `auto` picks
+BLOCK_S = 0.05  # `time_in_rounds` times a call shorter than this back to back for about this long, in each round
+BLOCK_CALLS = 5  # at most this many calls in one block
 
 __all__ = [
     "EXPORTED_SUFFIXES",
@@ -374,22 +376,27 @@ def check_against_eager(candidate: nn.Module, eager: nn.Module, x: torch.Tensor,
 def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: bool = False,
                    desc: str = "benchmark", gap_s: float = 0.05, budget_s: float | None = None,
                    warm: bool = False) -> dict[Any, list[float]]:
-    """Milliseconds per call of each entry {key: (threads, fn)} over `runs` interleaved rounds, after two warm-up
-    calls each (one when `warm`: the entries have run before); PyTorch's thread count is set to the entry's before
-    each call, and `gap_s` idle seconds precede it (ONNX Runtime's threads spin after a call and would slow whatever
-    runs next); each round starts one entry later than the one before. With `budget_s`, as many rounds as fit in it
-    by the last warm-up calls' times, at least 3 and at most `runs`."""
+    """Milliseconds per call of each entry {key: (threads, fn)}, timed in `runs` interleaved rounds after two
+    warm-up calls each (one when `warm`: the entries have run before). PyTorch's thread count is set to the entry's
+    before it runs. In each round every entry runs one block (`_block`): `gap_s` idle (ONNX Runtime's threads spin
+    after a call and would slow whatever runs next), then, for a call under 2 * BLOCK_S, one untimed call (it wakes
+    the entry's own worker threads), then back-to-back timed calls for about BLOCK_S (1 to BLOCK_CALLS); each round
+    starts one entry later than the one before. With `budget_s`, as many rounds as fit in it by the warm-up calls' times, at least 3 and
+    at most `runs`."""
     from tqdm import tqdm
 
     times: dict[Any, list[float]] = {key: [] for key in entries}
+    blocks: dict[Any, tuple[int, bool]] = {}  # calls per round, and whether an untimed call precedes them
     round_s = 0.0
-    for threads, fn in entries.values():
+    for key, (threads, fn) in entries.items():
         torch.set_num_threads(threads)
         if not warm:
             fn()
         t0 = time.perf_counter()
         fn()
-        round_s += time.perf_counter() - t0 + gap_s
+        call_s = time.perf_counter() - t0
+        blocks[key] = max(1, min(BLOCK_CALLS, round(BLOCK_S / max(call_s, 1e-6)))), call_s < 2 * BLOCK_S
+        round_s += gap_s + call_s * sum(blocks[key])
     if budget_s is not None:
         runs = max(3, min(runs, int(budget_s / max(round_s, 1e-6))))
     items = list(entries.items())
@@ -398,11 +405,25 @@ def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: 
         # threads still spinning, a cold cache) is not always the same one
         for key, (threads, fn) in items[r % len(items):] + items[: r % len(items)]:
             torch.set_num_threads(threads)
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            fn()
-            times[key].append((time.perf_counter() - t0) * 1e3)
+            calls, settle = blocks[key]
+            times[key] += _block(fn, calls=calls, gap_s=gap_s, settle=settle)
     return times
+
+
+def _block(fn: Callable[[], Any], *, calls: int, gap_s: float, settle: bool) -> list[float]:
+    """ms of `calls` back-to-back calls of `fn` after `gap_s` idle and, when `settle`, one untimed call. On a VM,
+    a worker thread that slept through the idle can take milliseconds to run again (its vCPU was given away): a short
+    call right after idle measures that, not the runtime (MobileNetV2 dm0.5 257 at 2 threads here, TF Lite: 8.5 ms
+    back to back, 14 ms median after 50 ms idle; docs/deploy.md)."""
+    time.sleep(gap_s)
+    if settle:
+        fn()
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
 
 
 class AutoRuntime(nn.Module):
@@ -450,7 +471,7 @@ class AutoRuntime(nn.Module):
             runner_up = min((n for n in timings if n != "tflite"), key=timings.get)
             self.chosen.other_shapes["runtime"] = built[runner_up]
         self.choice = {"runtime": self.runtime, "ms": timings, "skipped": skipped, "shape": list(x.shape),
-                       "rounds": len(times[self.runtime])}
+                       "calls": len(times[self.runtime])}
 
     def _time(self, built: dict[str, nn.Module], x: torch.Tensor) -> dict[str, list[float]]:
         """ms per call of each built candidate on `x`, interleaved (`time_in_rounds`, about AUTO_BUDGET_S seconds);
@@ -458,15 +479,11 @@ class AutoRuntime(nn.Module):
         rounds does not decide between runtimes a few percent apart (large models get 3 rounds in the budget)."""
         threads = _threads(self.threads)
         entries = {name: (threads, lambda c=c: c(x)) for name, c in built.items()}
-        # 50 ms idle before each call at 2+ threads, as calls spaced by other work are: ONNX Runtime's worker
-        # threads spin after a call (slowing the next candidate), TF Lite's sleep (8.6 ms back to back, 13-15 ms
-        # after 50 ms idle: MobileNetV2 dm0.5 257 at 2 threads here), so back-to-back timing would favour TF Lite
-        gap_s = 0.05 if threads > 1 else 0.0
-        times = time_in_rounds(entries, runs=10, gap_s=gap_s, budget_s=AUTO_BUDGET_S)
+        times = time_in_rounds(entries, runs=10, budget_s=AUTO_BUDGET_S)
         best = min(statistics.median(t) for t in times.values())
         close = {name: entries[name] for name, t in times.items() if statistics.median(t) <= best * (1 + AUTO_CLOSE)}
         if len(close) > 1:
-            more = time_in_rounds(close, runs=10, gap_s=gap_s, budget_s=AUTO_BUDGET_S, warm=True)
+            more = time_in_rounds(close, runs=10, budget_s=AUTO_BUDGET_S, warm=True)
             for name, t in more.items():
                 times[name] += t
         return times
