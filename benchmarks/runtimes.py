@@ -28,6 +28,7 @@ entry. A runtime that is not installed is skipped with the reason.
     OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models mnv2-dm05,mnv2-dm10 --rounds 20 --int8
     OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models xception65,resnet101 --rounds 6 --int8
     python benchmarks/runtimes.py --models mnv2-dm05 --threads 1 --rounds 5     # quick
+    OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models resnet101 --threads 2 --rounds 8 --runtime openvino
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def int8_entry(name: str, model, threads: int, x: torch.Tensor, folder: str):
     return lambda: loaded(x)
 
 
-def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: list):
+def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: list, runtime: str = "auto"):
     model, tfl, size = build(name)
     if model is None:
         skipped.append({"model": name, "skipped": tfl})
@@ -113,7 +114,7 @@ def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: li
     entries = {}
     for threads in threads_list:
         torch.set_num_threads(threads)
-        default = optimize_for_inference(model, threads=threads, example=x)
+        default = optimize_for_inference(model, runtime=runtime, threads=threads, example=x)
         entries[(name, "deeplab", threads)] = (threads, _no_grad(default, x), runtime_name(default))
         torch_path = optimize_for_inference(model, runtime="torch", example=x)
         entries[(name, "torch", threads)] = (threads, _no_grad(torch_path, x), "torch")
@@ -189,6 +190,9 @@ def main() -> None:
     p.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
     p.add_argument("--rounds", type=int, default=10, help="timed rounds (default 10)")
     p.add_argument("--int8", action="store_true", help="also time deeplab quantize's int8 file in ONNX Runtime")
+    p.add_argument("--runtime", default="auto",
+                   help="what the deeplab column runs (default auto; e.g. openvino: deeplab's wrapper against the "
+                        "runtime's own API in the same rounds)")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
     retain_freed_memory()  # as the deeplab command does
@@ -201,7 +205,8 @@ def main() -> None:
     records = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            entries = entries_for(name, threads_list, int8=args.int8, folder=folder, skipped=skipped)
+            entries = entries_for(name, threads_list, int8=args.int8, folder=folder, skipped=skipped,
+                                  runtime=args.runtime)
             if not entries:
                 continue
             times = time_in_rounds({k: (t, fn) for k, (t, fn, _) in entries.items()}, runs=args.rounds, gap_s=0.05)

@@ -414,7 +414,7 @@ def _block(fn: Callable[[], Any], *, calls: int, gap_s: float, settle: bool) -> 
     """ms of `calls` back-to-back calls of `fn` after `gap_s` idle and, when `settle`, one untimed call. On a VM,
     a worker thread that slept through the idle can take milliseconds to run again (its vCPU was given away): a short
     call right after idle measures that, not the runtime (MobileNetV2 dm0.5 257 at 2 threads here, TF Lite: 8.5 ms
-    back to back, 14 ms median after 50 ms idle; docs/deploy.md)."""
+    back to back, 13 ms median after 50 ms idle: benchmarks/idle.py, docs/deploy.md)."""
     time.sleep(gap_s)
     if settle:
         fn()
