@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,21 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtimes import build  # noqa: E402  (this folder's benchmark)
 
 from deeplab import retain_freed_memory  # noqa: E402
-from deeplab.runtimes import RUNTIMES, build_runtime, check_against_eager, missing_runtime  # noqa: E402
+from deeplab.runtimes import RUNTIMES, _block, build_runtime, check_against_eager, missing_runtime  # noqa: E402
 
 
 def by_round(entries: dict, rounds: int) -> dict[str, list[float]]:
-    """ms of one call per entry per round after 50 ms idle, each round starting one entry later (as `auto`)."""
+    """ms of one call per entry per round after 50 ms idle (`_block`, as `auto` times a large model), each round
+    starting one entry later."""
     items = list(entries.items())
     times: dict[str, list[float]] = {name: [] for name in entries}
     for fn in entries.values():
         fn(), fn()
     for r in range(rounds):
         for name, fn in items[r % len(items):] + items[: r % len(items)]:
-            time.sleep(0.05)
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name] += _block(fn, calls=1, gap_s=0.05, settle=False)
     return times
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .export import fixed_input_size
 from .runtimes import (
     EXPORTED_SUFFIXES, FILE_RUNTIMES, load_exported, missing_runtime, optimize_for_inference, time_in_rounds,
     torch_only_reason,
@@ -59,9 +60,7 @@ def benchmark(
     x = None
     for runtime, n, model in _models(path, runtimes, threads, skipped):
         if x is None:
-            pre = getattr(model, "preprocessing", None)
-            hw = tuple(size or (pre.input_size if pre is not None and pre.input_size else (513, 513)))
-            x = torch.randn(1, 3, int(hw[0]), int(hw[1]), generator=torch.Generator().manual_seed(0))
+            x = torch.randn(1, 3, *fixed_input_size(model, size), generator=torch.Generator().manual_seed(0))
         torch.set_num_threads(n)
         with torch.no_grad():
             model(x)  # builds and checks it (an exported-graph runtime is compared with eager on this input)

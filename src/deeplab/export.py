@@ -270,7 +270,8 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, *, example_size: Seque
     return path
 
 
-def _tflite_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, int]:
+def fixed_input_size(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[int, int]:
+    """`input_size` when given, else the model's fixed input size (its preprocessing), else 513x513."""
     if input_size is None:
         pre = getattr(model, "preprocessing", None)
         input_size = pre.input_size if pre is not None and pre.input_size else (513, 513)
@@ -457,7 +458,7 @@ def export_model(
     if output_layout != "NCHW" and format != "onnx":
         raise ValueError(f"--nhwc-logits applies to --format onnx, not {format}")
     if format == "tflite":
-        sizes = (_tflite_size(model, input_size),)  # a static graph: checked at the one size it runs at
+        sizes = (fixed_input_size(model, input_size),)  # a static graph: checked at the one size it runs at
     elif input_size is not None:
         raise ValueError(f"--input-size applies to --format tflite (a {format} file takes any input size)")
     elif len(sizes) < 2:

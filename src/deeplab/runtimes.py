@@ -381,8 +381,8 @@ def time_in_rounds(entries: dict[Any, tuple[int, Any]], *, runs: int, progress: 
     before it runs. In each round every entry runs one block (`_block`): `gap_s` idle (ONNX Runtime's threads spin
     after a call and would slow whatever runs next), then, for a call under 2 * BLOCK_S, one untimed call (it wakes
     the entry's own worker threads), then back-to-back timed calls for about BLOCK_S (1 to BLOCK_CALLS); each round
-    starts one entry later than the one before. With `budget_s`, as many rounds as fit in it by the warm-up calls' times, at least 3 and
-    at most `runs`."""
+    starts one entry later than the one before. With `budget_s`, as many rounds as fit in it by the warm-up calls'
+    times, at least 3 and at most `runs`."""
     from tqdm import tqdm
 
     times: dict[Any, list[float]] = {key: [] for key in entries}
