@@ -10,7 +10,7 @@ import torch
 
 import deeplab.train
 from deeplab import ModelConfig, build_model, save_checkpoint
-from deeplab.cli import EXIT_FILES, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, failure_line, main
+from deeplab.cli import EXIT_BUG, EXIT_FILES, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, failure_line, main
 
 QUICK = ["--dataset-options", "length=8", "--batch-size", "4", "--steps", "1", "--quiet"]
 
@@ -31,7 +31,8 @@ def test_failures_map_to_exit_status_and_one_line_naming_file_and_fix():
     assert failure_line(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9 GB"))[0] == EXIT_MEMORY
     assert failure_line(KeyboardInterrupt()) == (EXIT_INTERRUPTED, "interrupted")
     assert failure_line(ValueError("--lr must be positive"))[0] == EXIT_INPUT
-    assert failure_line(ZeroDivisionError()) is None  # a bug: the traceback is shown
+    code, line = failure_line(ZeroDivisionError("division by zero"))  # a bug: one line that says so and how to see more
+    assert code == EXIT_BUG and line.startswith("bug: ZeroDivisionError: division by zero") and "--debug" in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -109,3 +110,50 @@ def test_plots_without_matplotlib_fail_before_the_evaluation(tmp_path, capsys, m
     code = main(["eval", "--checkpoint", str(tmp_path / "x.pt"), "--dataset", "synthetic", "--plots", str(tmp_path)])
     line = _one_line(capsys)
     assert code == EXIT_INPUT and "--plots needs matplotlib" in line and not read
+
+
+def test_any_failed_allocation_is_the_memory_line_naming_what_was_asked_and_the_flags():
+    # The words of PyTorch's CUDA and CPU allocators, oneDNN / the C++ runtime, numpy and the OS.
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 139.8 GiB total capacity; ...)")
+    code, line = failure_line(cuda)
+    assert code == EXIT_MEMORY and "GPU memory" in line and "2.00 GiB" in line
+    assert "--batch-size" in line and "--crop-size" in line
+    code, line = failure_line(RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9663676416 bytes."))
+    assert code == EXIT_MEMORY and "9.00 GiB" in line
+    for message in ("std::bad_alloc", "Unable to allocate 3.2 GiB for an array with shape (1, 2)",
+                    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer"):
+        assert failure_line(RuntimeError(message))[0] == EXIT_MEMORY, message
+    assert failure_line(OSError(errno.ENOMEM, "Cannot allocate memory"))[0] == EXIT_MEMORY
+
+
+def test_an_error_inside_training_is_never_blamed_on_the_device_flag():
+    # What a dtype mismatch on a GPU says: a bug to report, not a reason to give up --device cuda.
+    code, line = failure_line(RuntimeError(
+        "Input type (CUDABFloat16Type) and weight type (torch.cuda.FloatTensor) should be the same"))
+    assert code == EXIT_BUG and "--device" not in line.split("--debug")[0] and line.startswith("bug: RuntimeError")
+    code, line = failure_line(AssertionError("Torch not compiled with CUDA enabled"))
+    assert code == EXIT_INPUT and "--device" in line
+
+
+def test_a_value_error_from_a_library_call_is_a_bug_and_one_of_deeplabs_refusals_is_not():
+    import numpy as np
+
+    try:
+        np.zeros(3).reshape(2, 2)
+    except ValueError as e:
+        code, line = failure_line(e)
+    assert code == EXIT_BUG and "--debug" in line
+    try:
+        ModelConfig(output_stride=5)
+    except ValueError as e:
+        code, line = failure_line(e)
+    assert code == EXIT_INPUT and "output_stride" in line
+
+
+def test_a_dataloader_workers_failure_is_read_through_its_wrapper():
+    wrapped = ValueError(
+        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "/x/site-packages/deeplab/data/base.py", line 10, in __getitem__\n    raise DatasetError(msg)\n'
+        "deeplab.data.base.DatasetError: data/masks/a.png: mask is 40x41 but the image is 40x40; fix the files\n")
+    code, line = failure_line(wrapped)
+    assert code == EXIT_INPUT and line == "error: data/masks/a.png: mask is 40x41 but the image is 40x40; fix the files"

@@ -87,7 +87,8 @@ class _DepthwiseConv3x3(torch.autograd.Function):
 
 def runs_shifted(x: torch.Tensor, dilation: tuple[int, int]) -> bool:
     """Whether a depthwise 3x3 at this dilation on `x` runs as `depthwise_shifted` (see SHIFTED_DEPTHWISE_MIN_DILATION)."""
-    return min(dilation) >= SHIFTED_DEPTHWISE_MIN_DILATION and x.is_contiguous(memory_format=torch.channels_last)
+    return (x.device.type == "cpu" and min(dilation) >= SHIFTED_DEPTHWISE_MIN_DILATION
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def _depthwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: tuple[int, int]):
@@ -106,8 +107,20 @@ class DepthwiseConv2d(nn.Conv2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and not torch.jit.is_tracing():
-            return _DepthwiseConv3x3.apply(x, self.weight, self.bias, self.dilation)
+        # CPU only: elsewhere (cuDNN) the library's own backward is the fast one.
+        if (x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                and not torch.jit.is_tracing()):
+            weight, bias = self.weight, self.bias
+            if torch.is_autocast_enabled("cpu"):
+                # An autograd Function's backward runs outside autocast, so the casts autocast would make inside
+                # forward are made here, where autograd records them: the Function then works in one dtype forward
+                # and backward, and the gradients reach the float32 parameters through the casts.
+                dtype = torch.get_autocast_dtype("cpu")
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+                with torch.autocast("cpu", enabled=False):
+                    return _DepthwiseConv3x3.apply(x, weight, bias, self.dilation)
+            return _DepthwiseConv3x3.apply(x, weight, bias, self.dilation)
         return super().forward(x)
 
 

@@ -736,17 +736,10 @@ def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
         group["lr"] = run.lr
     images = images.to(device, dtype=next(run.model.parameters()).dtype, non_blocking=True)
     masks = masks.to(device, non_blocking=True)
-    if cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(device.type, cfg.amp):
-        outputs = run.train_model(images)
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs
-    loss_sum, count = pixel_loss(logits, masks, ignore_index=cfg.ignore_index, class_weights=run.class_weights,
-                                 hard_pixel_fraction=cfg.hard_pixel_fraction)
-    point_sum = point_count = torch.zeros((), device=device)
-    if isinstance(outputs, dict):  # PointRend: the point loss is added to the main loss
-        point_sum, point_count = point_loss(outputs["point_logits"], outputs["point_coords"], masks,
-                                            ignore_index=cfg.ignore_index)
+    loss_sum, count, point_sum, point_count = step_losses(
+        run.train_model, images, masks, amp=cfg.amp, channels_last=cfg.channels_last, ignore_index=cfg.ignore_index,
+        class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction,
+    )
     # Divide by the global number of counted pixels (times the world size, which DDP's gradient averaging divides
     # out): the gradient then equals one process's over the whole batch.
     stats = all_reduce_sum(torch.stack([
@@ -755,8 +748,7 @@ def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
     global_count, global_points = stats[1].clamp_min(1), stats[3].clamp_min(1)
     world = run.dist.world_size
     loss = loss_sum * (world / global_count).to(loss_sum.dtype)
-    if isinstance(outputs, dict):
-        loss = loss + point_sum * (world / global_points).to(point_sum.dtype)
+    loss = loss + point_sum * (world / global_points).to(point_sum.dtype)  # 0 without PointRend
     loss_value = float(stats[0] / global_count + stats[2] / global_points)
     if not math.isfinite(loss_value):
         raise TrainingDiverged(
@@ -768,6 +760,27 @@ def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return loss_value
+
+
+def step_losses(
+    model: nn.Module, images: torch.Tensor, masks: torch.Tensor, *, amp: str = "off", channels_last: bool = False,
+    ignore_index: int = 255, class_weights: torch.Tensor | None = None, hard_pixel_fraction: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward pass of a training step under `amp` autocast and its losses: (pixel loss sum, pixels counted,
+    PointRend point loss sum, points counted; both 0 without PointRend). Sums, not means: the caller divides by
+    the global counts."""
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(images.device.type, amp):
+        outputs = model(images)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+    loss_sum, count = pixel_loss(logits, masks, ignore_index=ignore_index, class_weights=class_weights,
+                                 hard_pixel_fraction=hard_pixel_fraction)
+    point_sum = point_count = torch.zeros((), device=images.device)
+    if isinstance(outputs, dict):  # PointRend: the point loss is added to the main loss
+        point_sum, point_count = point_loss(outputs["point_logits"], outputs["point_coords"], masks,
+                                            ignore_index=ignore_index)
+    return loss_sum, count, point_sum, point_count
 
 
 def _kept(run: _Run) -> str:
