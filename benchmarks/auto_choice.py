@@ -1,6 +1,6 @@
 """How often `auto` picks the fastest runtime from a few rounds: its plain medians, and a round-by-round comparison.
 
-Builds every installed runtime for one row of benchmarks/runtimes.py (`deeplab.runtimes.build_runtime`, each checked
+Builds every installed runtime for one row of benchmarks/runtimes.py (`deeplab.deploy.runtimes.build_runtime`, each checked
 against eager PyTorch), times them in `--rounds` interleaved rounds as `auto` does (50 ms idle before each entry's
 turn, one call each for a large model; each round starts one entry later), takes the lowest median over all rounds
 as the answer, and then, for every window of `--windows` consecutive rounds (what `auto` sees of a large model),
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtimes import build  # noqa: E402  (this folder's benchmark)
 
 from deeplab import retain_freed_memory  # noqa: E402
-from deeplab.runtimes import RUNTIMES, _block, build_runtime, check_against_eager, missing_runtime  # noqa: E402
+from deeplab.deploy.runners import missing_runtime  # noqa: E402
+from deeplab.deploy.runtimes import RUNTIMES, _block, build_runtime, check_against_eager
 
 
 def by_round(entries: dict, rounds: int) -> dict[str, list[float]]:

@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 import deeplab
-from deeplab.crf import CRFParams, dense_crf
 from deeplab.data import EvalTransform, build_dataset
 from deeplab.data.transforms import denormalize
-from deeplab.evaluate import evaluate
-from deeplab.fast import optimize_for_inference, retain_freed_memory
-from deeplab.runtimes import EXPORTED_SUFFIXES, load_exported
-from deeplab.inference import segment_probs
+from deeplab.deploy.fast import optimize_for_inference, retain_freed_memory
+from deeplab.deploy.runners import EXPORTED_SUFFIXES, load_exported
+from deeplab.inference.crf import CRFParams, dense_crf
+from deeplab.inference.evaluate import evaluate
+from deeplab.inference.segment import segment_probs
 
 OPTIONS = ("os8", "crf", "bf16", "coarse", "flip")
 TRIMAP_WIDTHS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40)
@@ -127,7 +127,7 @@ def main() -> None:
             "eval_seconds": round(eval_seconds, 1), **timing,
         }), flush=True)
     if args.plot:
-        from deeplab.plots import plot_trimap
+        from deeplab.inference.plots import plot_trimap
 
         plot_trimap(curves, path=args.plot, title="CamVid val: mIoU within a band around object boundaries")
 

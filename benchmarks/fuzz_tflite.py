@@ -18,7 +18,8 @@ import time
 import traceback
 from pathlib import Path
 
-from deeplab.convert.tflite import TFLiteImportError, load_tflite
+from deeplab.convert.tflite import load_tflite
+from deeplab.convert.tflite_file import TFLiteImportError
 
 DEFAULT_FILE = (
     Path(__file__).resolve().parents[1].parent / "shared/models/deeplabv3-mnv2-dm05-voc/deeplabv3_257_mv_gpu.tflite"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtimes import build, exported, peer_entry, tflite_entry  # noqa: E402  (this folder's benchmark)
 
 from deeplab import retain_freed_memory  # noqa: E402
-from deeplab.runtimes import missing_runtime  # noqa: E402
+from deeplab.deploy.runners import missing_runtime  # noqa: E402
 
 
 def main() -> None:

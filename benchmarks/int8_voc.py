@@ -52,10 +52,15 @@ def main() -> int:
     if not MODEL.is_file():
         sys.exit(f"{MODEL} not found (see ../shared/README.md)")
     from deeplab.convert import convert_file
-    from deeplab.inference import _resize
-    from deeplab.predict import _normalised, expand_inputs, load_image, predict
-    from deeplab.quantize import quantize_model
-    from deeplab.runtimes import load_exported
+    from deeplab.deploy.quantize import quantize_model
+    from deeplab.deploy.runners import load_exported
+    from deeplab.inference.predict import (
+        _normalised,
+        expand_inputs,
+        load_image,
+        predict,
+    )
+    from deeplab.inference.segment import _resize
 
     model = convert_file(MODEL, activation_rounding=False).eval()
     size = tuple(model.preprocessing.input_size)

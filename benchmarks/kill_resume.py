@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from deeplab.checkpoint import read_checkpoint
+from deeplab.models.checkpoint import read_checkpoint
 
 STEPS = 40
 RUN_NAMES = {"last.pt", "best.pt", "config.json", "data_report.json", "metrics.json", "log.csv", "val.csv",

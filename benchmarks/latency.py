@@ -29,8 +29,8 @@ import time
 import torch
 
 from deeplab import ModelConfig, build_model, retain_freed_memory
-from deeplab.fast import optimize_for_inference, prepack_weights
-from deeplab.profile import profile_model
+from deeplab.deploy.fast import optimize_for_inference, prepack_weights
+from deeplab.models.profile import profile_model
 
 PAPER_CONFIGS = [
     "resnet101_beta:16:nodec", "resnet101_beta:16:dec", "resnet101_beta:8:nodec", "resnet101_beta:8:dec",

@@ -5,7 +5,7 @@ converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 
 
     deeplab      deeplab.optimize_for_inference(model): the default path of `predict`, `eval` and the Python API
                  ("auto": the fastest installed runtime, measured on the first input; the column says which)
-    torch        the PyTorch fast path (deeplab.fast)
+    torch        the PyTorch fast path (deeplab.deploy.fast)
     onnxruntime  ONNX Runtime on `deeplab export`'s ONNX file, through its own API (all graph optimizations)
     openvino     OpenVINO on `deeplab export --format openvino`'s IR, through its own API (static shape, LATENCY, f32)
     tflite       the official TF Lite runtime (ai-edge-litert, XNNPACK) on `deeplab export --format tflite`'s file
@@ -16,7 +16,7 @@ converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 
                  ONNX Runtime
 
 at 1 and 2 threads, batch 1. Every entry is built first (each exported-graph runtime checked against eager PyTorch
-to 1e-4 of the logit range), warmed up twice, then timed in rounds (`deeplab.runtimes.time_in_rounds`, as `auto`
+to 1e-4 of the logit range), warmed up twice, then timed in rounds (`deeplab.deploy.runtimes.time_in_rounds`, as `auto`
 and `deeplab benchmark` time): each round runs every entry once, so the shared machine's drift hits all alike,
 starting one entry later than the round before, so no entry always follows the same one. An entry's turn starts
 with 50 ms idle (ONNX Runtime's worker threads spin for a while after each call: anything started right after,
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from deeplab import ModelConfig, build_model, retain_freed_memory
-from deeplab.benchmark import time_in_rounds
-from deeplab.runtimes import missing_runtime, optimize_for_inference, runtime_name
+from deeplab.deploy.runners import missing_runtime
+from deeplab.deploy.runtimes import optimize_for_inference, runtime_name, time_in_rounds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 MODELS = {
@@ -94,8 +94,8 @@ def tflite_entry(path: Path, threads: int, size):
 
 
 def int8_entry(name: str, model, threads: int, x: torch.Tensor, folder: str):
-    from deeplab.quantize import quantize_model
-    from deeplab.runtimes import load_exported
+    from deeplab.deploy.quantize import quantize_model
+    from deeplab.deploy.runners import load_exported
 
     path = Path(folder) / f"int8-{name}.onnx"
     if not path.exists():
@@ -136,7 +136,7 @@ def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: li
 def exported(model, name: str, runtime: str, folder: str, size) -> Path:
     """`deeplab export`'s file for `runtime` (ONNX, OpenVINO IR, or TF Lite at the row's size), written once per
     model and verified."""
-    from deeplab.export import export_model
+    from deeplab.deploy.export import export_model
 
     fmt, suffix = {"onnxruntime": ("onnx", ".onnx"), "openvino": ("openvino", ".xml"), "tflite": ("tflite", ".tflite")}[runtime]
     path = Path(folder) / f"{name}{suffix}"

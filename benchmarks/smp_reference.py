@@ -31,7 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from deeplab import build_model, retain_freed_memory
-from deeplab.fast import optimize_for_inference
+from deeplab.deploy.fast import optimize_for_inference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import parse_config  # noqa: E402  (one spelling of "backbone:os:dec|nodec[:sep]" for both scripts)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from deeplab import ModelConfig, build_model
-from deeplab.backbones import BACKBONES
-from deeplab.train import step_losses
+from deeplab.models.backbones import BACKBONES
+from deeplab.training.losses import step_losses
 
 # (decoder, separable): DeepLabv3+ with atrous separable ASPP and decoder, and plain DeepLabv3.
 HEADS = {"v3plus-separable": (True, True), "v3-plain": (False, False)}
@@ -86,7 +86,7 @@ def _check_against_float32(cfg: ModelConfig, *, device: str, amp: str, layout: s
 def test_the_cpu_depthwise_backward_under_bf16_autocast_equals_autocast_through_conv2d(layout, dilation):
     # DepthwiseConv2d trains through its own autograd Function on CPU; under autocast it must compute what autocast
     # makes of a plain Conv2d (bf16 inputs and weights, float32 gradients for the float32 parameters).
-    from deeplab.layers import DepthwiseConv2d
+    from deeplab.models.layers import DepthwiseConv2d
 
     torch.manual_seed(0)
     ours = DepthwiseConv2d(24, 24, 3, padding=dilation, dilation=dilation, groups=24, bias=True)
@@ -154,7 +154,8 @@ def test_bf16_training_learns_as_float32_does(tmp_path, one_thread):
     # far as float32's (within 10% of it over the last steps).
     from dataclasses import replace
 
-    from deeplab.train import TrainConfig, fit
+    from deeplab.training.config import TrainConfig
+    from deeplab.training.loop import fit
 
     model = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=6, separable=True,
                         aspp_channels=32, decoder_channels=32, low_level_channels=16, bn_momentum=0.1)

@@ -237,7 +237,7 @@ def test_ctrl_c_during_predict_is_one_line_and_status_130(d, tmp_path, capsys, m
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sys.modules["deeplab.predict"], "predict_probs", interrupted)  # the module, not the function
+    monkeypatch.setattr(sys.modules["deeplab.inference.predict"], "predict_probs", interrupted)  # the module, not the function
     code = main(["predict", "--checkpoint", str(d / "ckpt.pt"), str(d / "images" / "good.png"), "--out",
                  str(tmp_path / "o"), "--quiet"])
     lines = _stderr_lines(capsys)
@@ -249,7 +249,7 @@ def test_out_of_memory_during_eval_is_one_line_with_the_fix(d, capsys, monkeypat
     def exhausted(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 96000000000 bytes.")
 
-    monkeypatch.setattr(sys.modules["deeplab.evaluate"], "segment_probs", exhausted)
+    monkeypatch.setattr(sys.modules["deeplab.inference.evaluate"], "segment_probs", exhausted)
     code = main(["eval", "--checkpoint", str(d / "ckpt.pt"), "--data-root", str(d / "data"), *FOLDER, "--split", "all",
                  "--limit", "1", "--quiet"])
     lines = _stderr_lines(capsys)

@@ -9,7 +9,7 @@ import torch
 
 import deeplab
 from deeplab import ModelConfig, Preprocessing, build_model
-from deeplab.checkpoint import CheckpointError, atomic_save, save_checkpoint
+from deeplab.models.checkpoint import CheckpointError, atomic_save, save_checkpoint
 
 
 def small_model(**kw):

@@ -8,9 +8,17 @@ import errno
 import pytest
 import torch
 
-import deeplab.train
+import deeplab.training.loop
 from deeplab import ModelConfig, build_model, save_checkpoint
-from deeplab.cli import EXIT_BUG, EXIT_FILES, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MEMORY, failure_line, main
+from deeplab.cli import (
+    EXIT_BUG,
+    EXIT_FILES,
+    EXIT_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_MEMORY,
+    failure_line,
+    main,
+)
 
 QUICK = ["--dataset-options", "length=8", "--batch-size", "4", "--steps", "1", "--quiet"]
 
@@ -46,7 +54,7 @@ def test_ctrl_c_in_training_says_what_to_resume_from(tmp_path, capsys, monkeypat
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(deeplab.train, "fit", interrupted)
+    monkeypatch.setattr(deeplab.training.loop, "fit", interrupted)
     assert main(["train", "--out", str(tmp_path / "a"), *QUICK]) == EXIT_INTERRUPTED
     assert "no checkpoint was written yet" in _one_line(capsys)
     cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=5, decoder=False, aspp_channels=8)
@@ -102,11 +110,11 @@ def test_other_commands_refuse_out_of_range_numbers_naming_the_flag(argv, capsys
 def test_plots_without_matplotlib_fail_before_the_evaluation(tmp_path, capsys, monkeypatch):
     import sys
 
-    import deeplab.checkpoint
+    import deeplab.models.checkpoint
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     read = []
-    monkeypatch.setattr(deeplab.checkpoint, "read_checkpoint", lambda *a, **k: read.append(a) or {})
+    monkeypatch.setattr(deeplab.models.checkpoint, "read_checkpoint", lambda *a, **k: read.append(a) or {})
     code = main(["eval", "--checkpoint", str(tmp_path / "x.pt"), "--dataset", "synthetic", "--plots", str(tmp_path)])
     line = _one_line(capsys)
     assert code == EXIT_INPUT and "--plots needs matplotlib" in line and not read

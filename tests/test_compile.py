@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deeplab import ModelConfig, build_model
-from deeplab.fast import optimize_for_inference
+from deeplab.deploy.fast import optimize_for_inference
 
 
 @pytest.fixture(autouse=True)

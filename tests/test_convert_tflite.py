@@ -16,17 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from deeplab.checkpoint import load, save_checkpoint
-from deeplab.config import Preprocessing
-from deeplab.convert.tflite import (
+from deeplab.convert.tflite import load_tflite, model_from_graph
+from deeplab.convert.tflite_file import (
     TFLiteImportError,
     TFLiteOp,
     TFLiteTensor,
-    load_tflite,
-    model_from_graph,
     read_tflite_graph,
 )
-from deeplab.model import DeepLab
+from deeplab.models.checkpoint import load, save_checkpoint
+from deeplab.models.config import Preprocessing
+from deeplab.models.model import DeepLab
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FLOAT_DIR = SHARED / "models" / "deeplabv3-mnv2-dm05-voc"
@@ -139,7 +138,7 @@ def _raw_buffer(path: Path, tensor_name: str) -> np.ndarray:
 
 
 def test_per_channel_dequantization_scales_along_the_quantized_dimension():
-    from deeplab.convert.tflite import _dequantize
+    from deeplab.convert.tflite_file import _dequantize
 
     q = np.array([[[[10, 20]]], [[[10, 20]]]], dtype=np.int8)  # (2, 1, 1, 2), channels on dimension 0
     t = TFLiteTensor("w", q.shape, "INT8", scale=(0.5, 2.0), zero_point=(0, 10), quantized_dimension=0)

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from deeplab import CheckpointError, build_model
-from deeplab.backbones import BACKBONES
 from deeplab.convert.torch_weights import (
     backbone_state_dict,
     load_torchvision_deeplabv3,
     torchvision_deeplabv3_state_dict,
 )
+from deeplab.models.backbones import BACKBONES
 
 Layout = dict[str, tuple[int, ...]]
 

@@ -1,4 +1,4 @@
-"""The dense CRF (deeplab.crf): the permutohedral filter against an exact Gaussian, pydensecrf2, and a hand case."""
+"""The dense CRF (deeplab.inference.crf): the permutohedral filter against an exact Gaussian, pydensecrf2, and a hand case."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deeplab.crf import CRFParams, PermutohedralLattice, dense_crf
+from deeplab.inference.crf import CRFParams, PermutohedralLattice, dense_crf
 
 
 def test_lattice_filter_is_a_gaussian_in_2d():

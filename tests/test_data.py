@@ -619,7 +619,7 @@ def test_synthetic_colour_is_no_shortcut_to_the_class():
 
 
 def test_synthetic_preset_class_weights_are_sqrt_median_frequency_of_the_train_split():
-    from deeplab.train import SYNTHETIC_TRAIN
+    from deeplab.training.config import SYNTHETIC_TRAIN
 
     ds = SyntheticShapes(split="train", length=400)  # the first 400 of the 2000 training images
     counts = sum(np.bincount(ds.load(i)[1].ravel(), minlength=5) for i in range(len(ds)))

@@ -22,8 +22,9 @@ from PIL import Image
 import deeplab
 from deeplab import ModelConfig, build_model, save_checkpoint
 from deeplab.cli import main
-from deeplab.evaluate import evaluate
-from deeplab.predict import expand_inputs, overlay, palette_for, predict_files
+from deeplab.data.palettes import palette_for
+from deeplab.inference.evaluate import evaluate
+from deeplab.inference.predict import expand_inputs, overlay, predict_files
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VOC_SAMPLES = SHARED / "data" / "voc-samples"

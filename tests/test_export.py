@@ -21,7 +21,7 @@ from torch import nn
 import deeplab
 from deeplab import ModelConfig, build_model, save_checkpoint
 from deeplab.cli import main
-from deeplab.export import ExportCheckError, check_export, export_model
+from deeplab.deploy.export import ExportCheckError, check_export, export_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TFLITE = SHARED / "models" / "deeplabv3-mnv2-dm05-voc" / "deeplabv3_257_mv_gpu.tflite"
@@ -156,7 +156,7 @@ def test_export_rejects_one_check_size_an_old_opset_and_unknown_formats(tmp_path
 
 
 def test_an_export_that_fails_midway_leaves_no_file_and_keeps_an_existing_one(tmp_path, monkeypatch):
-    import deeplab.export
+    import deeplab.deploy.export
 
     path = tmp_path / "model.pt"
     path.write_bytes(b"the previous export")
@@ -164,7 +164,7 @@ def test_an_export_that_fails_midway_leaves_no_file_and_keeps_an_existing_one(tm
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / ".model.partial.pt"))
 
-    monkeypatch.setattr(deeplab.export, "check_export", disk_full)
+    monkeypatch.setattr(deeplab.deploy.export, "check_export", disk_full)
     with pytest.raises(OSError):
         export_model(tiny_v3_plus(), path, format="torchscript")
     assert path.read_bytes() == b"the previous export"

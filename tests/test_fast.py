@@ -1,4 +1,4 @@
-"""The inference fast path (deeplab.fast): same outputs as the plain model, less work."""
+"""The inference fast path (deeplab.deploy.fast): same outputs as the plain model, less work."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from deeplab import ModelConfig, build_model
-from deeplab.fast import (
+from deeplab.deploy.fast import (
     FusedBottleneck,
     PackedConv2d,
     PooledProjectionASPP,

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from deeplab.inference import scaled_size, segment, segment_probs, sliding_window_logits, window_starts
+from deeplab.inference.segment import (
+    scaled_size,
+    segment,
+    segment_probs,
+    sliding_window_logits,
+    window_starts,
+)
 
 
 class Identity(nn.Module):

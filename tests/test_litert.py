@@ -1,4 +1,4 @@
-"""DeepLabs written as TF Lite flatbuffers (deeplab.litert) and run by the official TF Lite runtime (ai-edge-litert):
+"""DeepLabs written as TF Lite flatbuffers (deeplab.deploy.litert) and run by the official TF Lite runtime (ai-edge-litert):
 the runtime's logits against eager PyTorch and against the official model's stored outputs, the padding rules, the
 fused activations, the static-shape handling, and `deeplab export --format tflite`.
 
@@ -16,10 +16,18 @@ from torch import nn
 
 from deeplab import ModelConfig, build_model, save_checkpoint
 from deeplab.cli import main
-from deeplab.config import Preprocessing
-from deeplab.export import export_model
-from deeplab.litert import UnsupportedOp, _padding, interpreter, missing, read_tflite_metadata, tflite_bytes
-from deeplab.runtimes import load_exported, optimize_for_inference, runtime_name
+from deeplab.deploy.export import export_model
+from deeplab.deploy.litert import (
+    UnsupportedOp,
+    _padding,
+    interpreter,
+    missing,
+    read_tflite_metadata,
+    tflite_bytes,
+)
+from deeplab.deploy.runners import load_exported
+from deeplab.deploy.runtimes import optimize_for_inference, runtime_name
+from deeplab.models.config import Preprocessing
 
 if missing():
     pytest.skip(missing(), allow_module_level=True)
@@ -104,7 +112,7 @@ def test_an_operator_without_a_tflite_equivalent_is_named_and_auto_does_without_
 
 
 def test_the_first_shapes_get_a_graph_each_and_later_ones_the_pytorch_fast_path(monkeypatch):
-    import deeplab.litert as lt
+    import deeplab.deploy.litert as lt
 
     monkeypatch.setattr(lt, "SHAPES", 2)
     written = []
@@ -164,7 +172,7 @@ def test_a_tflite_file_without_deeplab_metadata_is_refused_with_the_fix(tmp_path
 @pytest.mark.skipif(not (FLOAT_DIR / "reference" / "activations.npz").is_file(),
                     reason=f"official MobileNetV2 dm0.5 model and its stored outputs not found in {FLOAT_DIR}")
 def test_the_official_model_written_back_reproduces_the_official_runtimes_output():
-    """The official dm0.5 file, converted, written again by deeplab.litert and run by the official runtime: its
+    """The official dm0.5 file, converted, written again by deeplab.deploy.litert and run by the official runtime: its
     upsampled logits equal what the official runtime computed from the official file (stored in ../shared)."""
     from PIL import Image
 
@@ -186,8 +194,8 @@ def test_the_official_model_written_back_reproduces_the_official_runtimes_output
 
 
 def test_auto_choosing_tflite_runs_other_shapes_in_the_runner_up(monkeypatch):
-    import deeplab.litert as lt
-    import deeplab.runtimes as rt
+    import deeplab.deploy.litert as lt
+    import deeplab.deploy.runtimes as rt
 
     monkeypatch.setattr(lt, "SHAPES", 1)
     fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 25.0, "tflite": 10.0}

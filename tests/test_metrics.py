@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deeplab.metrics import (
+from deeplab.inference.metrics import (
     MetricAccumulator,
     boundary_band,
     confusion_matrix,
@@ -430,7 +430,11 @@ def _is_png(path) -> bool:
 
 def test_plots_write_png_files(tmp_path):
     pytest.importorskip("matplotlib")
-    from deeplab.plots import plot_confusion_matrix, plot_per_class_iou, plot_trimap
+    from deeplab.inference.plots import (
+        plot_confusion_matrix,
+        plot_per_class_iou,
+        plot_trimap,
+    )
 
     names = ["bg", "cat", "dog"]
     out = plot_confusion_matrix(torch.tensor(CONF), class_names=names, path=tmp_path / "conf.png")
@@ -445,7 +449,7 @@ def test_plots_write_png_files(tmp_path):
 
 
 def test_plots_without_matplotlib_say_how_to_install_it(tmp_path, monkeypatch):
-    from deeplab.plots import plot_trimap
+    from deeplab.inference.plots import plot_trimap
 
     # A None entry in sys.modules makes "import matplotlib..." raise ImportError.
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:

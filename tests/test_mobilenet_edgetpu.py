@@ -18,14 +18,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_fast import (
+    _randomise_bn,  # shared with the fast path's tests (pytest puts tests/ on sys.path)
+)
 from torch import nn
 
 from deeplab import ModelConfig, build_model
-from deeplab.fast import optimize_for_inference
-from deeplab.activation_rounding import round_like_uint8
-from deeplab.backbones import BACKBONES
-from deeplab.checkpoint import load
-from test_fast import _randomise_bn  # shared with the fast path's tests (pytest puts tests/ on sys.path)
+from deeplab.deploy.fast import optimize_for_inference
+from deeplab.models.activation_rounding import round_like_uint8
+from deeplab.models.backbones import BACKBONES
+from deeplab.models.checkpoint import load
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 EDGETPU_DIR = SHARED / "models" / "deeplab-edgetpu-slim-cityscapes-quant"
@@ -184,7 +186,8 @@ def test_agreement_with_the_official_runtime_holds_on_other_street_scenes(conver
 
 @needs_file
 def test_tile_that_is_not_a_broadcast_is_refused():
-    from deeplab.convert.tflite import TFLiteImportError, model_from_graph, read_tflite_graph
+    from deeplab.convert.tflite import model_from_graph
+    from deeplab.convert.tflite_file import TFLiteImportError, read_tflite_graph
 
     graph = read_tflite_graph(EDGETPU_FILE)
     tile = next(op for op in graph.ops if op.type == "TILE")

@@ -14,21 +14,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+# Shared with the ResNet importer's tests and the fast path's (pytest puts tests/ on sys.path).
+from test_convert_torch import _bn_f, placeholder_weights, random_weights  # noqa: E402
+from test_fast import _randomise_bn  # noqa: E402
 from torch import nn
 
 from deeplab import CheckpointError, ModelConfig, build_model
-from deeplab.fast import optimize_for_inference
-from deeplab.backbones import BACKBONES
 from deeplab.convert import convert_file
 from deeplab.convert.torch_weights import (
     backbone_state_dict,
     load_torchvision_deeplabv3,
     torchvision_deeplabv3_state_dict,
 )
-
-# Shared with the ResNet importer's tests and the fast path's (pytest puts tests/ on sys.path).
-from test_convert_torch import _bn_f, placeholder_weights, random_weights  # noqa: E402
-from test_fast import _randomise_bn  # noqa: E402
+from deeplab.deploy.fast import optimize_for_inference
+from deeplab.models.backbones import BACKBONES
 
 Layout = dict[str, tuple[int, ...]]
 

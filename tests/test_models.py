@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from deeplab import ModelConfig, build_model, default_atrous_rates
-from deeplab.backbones import BACKBONES, atrous_plan
-from deeplab.backbones.xception import SeparableConv
-from deeplab.layers import ASPP, ImagePooling
+from deeplab.models.backbones import BACKBONES, atrous_plan
+from deeplab.models.backbones.xception import SeparableConv
+from deeplab.models.heads import ASPP, ImagePooling
 
 ALL_BACKBONES = sorted(BACKBONES)
 
@@ -340,9 +340,9 @@ def test_onnx_export_with_dynamic_height_and_width(backbone, extra, export_size,
 @pytest.mark.parametrize("size,dilation", [((5, 7), 1), ((9, 6), 2), ((4, 4), 2), ((4, 5), 6), ((17, 17), 6)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_depthwise_backward_equals_autograd_through_conv2d(size, dilation, channels_last):
-    # The stride-1 depthwise 3x3 trains through its own backward (deeplab.layers._DepthwiseConv3x3); its gradients
+    # The stride-1 depthwise 3x3 trains through its own backward (deeplab.models.layers._DepthwiseConv3x3); its gradients
     # must be torch's own, here in float64, including taps that only read padding (dilation >= the map size).
-    from deeplab.layers import DepthwiseConv2d
+    from deeplab.models.layers import DepthwiseConv2d
 
     torch.manual_seed(0)
     c = 6

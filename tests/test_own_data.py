@@ -20,8 +20,9 @@ from deeplab.cli import build_parser, main
 from deeplab.data import DatasetError, build_dataset, held_out_stems, parse_label_map
 from deeplab.data.base import image_to_rgb
 from deeplab.data.report import data_report
-from deeplab.precise_bn import recompute_bn_statistics
-from deeplab.train import DataCheckError, TrainConfig, fit
+from deeplab.training.config import TrainConfig
+from deeplab.training.loop import DataCheckError, fit
+from deeplab.training.precise_bn import recompute_bn_statistics
 
 TINY_MODEL = ModelConfig(
     backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=2, decoder=True, separable=True,
@@ -303,7 +304,7 @@ def test_a_folder_run_writes_its_story_and_eval_reuses_its_classes_labels_and_he
 
 
 def test_predict_reads_16_bit_images_as_training_does():
-    from deeplab.predict import load_image
+    from deeplab.inference.predict import load_image
 
     wide = np.array([[0, 257, 65535]], dtype=np.uint16)
     np.testing.assert_array_equal(load_image(Image.fromarray(wide))[0, :, 1], [0, 1, 255])
@@ -311,7 +312,7 @@ def test_predict_reads_16_bit_images_as_training_does():
 
 def test_eval_with_skip_bad_counts_each_good_image_once_and_no_bad_one(tmp_path):
     from deeplab import build_model
-    from deeplab.evaluate import evaluate
+    from deeplab.inference.evaluate import evaluate
 
     root = _membranes(tmp_path, n=5)
     (root / "image" / "2.png").write_bytes(b"not a png")

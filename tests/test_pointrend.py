@@ -1,4 +1,4 @@
-"""PointRend (deeplab.pointrend): point sampling, point selection, adaptive subdivision, the model and its export."""
+"""PointRend (deeplab.models.pointrend): point sampling, point selection, adaptive subdivision, the model and its export."""
 
 from __future__ import annotations
 
@@ -6,9 +6,15 @@ import pytest
 import torch
 
 from deeplab import ModelConfig, build_model
-from deeplab.fast import optimize_for_inference
-from deeplab.pointrend import (
-    PointHead, point_labels, point_sample, subdivide, subdivision_steps, training_points, uncertainty,
+from deeplab.deploy.fast import optimize_for_inference
+from deeplab.models.pointrend import (
+    PointHead,
+    point_labels,
+    point_sample,
+    subdivide,
+    subdivision_steps,
+    training_points,
+    uncertainty,
 )
 
 
@@ -96,7 +102,7 @@ def test_pointrend_model_trains_and_infers(decoder):
 
 def test_pointrend_export_needs_one_fixed_size(tmp_path):
     pytest.importorskip("onnxruntime")
-    from deeplab.export import export_model
+    from deeplab.deploy.export import export_model
 
     model = build_model(ModelConfig(backbone="mobilenet_v2", num_classes=3, decoder=False, pointrend=True,
                                     aspp_channels=32, pointrend_points=50))

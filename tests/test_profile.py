@@ -9,7 +9,7 @@ from torch import nn
 
 from deeplab import ModelConfig
 from deeplab.cli import main
-from deeplab.profile import PAPER_MULTIPLY_ADDS, layer_costs, profile_model
+from deeplab.models.profile import PAPER_MULTIPLY_ADDS, layer_costs, profile_model
 
 # (backbone, output stride, decoder, separable) -> billions of multiply-adds at 513x513, 21 classes.
 # ResNet-101: DeepLabv3+ paper Table 3. Xception-65: Table 5. Written out here, not imported, so a typo in the

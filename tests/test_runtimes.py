@@ -1,4 +1,4 @@
-"""Runtimes behind one callable (deeplab.runtimes), self-describing exports, int8 quantization, `deeplab benchmark`,
+"""Runtimes behind one callable (deeplab.deploy.runtimes), self-describing exports, int8 quantization, `deeplab benchmark`,
 and the one InferenceOptions object that eval, predict, export and benchmark share.
 
 ONNX Runtime and OpenVINO are optional extras: tests that need one skip with the reason when it is absent.
@@ -17,17 +17,15 @@ from torch import nn
 
 from deeplab import ModelConfig, build_model, save_checkpoint
 from deeplab.cli import main
-from deeplab.export import export_model
-from deeplab.inference import InferenceOptions
-from deeplab.runtimes import (
-    AutoRuntime,
+from deeplab.deploy.export import export_model
+from deeplab.deploy.runners import (
     load_exported,
     missing_runtime,
     onnxruntime_runner,
     read_metadata,
-    optimize_for_inference,
-    runtime_name,
 )
+from deeplab.deploy.runtimes import AutoRuntime, optimize_for_inference, runtime_name
+from deeplab.inference.options import InferenceOptions
 
 ORT = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install 'deeplab[onnx]'")
 
@@ -46,7 +44,7 @@ def tiny(*, classes=("sky", "road", "car"), input_size=None, align_corners=False
                       atrous_rates=(2,), aspp_channels=16, decoder_channels=16, low_level_channels=8,
                       align_corners=align_corners)
     torch.manual_seed(0)
-    from deeplab.config import Preprocessing
+    from deeplab.models.config import Preprocessing
 
     model = build_model(cfg, class_names=list(classes), preprocessing=Preprocessing(input_size=input_size)).eval()
     with torch.no_grad():
@@ -70,7 +68,7 @@ def _file_metadata(path, fmt):
 
         return json.loads(next(p.value for p in onnx.load(str(path)).metadata_props if p.key == "deeplab"))
     if fmt == "openvino":
-        from deeplab.runtimes import read_metadata
+        from deeplab.deploy.runners import read_metadata
 
         return read_metadata(path)
     if fmt == "torchscript":
@@ -174,7 +172,7 @@ def test_a_file_without_deeplab_metadata_is_refused_with_the_fix(tmp_path, capsy
 def test_nhwc_logits_export_upsamples_nhwc_and_equals_the_nchw_graph(tmp_path):
     import onnx
 
-    from deeplab.export import export_onnx
+    from deeplab.deploy.export import export_onnx
 
     model = tiny()
     export_onnx(model, tmp_path / "nchw.onnx")
@@ -211,7 +209,7 @@ def test_every_runtime_gives_the_eager_logits_and_keeps_the_model_attributes(run
 
 def test_openvino_compiles_a_static_copy_per_shape_then_one_dynamic_copy_for_the_rest(monkeypatch, tmp_path):
     needs_openvino()
-    import deeplab.runtimes as rt
+    import deeplab.deploy.runners as rt
 
     monkeypatch.setattr(rt, "OPENVINO_SHAPES", 2)
     model = tiny()
@@ -231,7 +229,7 @@ def test_openvino_compiles_a_static_copy_per_shape_then_one_dynamic_copy_for_the
 
 
 def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_not_kept(monkeypatch):
-    import deeplab.runtimes as rt
+    import deeplab.deploy.runtimes as rt
 
     real_build = rt.build_runtime
 
@@ -262,7 +260,7 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
 
 
 def test_time_in_rounds_times_short_calls_back_to_back_after_an_untimed_one_and_long_calls_once():
-    from deeplab.runtimes import BLOCK_CALLS, time_in_rounds
+    from deeplab.deploy.runtimes import BLOCK_CALLS, time_in_rounds
 
     counts = {"short": 0, "long": 0}
 
@@ -278,7 +276,7 @@ def test_time_in_rounds_times_short_calls_back_to_back_after_an_untimed_one_and_
 
 
 def test_auto_times_the_runtimes_within_5_percent_of_the_fastest_again_before_it_picks(monkeypatch):
-    import deeplab.runtimes as rt
+    import deeplab.deploy.runtimes as rt
 
     calls = []
     first = {"torch": 30.0, "onnxruntime": 20.5, "openvino": 20.0, "tflite": 25.0}
@@ -301,7 +299,7 @@ def test_auto_uses_pytorch_for_what_only_pytorch_runs():
     model = tiny()
     model.activation_rounding = {"backbone": (0.1, 0)}  # as a converted uint8 model carries
     opts = InferenceOptions(runtime="auto")
-    from deeplab.runtimes import prepare_model
+    from deeplab.deploy.runtimes import prepare_model
 
     prepared = prepare_model(model, opts)
     assert runtime_name(prepared) == "torch"
@@ -339,8 +337,8 @@ def test_int8_file_has_per_channel_weight_scales_keeps_pooling_and_logits_float_
     import onnx
     from onnx import numpy_helper
 
-    from deeplab.fast import optimize_for_inference as fold
-    from deeplab.quantize import quantize_model
+    from deeplab.deploy.fast import optimize_for_inference as fold
+    from deeplab.deploy.quantize import quantize_model
 
     model = tiny()
     torch.manual_seed(1)
@@ -374,7 +372,8 @@ def test_int8_file_has_per_channel_weight_scales_keeps_pooling_and_logits_float_
 
 
 def test_quantize_command_calibrates_on_the_training_split_and_reports_agreement(tmp_path, capsys):
-    from deeplab.train import TrainConfig, fit
+    from deeplab.training.config import TrainConfig
+    from deeplab.training.loop import fit
 
     run = tmp_path / "run"
     cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=5, decoder=True)
@@ -403,7 +402,7 @@ def test_benchmark_command_prints_a_row_per_runtime_and_thread_count(tmp_path, c
 
 
 def test_quantize_checks_agreement_on_images_the_calibration_did_not_see():
-    from deeplab.cli import _calibration_and_check
+    from deeplab.cli.quantize import _calibration_and_check
 
     # CamVid's 367 training images, 64 to calibrate, 8 to check: spreading both over all 367 put all 8 checks on
     # calibration images (64 is a multiple of 8), and the agreement went unreported

@@ -20,7 +20,9 @@ import torch
 import deeplab
 from deeplab import ModelConfig
 from deeplab.data import SyntheticShapes
-from deeplab.train import TrainConfig, TrainingDiverged, epoch_batches, fit, pixel_loss, poly_lr
+from deeplab.training.config import TrainConfig
+from deeplab.training.loop import TrainingDiverged, epoch_batches, fit, poly_lr
+from deeplab.training.losses import pixel_loss
 
 TINY_MODEL = ModelConfig(
     backbone="mobilenet_v2", depth_multiplier=0.5, num_classes=6, decoder=True, separable=True,
@@ -117,7 +119,7 @@ def test_a_finished_run_without_last_pt_is_not_overwritten(tmp_path):
 
 def test_a_second_run_on_a_busy_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
     from deeplab.cli import main
-    from deeplab.train import RunFolderLock
+    from deeplab.training.run_folder import RunFolderLock
 
     lock = RunFolderLock(tmp_path / "run")
     try:
@@ -257,7 +259,10 @@ def test_folded_batchnorms_get_measured_statistics_without_changing_the_model():
     # A TF Lite import stores each BN as an identity carrying the folded bias. Re-measured, inference must be
     # unchanged exactly, and training-mode BN on the very images it was measured on must equal inference: batch
     # statistics then equal the stored ones, layer by layer.
-    from deeplab.train import folded_batchnorms, recalibrate_folded_batchnorms
+    from deeplab.training.warm_start import (
+        folded_batchnorms,
+        recalibrate_folded_batchnorms,
+    )
 
     torch.manual_seed(0)
     model = deeplab.build_model(replace(TINY_MODEL, dropout=0.0)).eval()

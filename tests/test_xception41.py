@@ -6,16 +6,17 @@ parametrisations over `BACKBONES` in tests/test_models.py; this file pins what i
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_fast import (
+    _randomise_bn,  # shared with the fast path's tests (pytest puts tests/ on sys.path)
+)
 from torch import nn
 
 from deeplab import CheckpointError, ModelConfig, build_model
-from deeplab.fast import optimize_for_inference
-from deeplab.backbones import BACKBONES
 from deeplab.convert.torch_weights import backbone_state_dict
-from test_fast import _randomise_bn  # shared with the fast path's tests (pytest puts tests/ on sys.path)
+from deeplab.deploy.fast import optimize_for_inference
+from deeplab.models.backbones import BACKBONES
 
 
 def _meta_backbone(name: str, **kw) -> nn.Module:

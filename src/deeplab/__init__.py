@@ -1,12 +1,15 @@
 """deeplab: DeepLabv3 and DeepLabv3+ semantic segmentation in PyTorch, faithful to the papers."""
 
-from .checkpoint import CheckpointError, load, save_checkpoint
-from .config import ModelConfig, Preprocessing, default_atrous_rates
-from .fast import retain_freed_memory
-from .runtimes import optimize_for_inference
-from .model import DeepLab, build_model
-from .predict import predict  # the function: `deeplab.predict` names it, so import helpers `from deeplab.predict`
-from .train import TrainConfig, fit
+from .deploy.fast import retain_freed_memory
+from .deploy.runtimes import optimize_for_inference
+from .inference.predict import (
+    predict,  # the function: `deeplab.predict` names it, so import helpers `from deeplab.inference.predict`
+)
+from .models.checkpoint import CheckpointError, load, save_checkpoint
+from .models.config import ModelConfig, Preprocessing, default_atrous_rates
+from .models.model import DeepLab, build_model
+from .training.config import TrainConfig
+from .training.loop import fit
 
 __version__ = "0.1.0"
 

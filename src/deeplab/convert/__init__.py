@@ -10,9 +10,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, load_state_dict_strict
-from ..config import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD, ModelConfig, Preprocessing
-from ..model import DeepLab, build_model
+from ..models.checkpoint import CheckpointError, load_state_dict_strict
+from ..models.config import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TF_MEAN,
+    TF_STD,
+    ModelConfig,
+    Preprocessing,
+)
+from ..models.model import DeepLab, build_model
 
 
 def _is_tflite(path: Path) -> bool:
@@ -34,7 +41,7 @@ def convert_file(
     """Import `src` as a DeepLab (eval mode).
 
     - an official TF DeepLab `.tflite` (float or quantized): the whole model, architecture read from the file; a
-      uint8 file's activation rounding too unless `activation_rounding=False` (deeplab.activation_rounding);
+      uint8 file's activation rounding too unless `activation_rounding=False` (deeplab.models.activation_rounding);
     - torchvision's `deeplabv3_resnet50/101` or `deeplabv3_mobilenet_v3_large` state dict: the whole model;
     - an ImageNet backbone (torchvision / timm ResNet-50/101, timm aligned Xception-41/65/71, torchvision
       MobileNetV3-Large/Small): a DeepLab with that backbone and freshly initialised heads; `backbone=` names which

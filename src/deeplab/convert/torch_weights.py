@@ -37,10 +37,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..backbones import BACKBONES
-from ..checkpoint import CheckpointError, load_state_dict_strict
-from ..config import ModelConfig, Preprocessing
-from ..model import DeepLab, build_model
+from ..models.backbones import BACKBONES
+from ..models.checkpoint import (
+    CheckpointError,
+    load_state_dict_strict,
+    unreadable_message,
+)
+from ..models.config import ModelConfig, Preprocessing
+from ..models.model import DeepLab, build_model
 
 StateDictSource = str | os.PathLike | Mapping[str, Tensor]
 
@@ -72,26 +76,8 @@ def read_state_dict(src: StateDictSource) -> tuple[dict[str, Tensor], str]:
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before failing on non-torch pickles
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # zip, pickle and weights_only errors all mean "not a file we can read safely"
-        raise CheckpointError(_unreadable_message(e, source=source)) from None
+        raise CheckpointError(unreadable_message(e, source=source)) from None
     return _unwrap(data, source=source), source
-
-
-def _unreadable_message(e: Exception, *, source: str) -> str:
-    text = str(e)
-    code = re.search(r"GLOBAL ([\w.]+)", text)
-    if code:
-        return (
-            f"{source}: the file holds Python objects besides tensors ({code.group(1)}), and unpickling them could run "
-            "code, so it is refused. If you trust the file, re-save just its weights: "
-            "torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth')"
-        )
-    if "WeightsUnpickler error:" in text:  # the pickle stream itself is malformed: not a torch.save file
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    detail = next((line.strip() for line in text.splitlines() if line.strip()), "empty or cut short")
-    return (
-        f"{source}: not a readable PyTorch weights file ({type(e).__name__}: {detail[:200]}); pass a .pth/.pt "
-        "written by torch.save (a truncated download also ends up here: download it again)"
-    )
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:

@@ -1,7 +1,8 @@
 """Datasets, palettes and the paired image/mask transforms of the DeepLab training protocol."""
 
-from deeplab.data.base import DatasetError, SegmentationDataset
-from deeplab.data.datasets import (
+from ..models.config import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD
+from .base import DatasetError, SegmentationDataset
+from .datasets import (
     ADE20K,
     DATASETS,
     CamVid,
@@ -13,7 +14,7 @@ from deeplab.data.datasets import (
     held_out_stems,
     parse_label_map,
 )
-from deeplab.data.palettes import (
+from .palettes import (
     ADE20K_CLASSES,
     CAMVID_CLASSES,
     CITYSCAPES_CLASSES,
@@ -25,12 +26,8 @@ from deeplab.data.palettes import (
     colors_to_index,
     voc_colormap,
 )
-from deeplab.data.synthetic import SyntheticShapes, render_shapes
-from deeplab.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TF_MEAN,
-    TF_STD,
+from .synthetic import SyntheticShapes, render_shapes
+from .transforms import (
     EvalTransform,
     TrainTransform,
     eval_transform,

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from deeplab.data.palettes import Palette
-from deeplab.data.transforms import EvalTransform
+from .palettes import Palette
+from .transforms import EvalTransform
 
 IGNORE_INDEX = 255
 

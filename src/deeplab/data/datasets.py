@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from deeplab.data.base import (
+from . import palettes
+from .base import (
     IGNORE_INDEX,
     DatasetError,
     SegmentationDataset,
@@ -25,15 +26,14 @@ from deeplab.data.base import (
     make_lut,
     read_mask_file,
 )
-from deeplab.data import palettes
-from deeplab.data.palettes import (
+from .palettes import (
     CITYSCAPES_LABEL_TO_TRAIN_ID,
     PALETTES,
     Palette,
     colors_to_index,
     default_palette,
 )
-from deeplab.data.synthetic import SyntheticShapes
+from .synthetic import SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 

@@ -270,3 +270,25 @@ def colors_to_index(
     unknown_codes = np.unique(pix[~known])
     unknown = np.stack([(unknown_codes >> 16) & 255, (unknown_codes >> 8) & 255, unknown_codes & 255], axis=1)
     return out, unknown.astype(np.uint8)
+
+
+def _norm_name(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def palette_for(class_names: Sequence[str]) -> Palette:
+    """The built-in palette (VOC, Cityscapes, ADE20K, CamVid, synthetic) whose classes match, else a default one.
+
+    A palette matches when it has as many classes and at least 3/4 of the names agree after lower-casing and dropping
+    spaces and punctuation (so TF's VOC labelmap, with 'dining table' and 'tv', matches VOC's 'diningtable' and
+    'tvmonitor'). The returned palette carries the model's own class names.
+    """
+    names = tuple(str(n) for n in class_names)
+    wanted = [_norm_name(n) for n in names]
+    for palette in PALETTES.values():
+        if len(palette.class_names) != len(names):
+            continue
+        same = sum(a == _norm_name(b) for a, b in zip(wanted, palette.class_names))
+        if same * 4 >= 3 * len(names):
+            return Palette(class_names=names, colors=palette.colors, void_color=palette.void_color)
+    return default_palette(names)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from deeplab.data.base import DatasetError, describe_values
+from .base import DatasetError, describe_values
 
 __all__ = ["DataWarning", "SplitStats", "data_report", "format_report", "report_warnings"]
 

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from deeplab.data.base import Transform
-from deeplab.data.palettes import SYNTHETIC
-from deeplab.data.transforms import EvalTransform
+from .base import Transform
+from .palettes import SYNTHETIC
+from .transforms import EvalTransform
 
 # A constant first word keeps the generation streams apart from the augmentation streams
 # ``default_rng([seed, epoch, index])`` that the datasets hand to transforms.

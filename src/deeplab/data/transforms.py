@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 # Per-channel statistics in 0..255 pixel units, defined once in config (TF_* scale to [-1, 1]).
-from deeplab.config import IMAGENET_MEAN, IMAGENET_STD, TF_MEAN, TF_STD
+from ..models.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:

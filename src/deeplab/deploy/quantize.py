@@ -9,7 +9,7 @@ group into an int8 kernel (QLinearConv and friends), which is where the speed co
 Kept in float, because 8 bits do not serve them well:
 
 - **The image-pooling branch** (global mean, 1x1 conv, ReLU, and its share of the ASPP projection, which the export
-  computes once per image: `deeplab.fast.PooledProjectionASPP`): one value per channel for the whole image from a
+  computes once per image: `deeplab.deploy.fast.PooledProjectionASPP`): one value per channel for the whole image from a
   mean over every pixel; it costs nothing and its rounding would shift every pixel's logits alike.
 - **The classifier's output and the last upsampling**: the logits are upsampled 4-16x bilinearly and then
   compared across classes; rounding them to 256 levels before that moves the argmax at every boundary. The
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import named_os_error
+from ..models.checkpoint import named_os_error
 
 __all__ = ["float_nodes", "quantize_model"]
 
@@ -91,7 +91,12 @@ def quantize_model(
     tensors); `held_out` images measure its argmax agreement with the float model. Returns {"path", "seconds",
     "float_nodes", "agreement" (None without held_out), "quantized_convs", "calibration_images"}."""
     try:
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise ImportError("int8 quantization runs on ONNX Runtime: pip install 'deeplab[onnx]'") from None
@@ -99,7 +104,8 @@ def quantize_model(
 
     from .export import export_onnx, model_metadata
     from .fast import optimize_for_inference as torch_fast_path
-    from .runtimes import onnxruntime_runner, torch_only_reason
+    from .runners import onnxruntime_runner
+    from .runtimes import torch_only_reason
 
     if not calibration:
         raise ValueError("quantization needs calibration images: pass --calibration-images 1 or more")

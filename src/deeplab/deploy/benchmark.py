@@ -1,6 +1,6 @@
 """`deeplab benchmark`: milliseconds per image of one model on every installed runtime and thread count.
 
-Each (runtime, threads) pair is built once (and checked against the eager model, as `deeplab.runtimes` does), warmed
+Each (runtime, threads) pair is built once (and checked against the eager model, as `deeplab.deploy.runtimes` does), warmed
 up with two runs, then timed in rounds: every round runs each pair once (after 50 ms idle; a call under 0.1 s
 after one untimed call and back to back for about 50 ms: `time_in_rounds`), so drift on a shared machine (another
 process, the CPU clock) hits all pairs alike instead of whichever was timed last. Reported per pair: the median and
@@ -18,16 +18,14 @@ from typing import Any
 import torch
 
 from .export import fixed_input_size
-from .runtimes import (
-    EXPORTED_SUFFIXES, FILE_RUNTIMES, load_exported, missing_runtime, optimize_for_inference, time_in_rounds,
-    torch_only_reason,
-)
+from .runners import EXPORTED_SUFFIXES, FILE_RUNTIMES, load_exported, missing_runtime
+from .runtimes import optimize_for_inference, time_in_rounds, torch_only_reason
 
 __all__ = ["benchmark", "format_table", "time_in_rounds"]
 
 
 def _models(path: str | os.PathLike, runtimes: Sequence[str], threads: Sequence[int], skipped: list[dict]):
-    from .checkpoint import load
+    from ..models.checkpoint import load
 
     suffix = Path(path).suffix.lower()
     exported = suffix in EXPORTED_SUFFIXES

@@ -136,7 +136,7 @@ def subdivide(
 def point_loss(
     point_logits: torch.Tensor, coords: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the cross entropy at the points, number of counted points), as `deeplab.train.pixel_loss`."""
+    """(sum of the cross entropy at the points, number of counted points), as `deeplab.training.loop.pixel_loss`."""
     labels = point_labels(target, coords)
     loss = F.cross_entropy(point_logits.float(), labels, ignore_index=ignore_index, reduction="sum")
     return loss, (labels != ignore_index).sum()

@@ -15,7 +15,7 @@ image-pooling branch takes a global mean, not adaptive pooling, so it exports wi
 names, mean / std, input size and align_corners travel in the file as JSON under the key `deeplab` (ONNX metadata,
 TorchScript and .pt2 extra files, the TF Lite metadata table), so a consumer can preprocess without the checkpoint.
 
-TF Lite files (`deeplab.litert`) are static: one input size (`input_size`, default the model's fixed input size,
+TF Lite files (`deeplab.deploy.litert`) are static: one input size (`input_size`, default the model's fixed input size,
 else 513x513), batch 1, NHWC image in and NHWC logits out; they are checked at that size only.
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import named_os_error
+from ..models.checkpoint import named_os_error
 from .fast import optimize_for_inference
 
 FORMATS = ("onnx", "openvino", "torchscript", "pt2", "tflite")
@@ -65,7 +65,7 @@ def model_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
     """What a consumer of an exported file needs to feed it and read its output (JSON-ready): class names and
     palette, preprocessing, input size, align_corners, the model's config; `extra` (e.g. the training run's
     `train_config`, or how an int8 file was calibrated) is added as is."""
-    from .predict import palette_for
+    from ..data.palettes import palette_for
 
     pre = getattr(model, "preprocessing", None)
     cfg = getattr(model, "config", None)
@@ -218,7 +218,7 @@ def export_tflite(
     fold_bn: bool = True,
 ) -> Path:
     """Write `model` as a TF Lite flatbuffer for one input size (TF Lite graphs are static): NHWC float32 image
-    (1, H, W, 3) in, NHWC logits (1, H, W, K) out (`deeplab.litert`); the metadata, with that input size, goes in
+    (1, H, W, 3) in, NHWC logits (1, H, W, K) out (`deeplab.deploy.litert`); the metadata, with that input size, goes in
     the file's metadata table under `deeplab`."""
     from .litert import missing, tflite_bytes
 
@@ -281,7 +281,7 @@ def fixed_input_size(model: nn.Module, input_size: Sequence[int] | None = None) 
 def _runner(path: Path, fmt: str):
     """A function numpy (N, 3, H, W) -> numpy logits, running the exported file with its own runtime."""
     if fmt in ("onnx", "openvino", "tflite"):
-        from .runtimes import RUNNERS, read_metadata
+        from .runners import RUNNERS, read_metadata
 
         layout = read_metadata(path).get("output_layout", "NCHW")
         runtime = {"onnx": "onnxruntime", "openvino": "openvino", "tflite": "tflite"}[fmt]
@@ -403,7 +403,7 @@ def _check_rounded(
     two runtimes' 1e-6 float differences move whole steps (random inputs: 6-22% of the argmax), so the numbers are
     checked on the model without rounding, exported the same way, with `rtol`; the file itself must run at every
     size with the right shape and hold every rounding of the model's table."""
-    from .activation_rounding import without_activation_rounding
+    from ..models.activation_rounding import without_activation_rounding
 
     twin_path = path.with_name(f"{path.stem}.float{path.suffix}")
     try:
@@ -446,7 +446,7 @@ def export_model(
 
     Returns {"path", "format", "max_rel_diff": {"HxW": max abs difference / logit range}, "seconds"}. On a failed check nothing is written at
     `path` and ExportCheckError is raised. `opset` and `dynamo` apply to ONNX only. With `fold_bn` the exported graph has its
-    BatchNorms folded into the convolutions (`deeplab.fast`); it is still checked against the unfolded eager model.
+    BatchNorms folded into the convolutions (`deeplab.deploy.fast`); it is still checked against the unfolded eager model.
     Padding-only taps are not skipped in an export: that is decided per input size, and the graph serves every size.
     `metadata` adds to what the file carries (`model_metadata`). OpenVINO IR (`format="openvino"`) is written as
     `path` (.xml) and the .bin beside it. `output_layout="NHWC"` (ONNX only) gives (N, H, W, K) logits, upsampled

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import pointrend
 from .backbones import BACKBONES, Backbone
 from .config import ModelConfig, Preprocessing
-from . import pointrend
-from .layers import ASPP, Decoder, conv_bn
+from .heads import ASPP, Decoder
+from .layers import conv_bn
 from .pointrend import PointHead
 
 
@@ -46,12 +47,12 @@ class DeepLab(nn.Module):
         self.classifier = classifier
         self.point_head = point_head
         # A converted uint8 model's activation rounding ({site: (scale, zero point)}), or None: see
-        # deeplab.activation_rounding, which installs it.
+        # deeplab.models.activation_rounding, which installs it.
         self.activation_rounding: dict[str, tuple[float, int]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """Logits (N, K, H, W). With PointRend in training mode, a dict: `logits` (the coarse prediction at input
-        size), `point_logits` (N, K, P) and `point_coords` (N, P, 2) for the point loss (`deeplab.pointrend`)."""
+        size), `point_logits` (N, K, P) and `point_coords` (N, P, 2) for the point loss (`deeplab.models.pointrend`)."""
         features = self.backbone(x)
         y = self.aspp(features["out"])  # (N, 256, H/os, W/os)
         if self.decoder is not None:
@@ -177,3 +178,21 @@ def _initialize(model: nn.Module, *, bn_momentum: float) -> None:
     if isinstance(classifier, nn.Conv2d) and classifier.weight.device.type != "meta":
         nn.init.trunc_normal_(classifier.weight, std=0.01, a=-0.02, b=0.02)
         nn.init.zeros_(classifier.bias)
+
+
+def with_pointrend_options(
+    model: nn.Module, *, pointrend: bool | None = None, points: int | None = None, steps: int | None = None
+) -> nn.Module:
+    """`model` with PointRend's inference options applied (its config replaced): `pointrend=False` keeps the coarse
+    prediction (no subdivision), `points` / `steps` set the subdivision; None leaves the checkpoint's. Refuses them
+    for a model without a point head."""
+    changes = {k: v for k, v in (("pointrend_points", points), ("pointrend_steps", steps)) if v is not None}
+    if pointrend is False:
+        changes["pointrend_steps"] = 0  # no subdivision: the coarse prediction, resized
+    if not (changes or pointrend):
+        return model
+    if not getattr(getattr(model, "config", None), "pointrend", False):
+        raise ValueError("--pointrend options apply to checkpoints trained with --pointrend; this one has no point head")
+    if changes:
+        model.config = model.config.replace(**changes)
+    return model

@@ -2,11 +2,11 @@
 and the validation picture of a run folder (`plot_training_curves`, `draw_predictions`).
 
 matplotlib is an optional extra (``pip install 'deeplab[plots]'``) and is imported inside each
-function, so ``import deeplab.plots`` never needs it. Figures are drawn on an explicit Agg
+function, so ``import deeplab.inference.plots`` never needs it. Figures are drawn on an explicit Agg
 canvas instead of through ``pyplot``: no global backend switch, no figure registry to leak,
 safe in headless jobs and threads. `draw_predictions` needs only Pillow.
 
-Scores are taken as fractions in [0, 1], as ``deeplab.metrics`` returns them, and drawn as
+Scores are taken as fractions in [0, 1], as ``deeplab.inference.metrics`` returns them, and drawn as
 percentages, as the papers print them.
 """
 
@@ -28,7 +28,7 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            "deeplab.plots needs matplotlib; install it with: pip install 'deeplab[plots]'"
+            "deeplab.inference.plots needs matplotlib; install it with: pip install 'deeplab[plots]'"
         ) from err
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)  # attaches itself to fig; savefig then renders with Agg
@@ -222,7 +222,7 @@ def draw_predictions(model: Any, dataset: Any, path: str | Path, *, count: int, 
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from .data import colorize
+    from ..data import colorize
     from .metrics import confusion_matrix, segmentation_scores
 
     n = min(count, len(dataset))

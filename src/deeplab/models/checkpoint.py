@@ -7,6 +7,7 @@ broken checkpoint. Read with `torch.load(..., weights_only=True)`: a checkpoint 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -103,11 +104,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint we can read safely"
-        from .convert.torch_weights import _unreadable_message
-
         # torch's own text would suggest weights_only=False, i.e. running the file's code; say what is refused.
         raise CheckpointError(
-            _unreadable_message(e, source=str(path)) + "; deeplab checkpoints are written by `deeplab train` or "
+            unreadable_message(e, source=str(path)) + "; deeplab checkpoints are written by `deeplab train` or "
             "`deeplab convert`"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -172,3 +171,21 @@ def load(path: str | os.PathLike) -> DeepLab:
     preprocessing (`model.config`, `model.class_names`, `model.preprocessing`)."""
     data = read_checkpoint(path)
     return model_from_checkpoint(data, source=str(path)).eval()
+
+
+def unreadable_message(e: Exception, *, source: str) -> str:
+    text = str(e)
+    code = re.search(r"GLOBAL ([\w.]+)", text)
+    if code:
+        return (
+            f"{source}: the file holds Python objects besides tensors ({code.group(1)}), and unpickling them could run "
+            "code, so it is refused. If you trust the file, re-save just its weights: "
+            "torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth')"
+        )
+    if "WeightsUnpickler error:" in text:  # the pickle stream itself is malformed: not a torch.save file
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    detail = next((line.strip() for line in text.splitlines() if line.strip()), "empty or cut short")
+    return (
+        f"{source}: not a readable PyTorch weights file ({type(e).__name__}: {detail[:200]}); pass a .pth/.pt "
+        "written by torch.save (a truncated download also ends up here: download it again)"
+    )

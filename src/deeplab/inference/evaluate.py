@@ -1,9 +1,9 @@
 """Evaluation over a dataset: mIoU and friends from one summed confusion matrix, multi-scale + flip, sliding window,
 the trimap (boundary) metric, per-image scores, plots, and several processes under torchrun.
 
-The numbers come from `deeplab.metrics` (confusion matrix -> mIoU with classes absent from both ground truth and
+The numbers come from `deeplab.inference.metrics` (confusion matrix -> mIoU with classes absent from both ground truth and
 prediction left out, the ignore label never counted; pixel accuracy; frequency-weighted IoU; trimap mIoU); the
-inference from `deeplab.inference` (softmax probabilities averaged over scales and flips, as TF DeepLab does).
+inference from `deeplab.inference.segment` (softmax probabilities averaged over scales and flips, as TF DeepLab does).
 
 Memory stays bounded: images are read, predicted and counted one at a time, and only K x K matrices are kept.
 Under torchrun each process takes every world_size-th image and the matrices are summed with an all-reduce, so
@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.transforms import denormalize
+from ..deploy.runtimes import prepare_model, runtime_name
 from .crf import dense_crf
-from .data.transforms import denormalize
-from .inference import InferenceOptions, segment_probs
 from .metrics import MetricAccumulator, confusion_matrix, segmentation_scores
+from .options import InferenceOptions
 from .predict import resolve_input_size
-from .runtimes import prepare_model, runtime_name
+from .segment import segment_probs
 
 __all__ = ["build_eval_dataset", "checkpoint_labels", "evaluate", "write_plots"]
 
@@ -41,7 +42,7 @@ def build_eval_dataset(
     classes.txt, --classes or a named palette takes the model's class names. Raises ValueError when the dataset's
     class count differs from the model's.
     """
-    from .data import EvalTransform, build_dataset
+    from ..data import EvalTransform, build_dataset
 
     pre = model.preprocessing
     if (name == "folder" and root is not None and "classes" not in options and "palette" not in options
@@ -96,12 +97,12 @@ def evaluate(
 ) -> dict[str, Any]:
     """Scores of `model` on `dataset` (yielding normalised (3, H, W) images and (H, W) labels at native size).
 
-    How the model runs is `options` (a `deeplab.inference.InferenceOptions`: scales, flip, window, input size,
+    How the model runs is `options` (a `deeplab.inference.options.InferenceOptions`: scales, flip, window, input size,
     runtime, threads, amp, CRF, PointRend), with any of its fields also accepted as keywords (`scales=(0.5, 1.0)`,
     `runtime="torch"`); `input_size="model"` uses the checkpoint's fixed input size (None: native size).
     `output_stride` re-dilates the model first (e.g. 8 for a model trained at 16). The model runs on
-    `options.runtime` (`deeplab.runtimes`; "auto" picks the fastest on the first image). `crf` post-processes every
-    image's probabilities with the dense CRF (`deeplab.crf`), on the image's RGB recovered from the model's
+    `options.runtime` (`deeplab.deploy.runtimes`; "auto" picks the fastest on the first image). `crf` post-processes every
+    image's probabilities with the dense CRF (`deeplab.inference.crf`), on the image's RGB recovered from the model's
     preprocessing. Returns a JSON-ready dict: `segmentation_scores` (miou, per_class_iou, per_class_accuracy,
     pixel_accuracy, mean_accuracy, fw_iou, num_pixels), `trimap` (width -> mIoU), `num_images`, `confusion_matrix`
     (K x K list, rows ground truth), `settings` (with the runtime that ran), and with `per_image` a `per_image` list

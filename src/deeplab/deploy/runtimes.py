@@ -4,14 +4,14 @@
 to (N, K, H, W) logits and carries the model's `config`, `class_names` and `preprocessing`, so `eval`, `predict`
 and the Python API run it like the model itself:
 
-- ``"torch"``: `deeplab.fast` (BatchNorm folded, channels_last, prepacked oneDNN weights, fused activations).
+- ``"torch"``: `deeplab.deploy.fast` (BatchNorm folded, channels_last, prepacked oneDNN weights, fused activations).
 - ``"onnxruntime"`` / ``"openvino"`` (optional extras ``deeplab[onnx]`` / ``deeplab[openvino]``): the model exported
-  to ONNX (BatchNorm folded, image pooling projected once per image, full kernels; `deeplab.export`) and run by that
+  to ONNX (BatchNorm folded, image pooling projected once per image, full kernels; `deeplab.deploy.export`) and run by that
   runtime on the CPU, fp32 (OpenVINO is told f32 explicitly: on CPUs with bf16 it would otherwise compute in bf16).
   Both hand back NHWC logits, upsampled NHWC (faster in both), which come out as an (N, K, H, W) view in
   channels_last memory. OpenVINO compiles one static-shape copy for each of the first four input shapes, which runs
   faster than its dynamic-shape mode, and one dynamic-shape copy for any other shape.
-- ``"tflite"`` (optional extra ``deeplab[litert]``): the graph written as a TF Lite flatbuffer (`deeplab.litert`) and
+- ``"tflite"`` (optional extra ``deeplab[litert]``): the graph written as a TF Lite flatbuffer (`deeplab.deploy.litert`) and
   run by the official TF Lite runtime (ai-edge-litert, XNNPACK), NHWC inside and out. TF Lite graphs are static: one
   is written for each of the first four input shapes (a second or so each); any other shape runs in the PyTorch
   fast path (under "auto": in the fastest of the other runtimes).
@@ -34,8 +34,6 @@ model.onnx` needs nothing else.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import tempfile
 import time
@@ -43,49 +41,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import ModelConfig, Preprocessing
+from ..models.config import Preprocessing
+from .runners import EXTRA, RUNNERS, RuntimeModel, missing_runtime, thread_count
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "tflite")
-EXTRA = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "litert"}
-EXPORTED_SUFFIXES = (".onnx", ".xml", ".tflite")
 DEFAULT_RTOL = 1e-4
-OPENVINO_SHAPES = 4
 AUTO_BUDGET_S = 1.5  # seconds `auto` spends timing the candidates on the first input (at least 3 rounds)
 AUTO_CLOSE = 0.05  # candidates within 5% of the fastest median are timed again before `auto` picks
 BLOCK_S = 0.05  # `time_in_rounds` times a call shorter than this back to back for about this long, in each round
 BLOCK_CALLS = 5  # at most this many calls in one block
 
 __all__ = [
-    "EXPORTED_SUFFIXES",
     "RUNTIMES",
     "RuntimeModel",
-    "load_exported",
     "missing_runtime",
     "optimize_for_inference",
     "prepare_model",
     "runtime_name",
     "torch_only_reason",
 ]
-
-
-def missing_runtime(runtime: str) -> str | None:
-    """None when `runtime` can be imported here, else why not (with the install command)."""
-    if runtime == "tflite":
-        from .litert import missing
-
-        return missing()
-    module = {"onnxruntime": "onnxruntime", "openvino": "openvino"}.get(runtime)
-    if module is None:
-        return None
-    try:
-        __import__(module)
-    except ImportError:
-        return f"{runtime} is not installed: pip install 'deeplab[{EXTRA[runtime]}]'"
-    return None
 
 
 def torch_only_reason(model: nn.Module, *, amp: str = "off") -> str | None:
@@ -114,179 +91,6 @@ def runtime_name(model: nn.Module) -> str:
 
 
 # -- exported graphs ------------------------------------------------------------------------------------------------
-
-
-class RuntimeModel(nn.Module):
-    """An exported graph run by ONNX Runtime, OpenVINO or TF Lite, carrying what `eval` and `predict` read from a model."""
-
-    def __init__(
-        self, run: Callable[[np.ndarray], np.ndarray], *, runtime: str, config: ModelConfig,
-        class_names: tuple[str, ...], preprocessing: Preprocessing, source: str, threads: int,
-        metadata: dict[str, Any] | None = None, nhwc: bool = False,
-    ) -> None:
-        super().__init__()
-        self._run = run
-        self.nhwc = nhwc
-        self.runtime = runtime
-        self.config = config
-        self.class_names = tuple(class_names)
-        self.preprocessing = preprocessing
-        self.source = source
-        self.threads = threads
-        self.metadata = dict(metadata or {})
-        self.activation_rounding = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.from_numpy(np.asarray(self._run(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())),
-                                          dtype=np.float32))
-        # NHWC logits come back as an (N, K, H, W) view in channels_last memory: no copy
-        return out.permute(0, 3, 1, 2) if self.nhwc else out
-
-
-Runner = tuple[Callable[[np.ndarray], np.ndarray], str]  # run(NCHW input) -> logits, and their layout
-
-
-def _threads(threads: int | None) -> int:
-    return int(threads) if threads else torch.get_num_threads()
-
-
-def onnxruntime_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW") -> Runner:
-    """ONNX Runtime on the CPU; the logits in the file's layout."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: x})[0]
-
-    return run, layout
-
-
-def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW") -> Runner:
-    """OpenVINO on the CPU in f32: a static-shape copy compiled for each of the first OPENVINO_SHAPES input shapes
-    (faster than OpenVINO's dynamic-shape mode), one dynamic-shape copy for every shape after those (images of many
-    sizes would otherwise compile once each); the logits NHWC: OpenVINO upsamples them NHWC inside, and asking for
-    NCHW adds a reorder (1.6 ms of 19 for MobileNetV2 dm0.5 at 257x257, one thread here)."""
-    import openvino as ov
-    from openvino.preprocess import PrePostProcessor
-
-    core = ov.Core()
-    model = core.read_model(str(path))
-    if layout == "NCHW":
-        ppp = PrePostProcessor(model)
-        ppp.output(0).model().set_layout(ov.Layout("NCHW"))
-        ppp.output(0).tensor().set_layout(ov.Layout("NHWC"))
-        model = ppp.build()
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
-              "NUM_STREAMS": 1}
-    compiled: dict[tuple[int, ...] | None, Any] = {}  # input shape (None: dynamic) -> infer request
-
-    def run(x: np.ndarray) -> np.ndarray:
-        shape = tuple(x.shape)
-        if shape not in compiled and len(compiled) >= OPENVINO_SHAPES:
-            shape = None
-        request = compiled.get(shape)
-        if request is None:
-            copy = model.clone()
-            if shape is not None:
-                copy.reshape({copy.input(0): ov.PartialShape(list(shape))})
-            request = compiled[shape] = core.compile_model(copy, "CPU", config).create_infer_request()
-        request.infer({0: x})
-        return request.get_output_tensor(0).data.copy()
-
-    return run, "NHWC"
-
-
-def tflite_runner(path: str | os.PathLike, *, threads: int, layout: str = "NHWC") -> Runner:
-    """The TF Lite runtime (XNNPACK) on a file `deeplab export --format tflite` wrote: one static input shape."""
-    from .litert import input_shape, interpreter
-
-    content = Path(path).read_bytes()
-    run_graph = interpreter(content, threads=threads)
-    expected = input_shape(content)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        if tuple(x.shape) != expected:
-            raise ValueError(
-                f"{path}: a TF Lite file runs at the one input size it was exported for, {expected[2]}x{expected[3]} "
-                f"(batch {expected[0]}), not {x.shape[2]}x{x.shape[3]} (batch {x.shape[0]}): run it at that size "
-                "(--scales 1 and no --window; --input-size model, the default, resizes each image to it) or export one "
-                f"for {x.shape[2]}x{x.shape[3]} with deeplab export --format tflite --input-size {x.shape[2]}x{x.shape[3]}"
-            )
-        return run_graph(x)
-
-    return run, "NHWC"
-
-
-RUNNERS = {"onnxruntime": onnxruntime_runner, "openvino": openvino_runner, "tflite": tflite_runner}
-# each: path -> (run, output layout)
-FILE_RUNTIMES = {".onnx": ("onnxruntime", "openvino"), ".xml": ("openvino",), ".tflite": ("tflite",)}  # first: default
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The `deeplab` metadata of an exported .onnx, OpenVINO .xml or .tflite file ({} when it has none)."""
-    path = Path(path)
-    if path.suffix.lower() == ".tflite":
-        from .litert import read_tflite_metadata
-
-        return read_tflite_metadata(path.read_bytes())
-    if path.suffix.lower() == ".onnx":
-        import onnx
-
-        proto = onnx.load(str(path), load_external_data=False)
-        text = next((p.value for p in proto.metadata_props if p.key == "deeplab"), None)
-    else:
-        import openvino as ov
-
-        model = ov.Core().read_model(str(path))
-        text = model.get_rt_info(["deeplab"]).astype(str) if model.has_rt_info(["deeplab"]) else None
-    return json.loads(text) if text else {}
-
-
-def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None) -> RuntimeModel:
-    """Open an exported `.onnx` (ONNX Runtime by default; OpenVINO reads it too), OpenVINO `.xml` or `.tflite` file
-    (the TF Lite runtime)."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in EXPORTED_SUFFIXES:
-        raise ValueError(f"{path}: not an exported model (.onnx, .xml or .tflite)")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; pass the file `deeplab export` or `deeplab quantize` wrote")
-    readers = FILE_RUNTIMES[suffix]
-    runtime = readers[0] if runtime in (None, "auto", "torch", "eager") else runtime
-    if runtime not in readers:
-        raise ValueError(f"{path}: a {suffix} file runs in {' or '.join(readers)}, not {runtime}; pass --runtime "
-                         f"{readers[0]} (or auto)")
-    why = missing_runtime(runtime)
-    if why:
-        raise ImportError(f"{path}: {why}")
-    meta = read_metadata(path)
-    if not meta.get("class_names") or meta.get("mean") is None:
-        hint = (f"; an official TF DeepLab .tflite file: convert it first: deeplab convert {path} model.pt"
-                if suffix == ".tflite" else "")
-        raise ValueError(
-            f"{path}: carries no deeplab metadata (class names, preprocessing); export it with `deeplab export` "
-            f"from a deeplab checkpoint{hint}"
-        )
-    if meta.get("model_config"):
-        config = ModelConfig.from_dict(meta["model_config"])
-    else:  # an export without the model's config: what inference reads from it
-        config = ModelConfig(num_classes=len(meta["class_names"]), align_corners=bool(meta.get("align_corners")))
-    pre = Preprocessing(mean=meta["mean"], std=meta["std"], input_size=meta.get("input_size"))
-    n = _threads(threads)
-    run, layout = RUNNERS[runtime](path, threads=n, layout=meta.get("output_layout", "NCHW"))
-    model = RuntimeModel(
-        run, runtime=runtime, config=config, class_names=meta["class_names"], preprocessing=pre, source=str(path),
-        threads=n, metadata=meta, nhwc=layout == "NHWC",
-    )
-    return model.eval()
 
 
 # -- building a runtime for a model -------------------------------------------------------------------------------
@@ -327,7 +131,7 @@ def _in_memory(model: nn.Module, run, *, layout: str, runtime: str, threads: int
 
 
 def _litert_runtime(model: nn.Module, *, threads: int) -> RuntimeModel:
-    """`model` in the TF Lite runtime (`deeplab.litert`): a graph written per input shape for the first
+    """`model` in the TF Lite runtime (`deeplab.deploy.litert`): a graph written per input shape for the first
     `litert.SHAPES` shapes, the PyTorch fast path for any other."""
     from .fast import optimize_for_inference as torch_fast_path
     from .litert import litert_runner
@@ -353,10 +157,10 @@ def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None)
     if why:
         raise ValueError(f"--runtime {runtime}: {why}; use --runtime torch")
     if runtime == "tflite":
-        return _litert_runtime(model.eval(), threads=_threads(threads))
+        return _litert_runtime(model.eval(), threads=thread_count(threads))
     with tempfile.TemporaryDirectory(prefix="deeplab-runtime-") as folder:
         # ONNX Runtime and OpenVINO read the file into memory: the folder can go once the session exists.
-        return _exported_runtime(model.eval(), runtime, threads=_threads(threads), folder=folder)
+        return _exported_runtime(model.eval(), runtime, threads=thread_count(threads), folder=folder)
 
 
 def check_against_eager(candidate: nn.Module, eager: nn.Module, x: torch.Tensor, *, runtime: str,
@@ -477,7 +281,7 @@ class AutoRuntime(nn.Module):
         """ms per call of each built candidate on `x`, interleaved (`time_in_rounds`, about AUTO_BUDGET_S seconds);
         the ones within AUTO_CLOSE of the fastest median are timed for as long again, so that the noise of a few
         rounds does not decide between runtimes a few percent apart (large models get 3 rounds in the budget)."""
-        threads = _threads(self.threads)
+        threads = thread_count(self.threads)
         entries = {name: (threads, lambda c=c: c(x)) for name, c in built.items()}
         times = time_in_rounds(entries, runs=10, budget_s=AUTO_BUDGET_S)
         best = min(statistics.median(t) for t in times.values())
@@ -502,8 +306,6 @@ def optimize_for_inference(
     docstring); `model` itself is untouched. `threads`: CPU threads for ONNX Runtime / OpenVINO (default
     torch.get_num_threads(); PyTorch uses its own setting). `example`: an input to check the runtime on now (and,
     for "auto", to choose on); without it the check (and the choice) happens on the first call."""
-    from .inference import RUNTIME_CHOICES
-
     if runtime not in RUNTIME_CHOICES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {runtime!r}")
     if isinstance(model, (RuntimeModel, AutoRuntime)) or getattr(model, "fast_path", None):
@@ -526,11 +328,12 @@ def prepare_model(model: nn.Module, options: Any) -> nn.Module:
     """`model` ready to run `options` (an `InferenceOptions`): its PointRend options applied, then on
     `options.runtime` (autocast runs in PyTorch: "auto" with amp means the PyTorch fast path). A model that is
     already prepared (or an exported file's) is returned as it is."""
-    from .inference import with_pointrend_options
+    from ..models.model import with_pointrend_options
 
     if isinstance(model, (RuntimeModel, AutoRuntime, _CheckedOnFirstCall)) or getattr(model, "fast_path", None):
         return model
-    model = with_pointrend_options(model, options)
+    model = with_pointrend_options(model, pointrend=options.pointrend, points=options.pointrend_points,
+                                   steps=options.pointrend_steps)
     runtime = options.runtime
     if runtime == "auto" and (options.amp != "off" or torch_only_reason(model)):
         runtime = "torch"
@@ -555,3 +358,8 @@ class _CheckedOnFirstCall(nn.Module):
             check_against_eager(self.prepared, self.eager, x, runtime=self.runtime, rtol=self.rtol)
             self.checked = True
         return self.prepared(x)
+
+
+# "auto": the fastest of the runtimes below that can run the model, measured on the first input (deeplab.deploy.runtimes);
+# "torch": the PyTorch fast path (deeplab.deploy.fast); "eager": the model as built, no fast path.
+RUNTIME_CHOICES = ("auto", "torch", "eager", "onnxruntime", "openvino", "tflite")

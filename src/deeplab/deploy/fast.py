@@ -47,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _python_dispatch
 
-from .backbones.resnet import Bottleneck, ResNet
-from .backbones.xception import Xception
-from .layers import ASPP, DepthwiseConv2d, depthwise_shifted, runs_shifted
+from ..models.backbones.resnet import Bottleneck, ResNet
+from ..models.backbones.xception import Xception
+from ..models.heads import ASPP
+from ..models.layers import DepthwiseConv2d, depthwise_shifted, runs_shifted
 
 # (convolution, batch norm) child-name pairs that are applied in that order, directly: conv_bn's Sequential
 # ("conv", "bn"), ImagePooling ("conv", "bn"), torchvision's Bottleneck and stem ("convN", "bnN"), and a

@@ -3,7 +3,7 @@
 Preprocessing comes from the checkpoint (`model.preprocessing`): the image is normalised with its mean / std, and
 when it names an `input_size` (converted TF models: 257x257 or 513x513) the image is resized to that size for the
 model and the logits resized back to the image's size, as the TF DeepLab demo feeds its fixed-size models.
-Everything else (multi-scale, flip, sliding window) is `deeplab.inference`.
+Everything else (multi-scale, flip, sliding window) is `deeplab.inference.segment`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoint import write_atomically
+from ..data.base import image_to_rgb
+from ..data.palettes import palette_for
+from ..deploy.runtimes import prepare_model, runtime_name
+from ..models.checkpoint import write_atomically
 from .crf import dense_crf
-from .data.base import image_to_rgb
-from .inference import InferenceOptions, segment_probs
-from .runtimes import prepare_model, runtime_name
+from .options import InferenceOptions
+from .segment import segment_probs
 
 if TYPE_CHECKING:
-    from .data.palettes import Palette
+    from ..data.palettes import Palette
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -94,7 +96,7 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None)
 
 
 def _normalised(model: nn.Module, image: np.ndarray) -> torch.Tensor:
-    from .data.transforms import normalize
+    from ..data.transforms import normalize
 
     pre = getattr(model, "preprocessing", None)
     if pre is None:
@@ -128,11 +130,11 @@ def predict_probs(
 def predict(model: nn.Module, image: ImageLike, *, options: InferenceOptions | None = None, **inference: Any) -> np.ndarray:
     """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array) at the image's size.
 
-    uint8 for up to 256 classes (int64 beyond). `options` (a `deeplab.inference.InferenceOptions`), or any of its
+    uint8 for up to 256 classes (int64 beyond). `options` (a `deeplab.inference.options.InferenceOptions`), or any of its
     fields as keywords: `scales` / `flip` average softmax probabilities over rescaled and mirrored copies; `window` /
-    `overlap` tile large images (see `deeplab.inference`); `input_size="model"` uses the checkpoint's fixed input
+    `overlap` tile large images (see `deeplab.inference.segment`); `input_size="model"` uses the checkpoint's fixed input
     size if it has one, `None` runs at the image's own size, (H, W) forces a size; `amp="bf16"` runs the network
-    under bf16 autocast; `crf` (a `deeplab.crf.CRFParams`) refines the probabilities with DeepLab v1/v2's dense CRF.
+    under bf16 autocast; `crf` (a `deeplab.inference.crf.CRFParams`) refines the probabilities with DeepLab v1/v2's dense CRF.
     The model runs as given: for many images, pass it through `deeplab.optimize_for_inference` once first (the
     fastest runtime installed, the same outputs to 1e-4 of the logit range).
     """
@@ -144,37 +146,12 @@ def predict(model: nn.Module, image: ImageLike, *, options: InferenceOptions | N
 # -- palettes and overlays -----------------------------------------------------------------------------------------
 
 
-def _norm_name(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
-def palette_for(class_names: Sequence[str]) -> Palette:
-    """The built-in palette (VOC, Cityscapes, ADE20K, CamVid, synthetic) whose classes match, else a default one.
-
-    A palette matches when it has as many classes and at least 3/4 of the names agree after lower-casing and dropping
-    spaces and punctuation (so TF's VOC labelmap, with 'dining table' and 'tv', matches VOC's 'diningtable' and
-    'tvmonitor'). The returned palette carries the model's own class names.
-    """
-    from .data.palettes import PALETTES, default_palette
-    from .data.palettes import Palette as _Palette
-
-    names = tuple(str(n) for n in class_names)
-    wanted = [_norm_name(n) for n in names]
-    for palette in PALETTES.values():
-        if len(palette.class_names) != len(names):
-            continue
-        same = sum(a == _norm_name(b) for a, b in zip(wanted, palette.class_names))
-        if same * 4 >= 3 * len(names):
-            return _Palette(class_names=names, colors=palette.colors, void_color=palette.void_color)
-    return default_palette(names)
-
-
 def overlay(image: ImageLike, mask: np.ndarray, *, palette: Palette | None = None, alpha: float = 0.5) -> Image.Image:
     """RGB image: `image` alpha-blended with the colours of `mask` (H, W); `alpha` is the colour's weight.
 
     `palette` is a `deeplab.data.Palette` (default: the VOC colormap). Pixels of the ignore label (255) get no colour.
     """
-    from .data.palettes import PALETTES
+    from ..data.palettes import PALETTES
 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
@@ -198,7 +175,7 @@ class PredictReport:
 
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    runtime: str = ""  # which runtime ran the model (deeplab.runtimes.runtime_name)
+    runtime: str = ""  # which runtime ran the model (deeplab.deploy.runtimes.runtime_name)
 
     @property
     def ok(self) -> bool:
@@ -265,7 +242,7 @@ def _write_outputs(
     save_probs: bool,
     run: Callable[[np.ndarray], np.ndarray],
 ) -> list[Path]:
-    from .data.palettes import colorize
+    from ..data.palettes import colorize
 
     probs = run(rgb)  # (K, H, W)
     labels = probs.argmax(axis=0).astype(np.uint8)
@@ -299,7 +276,7 @@ def predict_files(
     the colours), and with `save_probs` NAME_probs.npy (float16, K x H x W). A video (only with the optional
     imageio package) writes NAME/frame_000000.png and so on. An input that cannot be read is recorded in the
     report's `failed` as (input, message naming it) and the others still run. The model runs as `options` (or the
-    same fields as keywords) say, on `options.runtime` (`deeplab.runtimes`); `report.runtime` says which ran.
+    same fields as keywords) say, on `options.runtime` (`deeplab.deploy.runtimes`); `report.runtime` says which ran.
     """
     opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)

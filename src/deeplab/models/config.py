@@ -22,7 +22,7 @@ def default_atrous_rates(output_stride: int) -> tuple[int, ...]:
 class ModelConfig:
     """Everything that decides the architecture of a DeepLab model (weights excluded)."""
 
-    backbone: str = "resnet101_beta"  # a key of deeplab.backbones.BACKBONES
+    backbone: str = "resnet101_beta"  # a key of deeplab.models.backbones.BACKBONES
     num_classes: int = 21
     output_stride: int = 16  # 8, 16 or 32; backbone strides past this become dilations
     atrous_rates: tuple[int, ...] | None = None  # None: derived from output_stride; () keeps only the 1x1 branch
@@ -38,7 +38,7 @@ class ModelConfig:
     align_corners: bool = False  # TF-converted models need True
     depth_multiplier: float = 1.0  # mobilenet_v2 and mobilenet_edgetpu only
     bn_momentum: float = 0.0003  # PyTorch convention for TF's decay 0.9997 (epsilon is each block's TF value)
-    pointrend: bool = False  # a PointRend point head on the stride-4 features (deeplab.pointrend)
+    pointrend: bool = False  # a PointRend point head on the stride-4 features (deeplab.models.pointrend)
     pointrend_train_points: int = 2048  # points per image in training (detectron2's semantic PointRend)
     pointrend_points: int = 8192  # points refined per subdivision step at inference
     pointrend_steps: int | None = None  # subdivision steps at inference; None: up to the input resolution
@@ -148,62 +148,3 @@ __all__ = [
 # caller can tell an explicit flag from a preset's value.
 
 
-def _flag_parser(annotation: Any):
-    import typing
-
-    import types
-
-    base = annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: parse as X
-        base = next(a for a in typing.get_args(annotation) if a is not type(None))
-    if typing.get_origin(base) is tuple:
-        item = typing.get_args(base)[0]
-        example = "a,b,c" if item is str else "1,2,4"
-
-        def parse_tuple(text: str) -> tuple:
-            try:
-                return tuple(item(v.strip()) for v in text.split(",") if v.strip())
-            except ValueError:
-                raise _argparse_error(f"expected comma-separated {item.__name__} values like {example}, got {text!r}") from None
-
-        return parse_tuple
-    return base
-
-
-def _argparse_error(message: str) -> Exception:
-    import argparse
-
-    return argparse.ArgumentTypeError(message)
-
-
-def add_dataclass_flags(
-    parser: Any, cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-    helps: dict[str, str] | None = None,
-) -> None:
-    """Add `--field-name` for every field of dataclass `cls` (or the fields in `only`; booleans get --x/--no-x),
-    default None."""
-    import argparse
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    helps = helps or {}
-    for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default_text = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
-        text = helps.get(f.name, "")
-        if not text:
-            text = f"({default_text})"
-        elif f.default is not None and "(default" not in text:  # a help text says itself what None means
-            text = f"{text} ({default_text})"
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            parser.add_argument(flag, type=_flag_parser(hints[f.name]), default=None, help=text, metavar=f.name.upper())
-
-
-def dataclass_from_flags(cls: type, base: Any, args: Any) -> Any:
-    """`base` with every field whose flag was given on the command line replaced."""
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(base, **changes)

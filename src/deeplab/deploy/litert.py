@@ -1,7 +1,7 @@
 """A DeepLab written as a TF Lite flatbuffer and run by the official TF Lite runtime (ai-edge-litert, XNNPACK).
 
 `tflite_bytes(model, shape)` traces the inference graph (BatchNorm folded, image pooling projected once per image:
-`deeplab.fast`) with `torch.export` at one input shape and writes it with the TF Lite schema (the `tflite`
+`deeplab.deploy.fast`) with `torch.export` at one input shape and writes it with the TF Lite schema (the `tflite`
 package's flatbuffer builders) as NHWC operators: CONV_2D (weights OHWI), DEPTHWISE_CONV_2D (1HWO), ADD / SUB /
 MUL, MEAN, CONCATENATION, RESIZE_BILINEAR, MAX_POOL_2D, STRIDED_SLICE, HARD_SWISH, LOGISTIC, PAD. A ReLU or ReLU6 that follows a
 convolution or an addition becomes that operator's fused activation, as TF's own converter writes it. TF Lite graphs
@@ -485,7 +485,7 @@ def _serialize(g: _Graph, metadata: dict[str, Any] | None) -> bytes:
 def tflite_bytes(model: nn.Module, shape, *, metadata: dict[str, Any] | None = None, fold_bn: bool = True,
                  nchw_input: bool = False) -> bytes:
     """`model` (eval mode, CPU, float) as a TF Lite flatbuffer for NCHW input `shape` (the file reads it NHWC);
-    `metadata` is stored as JSON under "deeplab". With `fold_bn`, the graph of `deeplab.fast` (BatchNorm folded,
+    `metadata` is stored as JSON under "deeplab". With `fold_bn`, the graph of `deeplab.deploy.fast` (BatchNorm folded,
     image pooling projected once) is written, else `model` as it is. `nchw_input`: the file reads the image NCHW
     (its first operator transposes it), as PyTorch holds it: `litert_runner`'s in-memory graphs. Raises UnsupportedOp
     when the graph holds an operator without a TF Lite equivalent here."""

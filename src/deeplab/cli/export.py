@@ -1,0 +1,51 @@
+"""`deeplab export`: ONNX, OpenVINO, TorchScript, torch.export or TF Lite, checked against the eager model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .flags import number, size_arg, sizes_arg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..deploy.export import ExportCheckError, export_model
+    from ..models.checkpoint import model_from_checkpoint, read_checkpoint
+
+    data = read_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
+    extra = {"train_config": data["train_config"]} if data.get("train_config") else None
+    try:
+        res = export_model(model, args.out, format=args.format, sizes=args.check_sizes, rtol=args.rtol,
+                           opset=args.opset, dynamo=args.dynamo, metadata=extra,
+                           output_layout="NHWC" if args.nhwc_logits else "NCHW", input_size=args.input_size)
+    except ExportCheckError as e:
+        print(f"deeplab export: FAILED: {e}", file=sys.stderr)
+        return 1
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in res["max_rel_diff"].items())
+    rounded = " without activation rounding (every rounding is in the file)" if model.activation_rounding else ""
+    print(f"{args.checkpoint} -> {res['path']} ({args.format}, {res['seconds']:.1f} s); "
+          f"max |exported - eager|{rounded} / logit range {diffs} (allowed {args.rtol:g})")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, OpenVINO, TorchScript, torch.export or TF Lite, "
+                       "verified against eager")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite"])
+    p.add_argument("--out", required=True,
+                   help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2, .tflite)")
+    p.add_argument("--input-size", type=size_arg, default=None,
+                   help="tflite: the file's fixed input size HxW (default: the checkpoint's input size, else 513x513)")
+    p.add_argument("--dynamo", action="store_true", help="ONNX: the torch.export-based exporter (slower) instead of the legacy one")
+    p.add_argument("--opset", type=number(int, 17, "17 or newer"), default=17, help="ONNX opset, 17 or newer (default %(default)s)")
+    p.add_argument("--nhwc-logits", action="store_true",
+                   help="ONNX: logits (N, H, W, classes), upsampled NHWC: faster in ONNX Runtime (metadata output_layout)")
+    p.add_argument("--check-sizes", type=sizes_arg, default=((257, 257), (193, 321)),
+                   help="input sizes to compare against eager (default 257x257,193x321)")
+    p.add_argument(
+        "--rtol", type=number(float, 0, "positive, e.g. 1e-4", strict=True), default=1e-4,
+        help="largest allowed |exported - eager| as a fraction of the eager logits' range (default %(default)s)",
+    )
+    p.set_defaults(func=run)

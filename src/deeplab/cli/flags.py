@@ -1,0 +1,318 @@
+"""Flags several commands share: dataclass fields as flags, model flags, inference flags, folder-dataset flags, and
+range-checked argument types."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from ..models.backbones import BACKBONES
+from ..models.config import OUTPUT_STRIDES, ModelConfig
+
+
+def _flag_parser(annotation: Any):
+    import types
+    import typing
+
+    base = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: parse as X
+        base = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(base) is tuple:
+        item = typing.get_args(base)[0]
+        example = "a,b,c" if item is str else "1,2,4"
+
+        def parse_tuple(text: str) -> tuple:
+            try:
+                return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+            except ValueError:
+                raise _argparse_error(f"expected comma-separated {item.__name__} values like {example}, got {text!r}") from None
+
+        return parse_tuple
+    return base
+
+
+def _argparse_error(message: str) -> Exception:
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
+
+
+def add_dataclass_flags(
+    parser: Any, cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
+    """Add `--field-name` for every field of dataclass `cls` (or the fields in `only`; booleans get --x/--no-x),
+    default None."""
+    import argparse
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    helps = helps or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default_text = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
+        text = helps.get(f.name, "")
+        if not text:
+            text = f"({default_text})"
+        elif f.default is not None and "(default" not in text:  # a help text says itself what None means
+            text = f"{text} ({default_text})"
+        if hints[f.name] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=_flag_parser(hints[f.name]), default=None, help=text, metavar=f.name.upper())
+
+
+def dataclass_from_flags(cls: type, base: Any, args: Any) -> Any:
+    """`base` with every field whose flag was given on the command line replaced."""
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(base, **changes)
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, backbone: str = "resnet101_beta") -> None:
+    p.add_argument("--backbone", default=backbone, choices=sorted(BACKBONES), help="backbone network (default %(default)s)")
+    p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES, help="(default %(default)s)")
+    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="DeepLabv3+ decoder (default on)")
+    p.add_argument("--separable", action="store_true", help="atrous separable convolution in ASPP and decoder")
+    p.add_argument("--num-classes", type=int, default=21, help="(default %(default)s)")
+    p.add_argument("--atrous-rates", type=int_tuple, default=None, help="override ASPP rates, e.g. 6,12,18 ('' for none)")
+    p.add_argument("--multi-grid", type=int_tuple, default=None, help="unit rates of the last stage, e.g. 1,2,4")
+    p.add_argument("--no-image-pooling", dest="image_pooling", action="store_false", help="drop the ASPP pooling branch")
+    p.add_argument("--depth-multiplier", type=float, default=1.0, help="MobileNetV2 width (default %(default)s)")
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 6,12,18, got {text!r}") from None
+
+
+def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(
+        backbone=args.backbone,
+        num_classes=args.num_classes,
+        output_stride=args.output_stride,
+        atrous_rates=args.atrous_rates,
+        multi_grid=args.multi_grid,
+        decoder=args.decoder,
+        separable=args.separable,
+        image_pooling=args.image_pooling,
+        depth_multiplier=args.depth_multiplier,
+    )
+
+
+TRAIN_HELP = {
+    "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder",
+    "data_root": "dataset folder",
+    "batch_size": "global batch size, split across torchrun processes",
+    "steps": "training steps",
+    "lr": "initial learning rate of the poly schedule",
+    "val_every": "validate every N steps (0: only at the end)",
+    "backbone_weights": "ImageNet backbone weights (torchvision or timm file)",
+    "init_checkpoint": "start from a deeplab checkpoint, e.g. one written by `deeplab convert`",
+    "amp": "off, bf16 (CPU or CUDA) or fp16 (CUDA)",
+    "hard_pixel_fraction": "train on only this fraction of hardest pixels",
+    "freeze_bn": "BatchNorm in inference mode (fine-tuning at output stride 8)",
+    "eval_output_stride": "validate at this output stride (e.g. 8 for a model trained at 16)",
+    "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
+    "backbone": "backbone network: " + ", ".join(sorted(BACKBONES)),
+    "dataset_options": "extra dataset arguments NAME=VALUE,..., e.g. image_size=96 for synthetic",
+    "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
+    "val_scales": "validate with these image scales, softmax averaged, e.g. 1.5 for thin structures (deeplab eval "
+                  "of the checkpoint uses them too)",
+    "val_flip": "validate with the mirrored image averaged in (deeplab eval of the checkpoint does too)",
+    "ignore_data_warnings": "train although the data report says the masks look read wrong",
+    "image_dir": "folder dataset: images folder under --data-root (default images)",
+    "mask_dir": "folder dataset: masks folder under --data-root (default masks)",
+    "image_suffix": "folder dataset: image file name ending when images and masks share a folder, e.g. _image.png",
+    "mask_suffix": "folder dataset: mask file name ending (default .png)",
+    "palette": "folder dataset: colour masks read with voc, cityscapes, ade20k, camvid, or a file of 'R G B' lines",
+    "mask_mode": "folder dataset: auto (by the PNG's mode), index or color",
+    "classes": "folder dataset: class names NAME,NAME,... (default classes.txt)",
+    "label_map": "folder dataset: stored mask value -> class, STORED:CLASS,... e.g. 0:0,255:1 (CLASS may be ignore)",
+    "val_fraction": "folder dataset: held-out validation fraction when there is no splits/val.txt (default 0.2)",
+}
+
+
+def number(kind: type, low: float, expected: str, *, below: float | None = None, below_inclusive: bool = False,
+            strict: bool = False):
+    """An argparse type: `kind` (int or float) >= `low` (> with `strict`) and < `below` (<= with `below_inclusive`);
+    argparse names the flag in its error."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; must be {expected}") from None
+        ok = math.isfinite(value) and (value > low if strict else value >= low)
+        if below is not None:
+            ok = ok and (value <= below if below_inclusive else value < below)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} must be {expected}")
+        return value
+
+    return parse
+
+
+def float_tuple(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers like 0.5,0.75,1.0, got {text!r}")
+    return values
+
+
+def size_arg(text: str) -> tuple[int, int] | str | None:
+    """'model' (the checkpoint's input size, if any), 'native' (the image's own size), 'H' or 'HxW'."""
+    if text in ("model", "native"):
+        return None if text == "native" else "model"
+    try:
+        parts = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        parts = ()
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'model', 'native', a size like 513 or HxW like 257x385, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def sizes_arg(text: str) -> tuple[tuple[int, int], ...]:
+    sizes = tuple(size_arg(t) for t in text.split(",") if t.strip())
+    if len(sizes) < 2 or not all(isinstance(s, tuple) for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected two or more sizes like 257x257,193x321, got {text!r}")
+    return sizes  # type: ignore[return-value]
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference (softmax probabilities are averaged over scales and flips, as TF DeepLab does)")
+    g.add_argument("--scales", type=float_tuple, default=None,
+                   help="image scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0; eval: the scales the checkpoint "
+                   "was validated at in training, --val-scales)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run the mirrored image and mirror its output back (default off; eval: as the checkpoint "
+                   "was validated in training, --val-flip)")
+    g.add_argument("--window", type=number(int, 17, "at least 17 pixels, e.g. 513"), default=None, help="sliding-window tile size in pixels, e.g. 513 (default: whole image)")
+    g.add_argument("--overlap", type=number(float, 0, "in [0, 1), e.g. 0.33", below=1), default=0.33, help="sliding-window overlap as a fraction of the window (default %(default)s)")
+    g.add_argument(
+        "--input-size", type=size_arg, default="model",
+        help="'model' (default): resize images to the checkpoint's fixed input size if it has one (converted TFLite "
+        "models: 257x257 / 513x513) and the logits back; 'native': the image's own size; or HxW",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_runtime_flags(g)
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-fast is --runtime eager (the model as built, no fast path)")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="run the network under autocast: bf16 (CPU or CUDA) or fp16 (CUDA); default off")
+    g.add_argument("--crf", action="store_true",
+                   help="refine with DeepLab v1/v2's dense CRF (defaults: 10 iterations, bilateral w 4, xy 67, rgb 3; "
+                   "Gaussian w 3, xy 1)")
+    g.add_argument("--crf-params", default=None,
+                   help="override CRF settings, e.g. iterations=5,bi_w=5,bi_xy_std=50,bi_rgb_std=3,pos_w=3,pos_xy_std=1")
+    g.add_argument("--crf-backend", default="torch", choices=["torch", "pydensecrf"],
+                   help="torch (built in) or pydensecrf (pip install 'deeplab[crf]'); default torch")
+    g.add_argument("--pointrend", action=argparse.BooleanOptionalAction, default=None,
+                   help="PointRend checkpoints refine by adaptive subdivision by default; --no-pointrend uses the "
+                   "coarse prediction alone (for comparison)")
+    g.add_argument("--pointrend-points", type=number(int, 1, "a positive number of points"), default=None,
+                   help="PointRend checkpoints: points refined per subdivision step (default: the checkpoint's, 8192)")
+    g.add_argument("--pointrend-steps", type=number(int, 0, "0 or a positive number of steps"), default=None,
+                   help="PointRend checkpoints: subdivision steps (default: up to the input resolution)")
+
+
+def add_runtime_flags(g) -> None:
+    from ..deploy.runtimes import RUNTIME_CHOICES
+
+    g.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES,
+                   help="auto (default): the fastest installed runtime, measured on the first image; torch: the PyTorch "
+                   "fast path; eager: the model as built; onnxruntime / openvino / tflite: the exported graph (pip install "
+                   "'deeplab[onnx]' / 'deeplab[openvino]' / 'deeplab[litert]'). Each is checked against the eager model "
+                   "when built")
+    g.add_argument("--threads", type=number(int, 1, "a positive number of threads"), default=None,
+                   help="CPU threads for the network (default: PyTorch's, i.e. OMP_NUM_THREADS or the core count)")
+
+
+def inference_options(args: argparse.Namespace, **defaults):
+    """The InferenceOptions the flags of `add_inference_flags` describe; `defaults` for flags left unset."""
+    from ..inference.options import InferenceOptions
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    runtime = "eager" if args.fast is False else args.runtime
+    return InferenceOptions(
+        scales=args.scales or defaults.get("scales", (1.0,)),
+        flip=args.flip if args.flip is not None else defaults.get("flip", False),
+        window=args.window, overlap=args.overlap, input_size=args.input_size, runtime=runtime, threads=args.threads,
+        amp=args.amp, crf=crf_params(args), crf_backend=args.crf_backend, pointrend=args.pointrend,
+        pointrend_points=args.pointrend_points, pointrend_steps=args.pointrend_steps,
+    )
+
+
+def load_for_inference(path: str, args: argparse.Namespace):
+    """(model, checkpoint dict or exported metadata) for eval / predict: a deeplab checkpoint, or an exported .onnx /
+    OpenVINO .xml file run by its runtime."""
+    from pathlib import Path
+
+    from ..deploy.runners import EXPORTED_SUFFIXES, load_exported
+    from ..models.checkpoint import model_from_checkpoint, read_checkpoint
+
+    if Path(path).suffix.lower() in EXPORTED_SUFFIXES:
+        runtime = args.runtime if args.runtime in ("onnxruntime", "openvino", "tflite") else None
+        model = load_exported(path, runtime=runtime, threads=args.threads)
+        return model, model.metadata
+    data = read_checkpoint(path)
+    return model_from_checkpoint(data, source=str(path)).eval(), data
+
+
+def crf_params(args: argparse.Namespace):
+    from ..inference.crf import CRFParams
+
+    if args.crf_params and not args.crf:
+        raise ValueError("--crf-params needs --crf")
+    if not args.crf:
+        return None
+    values = {}
+    for item in (args.crf_params or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, text = item.partition("=")
+        if not sep or name.strip() not in CRFParams.__dataclass_fields__:
+            raise ValueError(f"--crf-params: {item!r} is not NAME=VALUE with NAME one of {sorted(CRFParams.__dataclass_fields__)}")
+        values[name.strip()] = int(text) if name.strip() == "iterations" else float(text)
+    return CRFParams(**values)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def add_folder_flags(p: argparse.ArgumentParser, note: str) -> None:
+    """The folder dataset's flags, shared with `deeplab train` (same names, same parsing, same help)."""
+    from ..training.config import FOLDER_OPTIONS, TrainConfig
+
+    g = p.add_argument_group(f"folder dataset ({note})")
+    add_dataclass_flags(g, TrainConfig, only=FOLDER_OPTIONS, helps=TRAIN_HELP)
+    g.add_argument("--dataset-options", type=str_tuple, default=None, help=TRAIN_HELP["dataset_options"])
+
+
+def str_tuple(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def flagged_folder_options(args: argparse.Namespace) -> dict:
+    from ..training.config import FOLDER_OPTIONS
+
+    return {name: getattr(args, name) for name in (*FOLDER_OPTIONS, "dataset_options") if getattr(args, name) is not None}

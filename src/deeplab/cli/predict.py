@@ -1,0 +1,51 @@
+"""`deeplab predict`: index PNGs, overlays and probabilities for image files, folders or globs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .flags import (
+    add_inference_flags,
+    inference_options,
+    load_for_inference,
+    number,
+    resolve_device,
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference.predict import predict_files
+
+    model, _ = load_for_inference(args.checkpoint, args)
+    if next(model.parameters(), None) is not None:
+        model = model.to(resolve_device(args.device))
+    report = predict_files(
+        model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
+        progress=not args.quiet, options=inference_options(args),
+    )
+    for _name, message in report.failed:
+        print(f"deeplab predict: {message}", file=sys.stderr)
+    files = sum(len(v) for v in report.written.values())
+    print(f"wrote {files} files for {len(report.written)} inputs to {args.out} (runtime {report.runtime})")
+    if report.failed:
+        total = len(report.written) + len(report.failed)
+        print(f"deeplab predict: {len(report.failed)} of {total} inputs failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="segment image files, folders or globs into index PNGs (+ overlays, probabilities)")
+    p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns; videos "
+                   "(.mp4, .avi, .mov, .mkv, .webm) only with the optional imageio package (pip install 'imageio[pyav]'), "
+                   "otherwise they are reported as failed")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint, or a .onnx / OpenVINO .xml file from "
+                   "`deeplab export` or `deeplab quantize`")
+    p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette")
+    p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours")
+    p.add_argument("--alpha", type=number(float, 0, "in [0, 1], e.g. 0.5", below=1, below_inclusive=True), default=0.5, help="overlay colour weight (default %(default)s)")
+    p.add_argument("--probs", action="store_true", help="also NAME_probs.npy, class probabilities float16 (C, H, W)")
+    add_inference_flags(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)

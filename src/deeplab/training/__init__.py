@@ -1,0 +1,2 @@
+"""Training with the papers' protocol: `fit`, its configuration, losses, run folders, warm starts, PreciseBN and
+distributed training. Validates through `deeplab.inference`."""

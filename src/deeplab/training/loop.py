@@ -1,0 +1,526 @@
+"""Training with the DeepLab papers' protocol: random scale, crop, flip; cross-entropy ignoring 255; SGD with
+momentum and a poly learning rate; periodic validation; atomic, exactly resumable checkpoints; DDP under torchrun.
+
+Everything a step depends on is a function of (seed, step): the batch order (a permutation per epoch seeded by
+(seed, epoch)), each sample's augmentation (seeded by (seed, epoch, index) inside the dataset), and the learning
+rate (computed from the step, not accumulated). The checkpoint adds the model, the optimizer and torch's RNG state
+(dropout), so a run killed at any moment and resumed from its last checkpoint repeats the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.checkpoint import (
+    atomic_save,
+    checkpoint_dict,
+    load_state_dict_strict,
+    read_checkpoint,
+)
+from ..models.config import ModelConfig, Preprocessing
+from ..models.model import DeepLab
+from .config import TrainConfig, default_weight_decay
+from .distributed import all_reduce_sum, convert_sync_batchnorm, init_distributed
+from .losses import step_losses
+from .run_folder import (
+    CsvLog,
+    RunFolderLock,
+    elastic_restart,
+    read_resume_state,
+    tensorboard_writer,
+    write_text,
+)
+from .warm_start import initial_model, run_preprocessing
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> float:
+    """DeepLab's poly schedule: base_lr * (1 - step / total_steps) ** power."""
+    return base_lr * (1.0 - min(step, total_steps) / total_steps) ** power
+
+
+def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a permutation seeded by (seed, epoch), cut into full batches."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(num_samples, generator=g).tolist()
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(num_samples // batch_size)]
+
+
+def _set_bn_frozen(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # TF regularizes conv kernels only: no decay on BatchNorm parameters or biases.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_datasets(train_cfg: TrainConfig, preprocessing: Preprocessing):
+    from ..data import EvalTransform, TrainTransform, build_dataset
+
+    train_tf = TrainTransform(
+        crop_size=(train_cfg.crop_size, train_cfg.crop_size),
+        scale_range=(train_cfg.min_scale, train_cfg.max_scale),
+        scale_step=train_cfg.scale_step,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        ignore_index=train_cfg.ignore_index,
+        flip=train_cfg.flip,
+    )
+    eval_tf = EvalTransform(mean=preprocessing.mean, std=preprocessing.std, ignore_index=train_cfg.ignore_index)
+    common = dict(root=train_cfg.data_root, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad,
+                  **train_cfg.dataset_kwargs())
+    train_ds = build_dataset(train_cfg.dataset, split=train_cfg.train_split, transform=train_tf, **common)
+    val_ds = build_dataset(train_cfg.dataset, split=train_cfg.val_split, transform=eval_tf, **common)
+    return train_ds, val_ds
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    metrics: dict[str, Any]
+    best_miou: float
+    seconds: float
+    skipped: list = None  # (file, reason) of samples skipped with skip_bad (this process's count)
+    data_report: dict[str, Any] | None = None  # deeplab.data.report.data_report of the run's splits (new runs)
+
+
+class DataCheckError(ValueError):
+    """The data report says the masks look read wrong; the message names the flag that fixes it."""
+
+
+@dataclass
+class _Run:
+    """What a training run holds between its steps (built by `_start`)."""
+
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dist: Any  # deeplab.training.distributed.DistInfo
+    say: Callable[[str], None]
+    progress: bool
+    train_ds: Any
+    val_ds: Any
+    model: DeepLab
+    train_model: nn.Module  # the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    class_weights: torch.Tensor | None
+    log: "CsvLog"
+    val_log: "CsvLog"
+    writer: Any  # TensorBoard, if installed
+    report: dict[str, Any] | None
+    step: int = 0
+    best_miou: float = -1.0
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+    lr: float = 0.0
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    @property
+    def per_rank(self) -> int:
+        return self.train_cfg.batch_size // self.dist.world_size
+
+
+def fit(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    *,
+    out_dir: str | os.PathLike,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+    resume_changes: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train a DeepLab. The run folder `out_dir` gets config.json, data_report.json, last.pt, best.pt, metrics.json,
+    log.csv (one row per step), val.csv (one row per validation), curves.png and predictions.png.
+
+    In order: `_start` (device, resume state, datasets and their data report, model, optimizer, run folder),
+    `_train_steps` (`_train_step` per batch; `_validate` every val_every steps; `_save_last` every checkpoint_every
+    steps), then a last `_validate` and `_save_last`. `echo` receives the progress lines (e.g. `print`).
+
+    With `resume`, the run continues with the configuration it was started with; `resume_changes` ({field: value},
+    the flags given with --resume) may change only `RESUMABLE` fields (e.g. more `steps`) and refuses the others.
+    """
+    started = time.time()
+    out = Path(out_dir)
+    lock = RunFolderLock(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        if lock is not None:
+            for stale in out.glob(".*.tmp"):  # left by a write that was killed; no one else writes here now
+                stale.unlink(missing_ok=True)
+        resume, restarted = elastic_restart(out, resume, echo=echo, main=lock is not None)
+        run = _start(model_cfg, train_cfg, out=out, resume=resume, progress=progress, echo=echo,
+                     resume_changes=resume_changes or {}, restarted=restarted)
+        try:
+            _train_steps(run)
+        finally:
+            run.log.close()
+        try:
+            metrics = _validate(run)
+            _save_last(run)
+        finally:
+            run.val_log.close()
+        if run.dist.is_main:
+            write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+            if run.writer is not None:
+                run.writer.close()
+    finally:
+        if lock is not None:
+            lock.release()
+    skipped = list(getattr(run.train_ds, "bad_files", [])) + list(getattr(run.val_ds, "bad_files", []))
+    return TrainResult(out_dir=run.out, step=run.step, metrics=metrics, best_miou=run.best_miou,
+                       seconds=time.time() - started, skipped=skipped, data_report=run.report)
+
+
+def _start(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: Path, resume: bool, progress: bool,
+    echo: Callable[[str], None] | None, resume_changes: dict[str, Any], restarted: bool = False,
+) -> _Run:
+    """Everything before the first step; says what it loaded."""
+    device = _resolve_device(train_cfg.device)
+    dist_info = init_distributed(device_type=device.type)
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+        torch.cuda.set_device(device)
+    say = echo if (echo is not None and dist_info.is_main) else (lambda _msg: None)
+    resume_state = read_resume_state(out / "last.pt", resume, restarted=restarted)
+    if resume_state is not None:
+        model_cfg = ModelConfig.from_dict(resume_state["model_config"])
+        saved = replace(TrainConfig.from_dict(resume_state.get("train_config", {})), device=train_cfg.device,
+                        workers=train_cfg.workers)
+        train_cfg = _resumed_config(saved, model_cfg, resume_changes, step=int(resume_state["step"]), say=say)
+
+    torch.manual_seed(train_cfg.seed)
+    init_data = read_checkpoint(train_cfg.init_checkpoint) if train_cfg.init_checkpoint and not resume_state else None
+    preprocessing = run_preprocessing(resume_state, init_data)
+    train_ds, val_ds = build_datasets(train_cfg, preprocessing)
+    report = None if resume_state is not None else _check_data(train_cfg, train_ds, val_ds, say=say, progress=progress)
+    if model_cfg.num_classes != train_ds.num_classes:
+        model_cfg = model_cfg.replace(num_classes=train_ds.num_classes)
+    if len(train_ds) < train_cfg.batch_size:
+        raise ValueError(
+            f"{train_ds!r} has {len(train_ds)} samples, fewer than --batch-size {train_cfg.batch_size}; lower it"
+        )
+    if train_cfg.batch_size % dist_info.world_size:
+        raise ValueError(
+            f"--batch-size {train_cfg.batch_size} does not split over {dist_info.world_size} processes; "
+            "use a multiple of --nproc_per_node"
+        )
+
+    model = initial_model(model_cfg, train_cfg, train_ds, preprocessing, init_data, fresh=resume_state is None, say=say)
+    if resume_state is not None:
+        load_state_dict_strict(model, resume_state["state_dict"], source=str(out / "last.pt"))
+    train_model, optimizer = _placed_and_optimized(model, train_cfg, device=device, dist_info=dist_info)
+    class_weights = None if train_cfg.class_weights is None else torch.tensor(train_cfg.class_weights, device=device)
+    if class_weights is not None and len(class_weights) != model_cfg.num_classes:
+        raise ValueError(f"--class-weights has {len(class_weights)} values for {model_cfg.num_classes} classes; "
+                         "give one per class")
+
+    step, best_miou, last_metrics = 0, -1.0, {}
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        step = int(resume_state["step"])
+        best_miou = float(resume_state.get("best_miou", -1.0))
+        last_metrics = resume_state.get("metrics", {})
+        torch.set_rng_state(resume_state["rng_state"])
+        say(f"resumed {out / 'last.pt'} at step {step}")
+    main = dist_info.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        elastic = {"torchelastic_run_id": os.environ["TORCHELASTIC_RUN_ID"]} if "TORCHELASTIC_RUN_ID" in os.environ else {}
+        write_text(out / "config.json", json.dumps(
+            {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
+             "class_names": list(train_ds.class_names), **elastic}, indent=2))
+        if report is not None:
+            write_text(out / "data_report.json", json.dumps(report, indent=2))
+    say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
+        f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
+        f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
+        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f"; writing {out}")
+    log = CsvLog(out / "log.csv", CsvLog.step_columns, keep_below=step, enabled=main)
+    val_log = CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main)
+    for note in (getattr(log, "repaired", None), getattr(val_log, "repaired", None)):
+        if note:
+            say(note)
+    return _Run(
+        model_cfg=model_cfg, train_cfg=train_cfg, out=out, device=device, dist=dist_info, say=say, progress=progress,
+        train_ds=train_ds, val_ds=val_ds, model=model, train_model=train_model, optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda", enabled=train_cfg.amp == "fp16"), class_weights=class_weights,
+        log=log, val_log=val_log,
+        writer=tensorboard_writer(out / "tensorboard") if main else None, report=report,
+        step=step, best_miou=best_miou, last_metrics=last_metrics, lr=train_cfg.lr,
+    )
+
+
+def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: torch.device, dist_info: Any):
+    """The model on its device and layout, wrapped for DDP (synchronized BN) when distributed; its SGD optimizer."""
+    model.to(device)
+    if train_cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if train_cfg.freeze_bn:
+        _set_bn_frozen(model)
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        if not train_cfg.freeze_bn:
+            train_model = convert_sync_batchnorm(model, device_type=device.type)
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    decay = train_cfg.weight_decay if train_cfg.weight_decay is not None else default_weight_decay(model.config.backbone)
+    optimizer = torch.optim.SGD(_param_groups(train_model, decay), lr=train_cfg.lr, momentum=train_cfg.momentum)
+    return train_model, optimizer
+
+
+# What a resumed run may change: how long it runs and how it reports, never what it learns from or how.
+RESUMABLE = ("steps", "device", "workers", "val_every", "val_limit", "val_images", "checkpoint_every",
+             "precise_bn_images", "skip_bad")
+
+
+def _resumed_config(saved: TrainConfig, model_cfg: ModelConfig, changes: dict[str, Any], *, step: int,
+                    say: Callable[[str], None]) -> TrainConfig:
+    """The run's own config with the --resume flags that may change applied (said); any other differing flag refused."""
+    current = {**model_cfg.to_dict(), **saved.to_dict()}
+    normal = {k: (list(v) if isinstance(v, tuple) else v) for k, v in changes.items()}
+    differ = {k: v for k, v in normal.items() if k in current and current[k] != v}
+    refused = [k for k in differ if k not in RESUMABLE]
+    if refused:
+        shown = ", ".join(f"--{k.replace('_', '-')} {differ[k]} (the run has {current[k]})" for k in refused)
+        raise ValueError(
+            f"--resume: {shown}: a resumed run keeps its configuration; drop these flags, or start a new run with "
+            "another --out (--init-checkpoint RUN/last.pt starts from its weights)"
+        )
+    if "steps" in differ and differ["steps"] <= step:
+        raise ValueError(f"--resume --steps {differ['steps']}: the run is already at step {step}; give more steps")
+    applied = {k: changes[k] for k in differ if k not in ("device", "workers")}
+    if applied:
+        say("resuming with " + ", ".join(f"--{k.replace('_', '-')} {v} (was {current[k]})" for k, v in applied.items()))
+    return replace(saved, **applied)
+
+
+def _check_data(train_cfg: TrainConfig, train_ds, val_ds, *, say: Callable[[str], None], progress: bool):
+    """The data report of both splits, said; raises DataCheckError on a warning that stops training."""
+    from ..data.report import data_report, format_report
+
+    report = data_report({"train": train_ds, "val": val_ds}, progress=False)
+    where = f" at {train_cfg.data_root}" if train_cfg.data_root else ""
+    say(format_report(report, title=f"{train_cfg.dataset}{where}"))
+    stops = [w["message"] for w in report["warnings"] if w["stop"]]
+    if stops and not train_cfg.ignore_data_warnings:
+        raise DataCheckError(
+            f"the data looks read wrong, so training did not start: {stops[0]}"
+            + (f" (and {len(stops) - 1} more problem(s) above)" if len(stops) > 1 else "")
+            + ". Fix that, or pass --ignore-data-warnings to train anyway"
+        )
+    return report
+
+
+def _train_steps(run: _Run) -> None:
+    """Steps from run.step to train_cfg.steps, an epoch's seeded permutation at a time."""
+    from tqdm import tqdm
+
+    cfg = run.train_cfg
+    steps_per_epoch = len(run.train_ds) // cfg.batch_size
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="train", disable=not (run.progress and run.dist.is_main),
+               dynamic_ncols=True)
+    _train_mode(run)
+    try:
+        while run.step < cfg.steps:
+            epoch, first = divmod(run.step, steps_per_epoch)
+            batches = epoch_batches(len(run.train_ds), cfg.batch_size, seed=cfg.seed, epoch=epoch)
+            rank = run.dist.rank
+            rank_batches = [b[rank * run.per_rank : (rank + 1) * run.per_rank] for b in batches[first:]]
+            run.train_ds.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                run.train_ds, batch_sampler=rank_batches, num_workers=cfg.workers,
+                pin_memory=run.device.type == "cuda",
+                # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and
+                # the extra draw of a resumed (mid-epoch) loader would shift the dropout masks after a resume.
+                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
+            )
+            for images, masks in loader:
+                t0 = time.perf_counter()
+                loss = _train_step(run, images, masks)
+                run.step += 1
+                images_per_s = cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                run.log.write(step=run.step, epoch=epoch, loss=repr(loss), lr=run.lr, images_per_s=f"{images_per_s:.2f}")
+                if run.writer is not None:
+                    run.writer.add_scalar("train/loss", loss, run.step)
+                    run.writer.add_scalar("train/lr", run.lr, run.step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", img_s=f"{images_per_s:.1f}")
+                if cfg.val_every and run.step % cfg.val_every == 0 and run.step < cfg.steps:
+                    _validate(run)
+                    _train_mode(run)
+                if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                    _save_last(run)
+                if run.step >= cfg.steps:
+                    break
+    finally:
+        bar.close()
+
+
+def _train_mode(run: _Run) -> None:
+    run.train_model.train()
+    if run.train_cfg.freeze_bn:
+        _set_bn_frozen(run.train_model)
+
+
+def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
+    """One SGD step on this process's share of a global batch; returns the global mean loss."""
+    cfg, device = run.train_cfg, run.device
+    run.lr = poly_lr(cfg.lr, run.step, cfg.steps, cfg.lr_power)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    images = images.to(device, dtype=next(run.model.parameters()).dtype, non_blocking=True)
+    masks = masks.to(device, non_blocking=True)
+    loss_sum, count, point_sum, point_count = step_losses(
+        run.train_model, images, masks, amp=cfg.amp, channels_last=cfg.channels_last, ignore_index=cfg.ignore_index,
+        class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction,
+    )
+    # Divide by the global number of counted pixels (times the world size, which DDP's gradient averaging divides
+    # out): the gradient then equals one process's over the whole batch.
+    stats = all_reduce_sum(torch.stack([
+        loss_sum.detach().double(), count.double(), point_sum.detach().double(), point_count.double(),
+    ]))
+    global_count, global_points = stats[1].clamp_min(1), stats[3].clamp_min(1)
+    world = run.dist.world_size
+    loss = loss_sum * (world / global_count).to(loss_sum.dtype)
+    loss = loss + point_sum * (world / global_points).to(point_sum.dtype)  # 0 without PointRend
+    loss_value = float(stats[0] / global_count + stats[2] / global_points)
+    if not math.isfinite(loss_value):
+        raise TrainingDiverged(
+            f"the loss is {loss_value} at step {run.step} (learning rate {run.lr:.3g}); "
+            f"{_kept(run)}. Lower --lr or check the data."
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return loss_value
+
+
+def _kept(run: _Run) -> str:
+    if run.last_path.is_file():
+        return f"the last good checkpoint {run.last_path} is kept"
+    return "no checkpoint had been written yet"
+
+
+def _save_last(run: _Run) -> None:
+    # A step can leave non-finite weights (or BN statistics) behind a still-finite loss; never let them replace a
+    # good checkpoint.
+    if not all(torch.isfinite(v).all() for v in run.model.state_dict().values() if v.is_floating_point()):
+        raise TrainingDiverged(
+            f"the weights became non-finite at step {run.step} (learning rate {run.lr:.3g}); {_kept(run)}. "
+            "Lower --lr or check the data."
+        )
+    if run.dist.is_main:
+        atomic_save(
+            checkpoint_dict(
+                run.model, step=run.step, optimizer=run.optimizer.state_dict(), rng_state=torch.get_rng_state(),
+                best_miou=run.best_miou, metrics=run.last_metrics, train_config=run.train_cfg.to_dict(),
+            ),
+            run.last_path,
+        )
+
+
+def _precise_bn(run: _Run) -> int:
+    """Re-measure the BN statistics on `precise_bn_images` training images (the same ones in every process count
+    and order for a given step); returns the number of images used, 0 when switched off."""
+    from .precise_bn import recompute_bn_statistics
+
+    cfg = run.train_cfg
+    if cfg.precise_bn_images <= 0 or cfg.freeze_bn:
+        return 0
+    world, rank = run.dist.world_size, run.dist.rank
+    # Two images at least in one process: the image-pooling BN's statistics over one 1x1 feature are undefined (with
+    # several processes synchronized BN pools the batch across them, as in training).
+    per_rank = run.per_rank if world > 1 else max(2, run.per_rank)
+    n_batches = max(1, min(cfg.precise_bn_images, len(run.train_ds)) // (per_rank * world))
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.step + 1)  # not torch's global RNG
+    perm = torch.randperm(len(run.train_ds), generator=g).tolist()
+    chosen = [perm[i % len(perm)] for i in range(n_batches * per_rank * world)]
+    mine = [chosen[(b * world + rank) * per_rank : (b * world + rank + 1) * per_rank] for b in range(n_batches)]
+    loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=mine, num_workers=cfg.workers)
+    dtype = next(run.model.parameters()).dtype
+    memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    batches = (x.to(run.device, dtype=dtype).contiguous(memory_format=memory) for x, _ in loader)
+    return recompute_bn_statistics(run.model, batches) * world
+
+
+def _validate(run: _Run) -> dict[str, Any]:
+    """Precise BN, then the same evaluation as `deeplab eval` (at native size, with val_scales and val_flip, sharded
+    across processes); writes val.csv, best.pt, predictions.png and curves.png."""
+    from ..inference.evaluate import evaluate
+
+    cfg = run.train_cfg
+    measured = _precise_bn(run)
+    # The PyTorch fast path, not "auto": choosing a runtime would export and time the model at every validation.
+    metrics = evaluate(run.model, run.val_ds, input_size=None, output_stride=cfg.eval_output_stride,
+                       scales=cfg.val_scales, flip=cfg.val_flip, runtime="torch", device=run.device,
+                       progress=run.progress and run.dist.is_main, limit=cfg.val_limit)
+    metrics["step"] = run.step
+    metrics["precise_bn_images"] = measured
+    run.last_metrics = metrics
+    miou = metrics["miou"]
+    bn_note = f" (BatchNorm statistics re-measured on {measured} training images)" if measured else ""
+    run.say(f"step {run.step}: val mIoU {_fmt(miou)}, pixel accuracy {_fmt(metrics['pixel_accuracy'])}{bn_note}")
+    if not run.dist.is_main:
+        return metrics
+    if run.writer is not None and miou is not None:
+        run.writer.add_scalar("val/miou", miou, run.step)
+    run.val_log.write(step=run.step, miou=_fmt(miou), pixel_accuracy=_fmt(metrics["pixel_accuracy"]),
+                      **{f"iou_{n}": _fmt(v) for n, v in metrics["per_class_iou"].items()})
+    if miou is not None and miou > run.best_miou:
+        run.best_miou = miou
+        atomic_save(checkpoint_dict(run.model, step=run.step, metrics=metrics, train_config=cfg.to_dict()),
+                    run.out / "best.pt")
+    from ..inference.plots import draw_predictions, plot_training_curves
+
+    draw_predictions(run.model, run.val_ds, run.out / "predictions.png", count=cfg.val_images, device=run.device,
+                     step=run.step)
+    drawn = plot_training_curves(run.out / "log.csv", run.out / "val.csv", run.out / "curves.png")
+    if drawn is None and run.step == cfg.steps:
+        run.say("curves.png not drawn: it needs matplotlib (pip install 'deeplab[plots]')")
+    return metrics
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _val_columns(class_names) -> tuple[str, ...]:
+    return ("step", "miou", "pixel_accuracy", *(f"iou_{n}" for n in class_names), "time")
+
+

@@ -1,0 +1,121 @@
+"""Where a run's weights start: a deeplab checkpoint (e.g. a converted TF model, with its folded BatchNorms
+recalibrated), ImageNet backbone weights, or random initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.checkpoint import CheckpointError, load_state_dict_strict
+from ..models.config import ModelConfig, Preprocessing
+from ..models.model import DeepLab, build_model
+from .config import TrainConfig
+
+
+def run_preprocessing(resume_state: dict[str, Any] | None, init_data: dict[str, Any] | None) -> Preprocessing:
+    if resume_state is not None:
+        return Preprocessing.from_dict(resume_state["preprocessing"])
+    if init_data is not None:
+        # The imported normalisation stays; a fixed input size (a TF Lite graph's) does not: training is at any size.
+        return replace(Preprocessing.from_dict(init_data["preprocessing"]), input_size=None)
+    return Preprocessing()
+
+
+def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ds, preprocessing: Preprocessing,
+                   init_data: dict[str, Any] | None, *, fresh: bool, say: Callable[[str], None]) -> DeepLab:
+    """The model before the first step: random, from a deeplab checkpoint, or with an ImageNet backbone."""
+    model = build_model(model_cfg, class_names=train_ds.class_names, preprocessing=preprocessing)
+    if init_data is not None:
+        matched = _load_init(model, init_data, source=str(train_cfg.init_checkpoint), say=say)
+        folded = folded_batchnorms(model, matched)
+        if folded and not train_cfg.freeze_bn:
+            count = min(len(train_ds), max(train_cfg.batch_size, 32))
+            recalibrate_folded_batchnorms(model, folded, (train_ds[i][0] for i in range(count)))
+            say(f"{len(folded)} BatchNorms of {train_cfg.init_checkpoint} were folded into their convs; "
+                f"their statistics were re-measured on {count} training crops so that training-mode BN keeps "
+                "the imported function")
+    if train_cfg.backbone_weights and fresh:
+        from ..convert.torch_weights import backbone_state_dict
+
+        weights = backbone_state_dict(train_cfg.backbone_weights, backbone=model_cfg.backbone)
+        load_state_dict_strict(model.backbone, weights, source=str(train_cfg.backbone_weights))
+        say(f"backbone weights loaded from {train_cfg.backbone_weights}")
+    return model
+
+
+def _load_init(model: DeepLab, data: dict[str, Any], *, source: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """Start from another deeplab checkpoint: every tensor whose name and shape match; a new classifier otherwise."""
+    own = model.state_dict()
+    theirs = data["state_dict"]
+    matched = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in own if k not in matched)
+    if not any(k.startswith("backbone.") for k in matched):
+        raise CheckpointError(
+            f"{source}: none of its backbone weights fit this model ({model.config.backbone}); "
+            "pass the same --backbone (and --depth-multiplier) the checkpoint was built with"
+        )
+    own.update(matched)
+    model.load_state_dict(own)
+    say(f"initialised from {source}: {len(matched)} tensors loaded, {len(skipped)} left at random init"
+        + (f" ({', '.join(skipped[:6])}{' ...' if len(skipped) > 6 else ''})" if skipped else ""))
+    return matched
+
+
+def folded_batchnorms(model: nn.Module, loaded: dict[str, Any]) -> list[str]:
+    """BatchNorms loaded as identities carrying a folded bias (weight 1, mean 0, variance 1 - eps): TF Lite imports."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and f"{name}.running_var" in loaded:
+            identity = (
+                bool((module.weight == 1).all()) and bool((module.running_mean == 0).all())
+                and torch.allclose(module.running_var, torch.full_like(module.running_var, 1.0 - module.eps))
+            )
+            if identity:
+                names.append(name)
+    return names
+
+
+@torch.no_grad()
+def recalibrate_folded_batchnorms(model: nn.Module, names: list[str], images: Iterable[torch.Tensor]) -> None:
+    """Give folded (identity) BatchNorms the statistics of their inputs without changing what the model computes.
+
+    A BN-folded graph computes conv(x) + b. As an identity BN that is exact at inference, but training-mode BN would
+    normalise each channel by its batch statistics and the imported features would be rescaled. With the measured
+    input mean m and variance v: running_mean = m, running_var = v, weight = sqrt(v + eps), bias = b + m. Inference
+    is unchanged exactly; in training the batch statistics approximate (m, v), so the function is kept and BN
+    trains in its usual parametrisation.
+    """
+    modules = dict(model.named_modules())
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # per BN: sum, sum of squares, count
+
+    def hook(name):
+        def record(_module, inputs):
+            x = inputs[0].detach().double().transpose(0, 1).flatten(1).cpu()  # (C, pixels)
+            s1, s2, n = sums.get(name, (0.0, 0.0, 0))
+            sums[name] = (s1 + x.sum(1), s2 + (x * x).sum(1), n + x.shape[1])
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for image in images:
+            model(image.unsqueeze(0).to(device, dtype=next(model.parameters()).dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for name in names:
+        s1, s2, n = sums[name]
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        bn = modules[name]
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.bias.add_(mean.to(bn.bias.dtype))
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
