@@ -104,7 +104,7 @@ def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
     )
 
 
-TRAIN_HELP = {
+FIELD_HELP = {
     "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder",
     "data_root": "dataset folder",
     "batch_size": "global batch size, split across torchrun processes",
@@ -304,8 +304,8 @@ def add_folder_flags(p: argparse.ArgumentParser, note: str) -> None:
     from ..training.config import FOLDER_OPTIONS, TrainConfig
 
     g = p.add_argument_group(f"folder dataset ({note})")
-    add_dataclass_flags(g, TrainConfig, only=FOLDER_OPTIONS, helps=TRAIN_HELP)
-    g.add_argument("--dataset-options", type=str_tuple, default=None, help=TRAIN_HELP["dataset_options"])
+    add_dataclass_flags(g, TrainConfig, only=FOLDER_OPTIONS, helps=FIELD_HELP)
+    g.add_argument("--dataset-options", type=str_tuple, default=None, help=FIELD_HELP["dataset_options"])
 
 
 def str_tuple(text: str) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ import sys
 
 from ..models.config import ModelConfig
 from ..training.config import TrainConfig
-from .flags import TRAIN_HELP, add_dataclass_flags, dataclass_from_flags
+from .flags import FIELD_HELP, add_dataclass_flags, dataclass_from_flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,8 +64,8 @@ def _resume_hint(out: str) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic default, ~3 min on 2 CPU cores)")
-    add_dataclass_flags(p, ModelConfig, helps=TRAIN_HELP)
-    add_dataclass_flags(p, TrainConfig, helps=TRAIN_HELP)
+    add_dataclass_flags(p, ModelConfig, helps=FIELD_HELP)
+    add_dataclass_flags(p, TrainConfig, helps=FIELD_HELP)
     p.add_argument("--out", default=None, help="output folder (default runs/DATASET-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
