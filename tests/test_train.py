@@ -314,3 +314,17 @@ def test_resume_applies_more_steps_refuses_other_changes_and_repairs_a_damaged_l
     assert any("log.csv: dropped 1 damaged row(s) and 64 NUL byte(s)" in line for line in said)
     assert not list(run.glob(".*.tmp"))
     assert json.loads((run / "config.json").read_text())["train"]["steps"] == 4
+
+
+def test_loader_workers_give_the_same_run_as_loading_in_the_process(tmp_path):
+    # One DataLoader serves the whole run (persistent workers, prefetch): each sample's augmentation is still seeded
+    # by (seed, epoch, index), so the losses do not depend on who loads. 5 steps of 2 cross an epoch boundary.
+    cfg = replace(TINY_TRAIN, steps=5, batch_size=4, dataset_options=("length=8",), checkpoint_every=5,
+                  precise_bn_images=4, val_every=0)
+    fit(TINY_MODEL, replace(cfg, workers=0), out_dir=tmp_path / "main", progress=False)
+    fit(TINY_MODEL, replace(cfg, workers=2), out_dir=tmp_path / "workers", progress=False)
+    main, workers = read_log(tmp_path / "main" / "log.csv"), read_log(tmp_path / "workers" / "log.csv")
+    assert sorted(main) == list(range(1, 6))
+    assert workers == pytest.approx(main, rel=1e-6, abs=1e-7)
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("main", "workers"))
+    assert a["miou"] == pytest.approx(b["miou"], abs=1e-6)  # PreciseBN drew the same images too

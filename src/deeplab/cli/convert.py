@@ -6,6 +6,7 @@ import argparse
 
 from ..models.backbones import BACKBONES
 from ..models.config import OUTPUT_STRIDES
+from .flags import number
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +40,11 @@ def add_parser(sub) -> None:
     p.add_argument("src", help="official TF DeepLab .tflite, torchvision deeplabv3 .pth, or an ImageNet backbone .pth")
     p.add_argument("out", help="the deeplab checkpoint to write (.pt)")
     p.add_argument("--backbone", choices=sorted(BACKBONES), help="for ImageNet backbone files: which backbone")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the new head (backbone files)")
-    p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES, help="(backbone files)")
-    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="(backbone files)")
+    p.add_argument("--num-classes", type=number(int, 1, "a positive number of classes"), default=None,
+                   help="ImageNet backbone files: classes of the new head (default 21)")
+    p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES,
+                   help="ImageNet backbone files: output stride of the new model, 8, 16 or 32 (default %(default)s)")
+    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="ImageNet backbone files: a DeepLabv3+ decoder in the new model (default on)")
     p.add_argument(
         "--labels",
         help="class names: a text file, one per line, or a built-in dataset's (voc, cityscapes, ade20k, camvid); "

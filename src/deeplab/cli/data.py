@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", required=True, help="voc, cityscapes, ade20k, camvid, folder, synthetic")
     p.add_argument("--data-root", default=None, help="dataset folder")
     p.add_argument("--splits", type=str_tuple, default=("train", "val"), help="splits to report (default train,val)")
-    p.add_argument("--seed", type=int, default=0, help="picks the held-out split of a folder, as in training (default 0)")
+    p.add_argument("--seed", type=number(int, 0, "0 or more"), default=0, help="picks the held-out split of a folder, as in training (default 0)")
     p.add_argument("--max-masks", type=number(int, 0, "0 (all) or a positive number"), default=1000,
                    help="read at most N masks per split, evenly spaced (0: all; default %(default)s)")
     p.add_argument("--skip-bad", action="store_true", help="count unreadable samples instead of stopping")

@@ -22,15 +22,15 @@ def _pct(v: float | None) -> str:
     return "     -" if v is None else f"{100 * v:6.2f}"
 
 
-def eval_data(args: argparse.Namespace, trained: dict | None):
+def eval_data(args: argparse.Namespace, trained: dict | None, *, source: str):
     """(dataset, root, split, seed, dataset keyword arguments) for `deeplab eval`: the flags, with the training
     data recorded in the checkpoint (`trained`, a TrainConfig dict) as the default for every flag not given."""
     from dataclasses import replace
     from pathlib import Path
 
-    from ..training.config import TrainConfig
+    from ..training.config import TrainConfig, train_config_of
 
-    cfg = TrainConfig.from_dict(trained) if trained else None
+    cfg = train_config_of({"train_config": trained}, source=source) if trained else None
     name = args.dataset or (cfg.dataset if cfg else None)
     if name is None:
         raise ValueError("--dataset: this checkpoint records no training data (converted or older); pass --dataset "
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for label, path in zip(checkpoint_labels(args.checkpoint), args.checkpoint):
         model, data = load_for_inference(path, args)
-        name, root, split, seed, options = eval_data(args, data.get("train_config"))
+        name, root, split, seed, options = eval_data(args, data.get("train_config"), source=str(path))
         trained = data.get("train_config") or {}
         inference = inference_options(args, scales=tuple(trained.get("val_scales") or (1.0,)),
                                        flip=bool(trained.get("val_flip", False)))
@@ -128,7 +128,7 @@ def add_parser(sub) -> None:
                    help="voc, cityscapes, ade20k, camvid, folder, synthetic (default: the checkpoint's training data)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
     p.add_argument("--split", default=None,
-                   help="(default val: for the folder a checkpoint was trained on, the same held-out images; for "
+                   help="the split to evaluate (default val: for the folder a checkpoint was trained on, the same held-out images; for "
                    "another folder without splits/val.txt, all)")
     p.add_argument("--limit", type=number(int, 1, "a positive number of images"), default=None, help="evaluate the first N images only")
     p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")

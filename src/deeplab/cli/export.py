@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX, OpenVINO, TorchScript, torch.export or TF Lite, "
                        "verified against eager")
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
-    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite"])
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite"],
+                   help="the file format: onnx, openvino (an .xml + .bin pair), torchscript, pt2 (torch.export) or tflite")
     p.add_argument("--out", required=True,
                    help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2, .tflite)")
     p.add_argument("--input-size", type=size_arg, default=None,

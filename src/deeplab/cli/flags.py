@@ -40,29 +40,57 @@ def _argparse_error(message: str) -> Exception:
 
 def add_dataclass_flags(
     parser: Any, cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-    helps: dict[str, str] | None = None,
+    helps: dict[str, str] | None = None, choices: dict[str, tuple] | None = None, preset: Any = None,
+    preset_name: str = "", ranges: dict[str, tuple[Any, str]] | None = None,
 ) -> None:
     """Add `--field-name` for every field of dataclass `cls` (or the fields in `only`; booleans get --x/--no-x),
-    default None."""
-    import argparse
+    default None, so a given flag can be told from a default. The help shows the field's default and, where a
+    `preset` (an instance of `cls`) differs, the preset's value too."""
     import typing
 
     hints = typing.get_type_hints(cls)
-    helps = helps or {}
+    helps, choices, ranges = helps or {}, choices or {}, ranges or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default_text = f"default {f.default!r}" if f.default is not dataclasses.MISSING else ""
-        text = helps.get(f.name, "")
-        if not text:
-            text = f"({default_text})"
-        elif f.default is not None and "(default" not in text:  # a help text says itself what None means
-            text = f"{text} ({default_text})"
-        if hints[f.name] is bool:
+        text = helps.get(f.name) or f.name.replace("_", " ")
+        notes = []
+        if f.default is not None and f.default is not dataclasses.MISSING and "(default" not in text:
+            notes.append(f"default {_shown(f.default)}")
+        if preset is not None and getattr(preset, f.name) != f.default:
+            notes.append(f"{preset_name}: {_shown(getattr(preset, f.name))}")
+        if notes:
+            text += f" ({'; '.join(notes)})"
+        if f.name in choices:
+            text += f"; one of {', '.join(str(c) for c in choices[f.name])}"
+        if hints[f.name] in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=_flag_parser(hints[f.name]), default=None, help=text, metavar=f.name.upper())
+            parse = _flag_parser(hints[f.name])
+            if f.name in ranges:
+                parse = _in_range(parse, *ranges[f.name])
+            parser.add_argument(flag, type=parse, default=None, help=text, metavar=f.name.upper(),
+                                choices=choices.get(f.name))
+
+
+def _in_range(parse, ok, expected: str):
+    """`parse`, then the field's range check: a value out of range is refused where the flag is parsed."""
+    def checked(text: str):
+        value = parse(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {expected}")
+        return value
+
+    return checked
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) or "''"
+    return str(value)
 
 
 def dataclass_from_flags(cls: type, base: Any, args: Any) -> Any:
@@ -72,22 +100,31 @@ def dataclass_from_flags(cls: type, base: Any, args: Any) -> Any:
 
 
 def add_model_flags(p: argparse.ArgumentParser, *, backbone: str = "resnet101_beta") -> None:
-    p.add_argument("--backbone", default=backbone, choices=sorted(BACKBONES), help="backbone network (default %(default)s)")
-    p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES, help="(default %(default)s)")
-    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="DeepLabv3+ decoder (default on)")
-    p.add_argument("--separable", action="store_true", help="atrous separable convolution in ASPP and decoder")
-    p.add_argument("--num-classes", type=int, default=21, help="(default %(default)s)")
-    p.add_argument("--atrous-rates", type=int_tuple, default=None, help="override ASPP rates, e.g. 6,12,18 ('' for none)")
-    p.add_argument("--multi-grid", type=int_tuple, default=None, help="unit rates of the last stage, e.g. 1,2,4")
-    p.add_argument("--no-image-pooling", dest="image_pooling", action="store_false", help="drop the ASPP pooling branch")
-    p.add_argument("--depth-multiplier", type=float, default=1.0, help="MobileNetV2 width (default %(default)s)")
+    """The architecture flags of `deeplab profile` (a subset of `deeplab train`'s, with the same help)."""
+    h = FIELD_HELP
+    p.add_argument("--backbone", default=backbone, choices=sorted(BACKBONES), help=f"{h['backbone']} (default %(default)s)")
+    p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES,
+                   help=f"{h['output_stride']} (default %(default)s)")
+    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help=f"{h['decoder']} (default on)")
+    p.add_argument("--separable", action="store_true", help=h["separable"])
+    p.add_argument("--num-classes", type=number(int, 1, "a positive number of classes"), default=21,
+                   help="number of classes (default %(default)s)")
+    p.add_argument("--atrous-rates", type=int_tuple, default=None, help=h["atrous_rates"])
+    p.add_argument("--multi-grid", type=int_tuple, default=None, help=h["multi_grid"])
+    p.add_argument("--no-image-pooling", dest="image_pooling", action="store_false", help="drop the ASPP image pooling branch")
+    p.add_argument("--depth-multiplier", type=number(float, 0, "positive, e.g. 0.5", strict=True), default=1.0,
+                   help=f"{h['depth_multiplier']} (default %(default)s)")
 
 
 def int_tuple(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers ('' is the empty tuple)."""
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 6,12,18, got {text!r}") from None
+        values = (0,)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 6,12,18, got {text!r}")
+    return values
 
 
 def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
@@ -105,25 +142,72 @@ def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
 
 
 FIELD_HELP = {
-    "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder",
-    "data_root": "dataset folder",
-    "batch_size": "global batch size, split across torchrun processes",
-    "steps": "training steps",
+    # ModelConfig
+    "backbone": "backbone network",
+    "num_classes": "number of classes (the dataset's, when training on one)",
+    "output_stride": "input size / feature size of the backbone's output, 8, 16 or 32; strides past it become "
+                     "dilations and the ASPP rates follow it",
+    "atrous_rates": "ASPP rates, comma-separated, e.g. 6,12,18 ('' keeps only the 1x1 branch; default: 6,12,18 at "
+                    "output stride 16, doubled at 8, halved at 32)",
+    "multi_grid": "unit rates of the last ResNet / Xception stage, e.g. 1,2,4 (default: the backbone's)",
+    "decoder": "the DeepLabv3+ decoder on the stride-4 features (--no-decoder: DeepLabv3)",
+    "separable": "atrous separable convolution (depthwise + pointwise) in ASPP and the decoder",
+    "image_pooling": "the ASPP image-level pooling branch (the paper drops it for Cityscapes)",
+    "aspp_channels": "channels of every ASPP branch and its projection",
+    "decoder_channels": "channels of the decoder's two 3x3 convs",
+    "low_level_channels": "channels the stride-4 feature is projected to before the decoder (the paper's 48)",
+    "head_conv": "a 3x3 conv + BN + ReLU before the classifier (torchvision's DeepLabHead has one)",
+    "dropout": "dropout probability after the ASPP projection, in [0, 1)",
+    "align_corners": "bilinear resizing with align_corners=True, as TF models do (crops of the form 16k+1, e.g. 513)",
+    "depth_multiplier": "width multiplier of mobilenet_v2 and mobilenet_edgetpu, e.g. 0.5 (1.0 for every other "
+                        "backbone)",
+    "bn_momentum": "BatchNorm momentum in PyTorch's convention, in [0, 1] (TF's decay 0.9997 is 0.0003)",
+    "pointrend": "a PointRend point head refining the prediction at uncertain points",
+    "pointrend_train_points": "PointRend: points per image in training",
+    "pointrend_points": "PointRend: points refined per subdivision step at inference",
+    "pointrend_steps": "PointRend: subdivision steps at inference (default: up to the input resolution)",
+    # TrainConfig
+    "dataset": "the dataset (synthetic is built in: no download; folder reads your own, see --data-root)",
+    "data_root": "the dataset's folder",
+    "dataset_options": "extra dataset arguments NAME=VALUE,..., e.g. image_size=96,length=64 for synthetic",
+    "train_split": "the split to train on",
+    "val_split": "the split to validate on",
+    "crop_size": "training crop side in pixels, at least 17 (the papers use 513)",
+    "min_scale": "smallest random rescaling of a training image, e.g. 0.5",
+    "max_scale": "largest random rescaling of a training image, e.g. 2.0",
+    "scale_step": "rescalings are drawn in steps of this (TF's 0.25); 0 draws them continuously",
+    "flip": "random left-right flips in training",
+    "batch_size": "images per step, global: split across torchrun processes",
+    "steps": "training steps (SGD updates)",
     "lr": "initial learning rate of the poly schedule",
+    "lr_power": "power of the poly schedule: lr * (1 - step / steps) ** power",
+    "momentum": "SGD momentum, in [0, 1)",
+    "weight_decay": "L2 weight decay on conv kernels, in [0, 1) (default: TF's 1e-4 for ResNet, 4e-5 for "
+                    "Xception and the MobileNets)",
+    "ignore_index": "mask value that is never counted, 0..255",
+    "class_weights": "loss weight of each class, comma-separated, one per class, e.g. 1.5,0.8 (default: all 1)",
+    "hard_pixel_fraction": "train on only this fraction of each image's hardest pixels, in (0, 1] (TF's "
+                           "top_k_percent_pixels)",
+    "freeze_bn": "BatchNorm in inference mode and not trained (fine-tuning at output stride 8)",
+    "amp": "mixed precision: auto (bf16 autocast on a CUDA GPU with bf16, fp16 with a gradient scaler on one "
+           "without, off on CPU), off, bf16 (CPU or CUDA) or fp16 (CUDA)",
+    "channels_last": "NHWC memory for the model and batches (default: on for CUDA, off on CPU)",
+    "compile": "torch.compile the model for training (the first steps compile; later ones run faster on GPUs)",
     "val_every": "validate every N steps (0: only at the end)",
-    "backbone_weights": "ImageNet backbone weights (torchvision or timm file)",
-    "init_checkpoint": "start from a deeplab checkpoint, e.g. one written by `deeplab convert`",
-    "amp": "off, bf16 (CPU or CUDA) or fp16 (CUDA)",
-    "hard_pixel_fraction": "train on only this fraction of hardest pixels",
-    "freeze_bn": "BatchNorm in inference mode (fine-tuning at output stride 8)",
-    "eval_output_stride": "validate at this output stride (e.g. 8 for a model trained at 16)",
-    "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
-    "backbone": "backbone network: " + ", ".join(sorted(BACKBONES)),
-    "dataset_options": "extra dataset arguments NAME=VALUE,..., e.g. image_size=96 for synthetic",
-    "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
+    "val_limit": "validate on the first N validation images only (default: all)",
     "val_scales": "validate with these image scales, softmax averaged, e.g. 1.5 for thin structures (deeplab eval "
                   "of the checkpoint uses them too)",
     "val_flip": "validate with the mirrored image averaged in (deeplab eval of the checkpoint does too)",
+    "checkpoint_every": "write last.pt every N steps",
+    "eval_output_stride": "validate at this output stride, 8, 16 or 32 (e.g. 8 for a model trained at 16)",
+    "seed": "seed of the batch order, the augmentation and the initialisation, 0 or more",
+    "workers": "data-loading processes, 0 or more (default: 0 on CPU; on CUDA one per spare core, up to 8)",
+    "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
+    "backbone_weights": "ImageNet backbone weights to start from: a torchvision or timm .pth file",
+    "init_checkpoint": "start from a deeplab checkpoint, e.g. one written by `deeplab convert`",
+    "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
+    "val_images": "validation images drawn in predictions.png, 0 or more",
+    "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
     "ignore_data_warnings": "train although the data report says the masks look read wrong",
     "image_dir": "folder dataset: images folder under --data-root (default images)",
     "mask_dir": "folder dataset: masks folder under --data-root (default masks)",
@@ -135,6 +219,16 @@ FIELD_HELP = {
     "label_map": "folder dataset: stored mask value -> class, STORED:CLASS,... e.g. 0:0,255:1 (CLASS may be ignore)",
     "val_fraction": "folder dataset: held-out validation fraction when there is no splits/val.txt (default 0.2)",
 }
+
+
+def field_choices() -> dict[str, tuple]:
+    """The fixed sets some ModelConfig / TrainConfig fields choose from: argparse refuses anything else by name."""
+    from ..data import DATASETS
+    from ..training.config import AMP_CHOICES
+
+    return {"backbone": tuple(sorted(BACKBONES)), "output_stride": OUTPUT_STRIDES,
+            "eval_output_stride": OUTPUT_STRIDES, "amp": AMP_CHOICES, "dataset": tuple(sorted(DATASETS)),
+            "mask_mode": ("auto", "index", "color")}
 
 
 def number(kind: type, low: float, expected: str, *, below: float | None = None, below_inclusive: bool = False,
@@ -301,10 +395,10 @@ def resolve_device(name: str):
 
 def add_folder_flags(p: argparse.ArgumentParser, note: str) -> None:
     """The folder dataset's flags, shared with `deeplab train` (same names, same parsing, same help)."""
-    from ..training.config import FOLDER_OPTIONS, TrainConfig
+    from ..training.config import FOLDER_OPTIONS, RANGES, TrainConfig
 
     g = p.add_argument_group(f"folder dataset ({note})")
-    add_dataclass_flags(g, TrainConfig, only=FOLDER_OPTIONS, helps=FIELD_HELP)
+    add_dataclass_flags(g, TrainConfig, only=FOLDER_OPTIONS, helps=FIELD_HELP, ranges=RANGES)
     g.add_argument("--dataset-options", type=str_tuple, default=None, help=FIELD_HELP["dataset_options"])
 
 

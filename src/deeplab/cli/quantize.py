@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         name, split, count = "image", ",".join(args.images), len(files)
         load = lambda i: _normalised(model, load_image(files[i]))  # noqa: E731
     else:
-        name, root, split, seed, options = eval_data(args, trained)
+        name, root, split, seed, options = eval_data(args, trained, source=str(args.checkpoint))
         if args.split is None and split != "all":  # calibrate on training images, not on the ones scored later
             split = trained.get("train_split", "train")
         dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, **options)

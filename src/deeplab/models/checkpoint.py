@@ -115,9 +115,64 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not a deeplab checkpoint (found a {kind}); "
             "to import weights from torchvision, timm or TFLite use `deeplab convert SRC OUT.pt`"
         )
+    if not isinstance(data.get("version", 0), int):
+        raise CheckpointError(f"{path}: its version field is {data['version']!r}, not a number; the file was edited "
+                              "or not written by deeplab")
     if data.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {data['version']} is newer than this deeplab ({VERSION}); upgrade deeplab")
+    check_fields(data, source=str(path))
     return data
+
+
+# Every field a command reads from a checkpoint, and what it must hold. The first four are in every checkpoint;
+# the training state (`TRAINING_STATE`) only in a run's last.pt.
+REQUIRED_FIELDS = {"state_dict": dict, "model_config": dict, "class_names": (list, tuple), "preprocessing": dict}
+OPTIONAL_FIELDS = {"train_config": dict, "step": int, "optimizer": dict, "rng_state": torch.Tensor,
+                   "best_miou": (int, float), "metrics": dict, "activation_rounding": dict, "source": str}
+TRAINING_STATE = ("step", "optimizer", "rng_state")
+
+
+def check_fields(data: dict[str, Any], *, source: str) -> None:
+    """Refuse, naming the file and the field, a checkpoint whose fields are missing or of the wrong kind (a file
+    edited by hand, or written by something else), before any command reads them."""
+    for name, kind in REQUIRED_FIELDS.items():
+        if name not in data:
+            raise CheckpointError(f"{source}: has no {name}; it is not a whole deeplab checkpoint (written by "
+                                  "`deeplab train` or `deeplab convert`)")
+    for name, kind in {**REQUIRED_FIELDS, **OPTIONAL_FIELDS}.items():
+        value = data.get(name)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise CheckpointError(f"{source}: its {name} is a {type(value).__name__}, not what deeplab writes there; "
+                                  "the file was edited or not written by deeplab")
+    bad = next((k for k, v in data["state_dict"].items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))),
+               None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: its state_dict entry {bad!r} is not a named tensor; the file was edited or "
+                              "not written by deeplab")
+    if not all(isinstance(n, str) for n in data["class_names"]):
+        raise CheckpointError(f"{source}: its class_names are not all text; the file was edited or not written by deeplab")
+
+
+def check_training_state(data: dict[str, Any], *, source: str) -> None:
+    """Refuse to resume from a checkpoint without the state a resume needs (step, optimizer, RNG), e.g. a best.pt
+    or a converted model copied over last.pt."""
+    missing = [name for name in TRAINING_STATE if data.get(name) is None]
+    if missing or not isinstance(data.get("train_config"), dict):
+        raise CheckpointError(
+            f"{source}: holds weights only, no training state ({', '.join(missing or ['train_config'])} missing: e.g. "
+            "a best.pt or a converted model copied over last.pt), so the run cannot be resumed from it. Start a new "
+            f"run from its weights instead: deeplab train --init-checkpoint {source} --out NEW_FOLDER"
+        )
+
+
+def configs_of(data: dict[str, Any], *, source: str) -> tuple[ModelConfig, Preprocessing]:
+    """The ModelConfig and Preprocessing a checkpoint records, refused in one line naming the file when either is
+    not a valid record."""
+    try:
+        return ModelConfig.from_dict(data["model_config"]), Preprocessing.from_dict(data["preprocessing"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{source}: its model_config or preprocessing is not valid ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}); the file was edited or not written by deeplab") from None
 
 
 def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -> DeepLab:
@@ -127,10 +182,8 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -
             f"{source}: holds non-finite weights (NaN or inf, first in {bad}); it cannot predict. Use an earlier "
             "checkpoint of the run (best.pt, or a last.pt from before the run diverged)"
         )
-    cfg = ModelConfig.from_dict(data["model_config"])
-    model = build_model(
-        cfg, class_names=data["class_names"], preprocessing=Preprocessing.from_dict(data["preprocessing"])
-    )
+    cfg, preprocessing = configs_of(data, source=source)
+    model = build_model(cfg, class_names=data["class_names"], preprocessing=preprocessing)
     load_state_dict_strict(model, data["state_dict"], source=source)
     if data.get("activation_rounding"):  # a converted uint8 TFLite model: round activations as the file does
         from .activation_rounding import attach_activation_rounding

@@ -18,6 +18,33 @@ def default_atrous_rates(output_stride: int) -> tuple[int, ...]:
     return tuple(r * 16 // output_stride for r in ASPP_RATES_AT_OS16)
 
 
+# The valid range of each numeric ModelConfig field (None always passes): checked when a config is made, and by
+# `deeplab train` where the flag is parsed. The message names the flag.
+MODEL_RANGES = {
+    "atrous_rates": (lambda v: all(int(r) >= 1 for r in v), "positive integers, e.g. 6,12,18 ('' for none)"),
+    "multi_grid": (lambda v: len(v) > 0 and all(int(r) >= 1 for r in v), "positive integers, e.g. 1,2,4"),
+    "num_classes": (lambda v: v >= 1, "a positive number of classes"),
+    "aspp_channels": (lambda v: v >= 1, "a positive number of channels (the papers use 256)"),
+    "decoder_channels": (lambda v: v >= 1, "a positive number of channels (the papers use 256)"),
+    "low_level_channels": (lambda v: v >= 1, "a positive number of channels (the paper uses 48)"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.1)"),
+    "depth_multiplier": (lambda v: v > 0, "positive (e.g. 0.5)"),
+    "bn_momentum": (lambda v: 0 <= v <= 1, "in [0, 1] (PyTorch's convention: TF's decay 0.9997 is 0.0003)"),
+    "pointrend_train_points": (lambda v: v >= 1, "a positive number of points"),
+    "pointrend_points": (lambda v: v >= 1, "a positive number of points"),
+    "pointrend_steps": (lambda v: v >= 0, "0 or a positive number of steps"),
+}
+
+
+def check_ranges(config: Any, ranges: dict[str, tuple[Any, str]]) -> None:
+    """Raise, naming the flag, for the first field of `config` outside its range in `ranges`."""
+    for name, (ok, expected) in ranges.items():
+        value = getattr(config, name)
+        if value is not None and not ok(value):
+            shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, (tuple, list)) else value
+            raise ValueError(f"--{name.replace('_', '-')} {shown}: must be {expected}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that decides the architecture of a DeepLab model (weights excluded)."""
@@ -45,24 +72,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r}")
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be at least 1, got {self.num_classes!r}")
-        if self.atrous_rates is not None and any(int(r) < 1 for r in self.atrous_rates):
-            raise ValueError(f"atrous_rates must be positive integers, got {self.atrous_rates!r}")
-        if self.multi_grid is not None and any(int(r) < 1 for r in self.multi_grid):
-            raise ValueError(f"multi_grid must be positive integers, got {self.multi_grid!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.pointrend_train_points < 1 or self.pointrend_points < 1:
-            raise ValueError(
-                f"pointrend_train_points and pointrend_points must be positive, got "
-                f"{self.pointrend_train_points} and {self.pointrend_points}"
-            )
-        if self.pointrend_steps is not None and self.pointrend_steps < 0:
-            raise ValueError(f"pointrend_steps must be >= 0 or None, got {self.pointrend_steps!r}")
-        if self.depth_multiplier <= 0:
-            raise ValueError(f"depth_multiplier must be positive, got {self.depth_multiplier!r}")
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r} (--output-stride)")
+        check_ranges(self, MODEL_RANGES)
         # Tuples survive a JSON round trip as lists; normalise so equal configs compare equal.
         for name in ("atrous_rates", "multi_grid"):
             value = getattr(self, name)

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..models.config import ModelConfig
+from ..models.config import ModelConfig, check_ranges
 
 
 def dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
@@ -32,29 +32,34 @@ def dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 # The valid range of each numeric TrainConfig field (None always passes), checked wherever a config is made: the
 # flag's value is refused where it is parsed, naming the flag, not steps later.
-_RANGES = (
-    ("steps", lambda v: v >= 1, "a positive number of steps"),
-    ("batch_size", lambda v: v >= 1, "a positive number of images"),
-    ("crop_size", lambda v: v >= 17, "at least 17 pixels (the papers use 513)"),
-    ("min_scale", lambda v: v > 0, "positive (e.g. 0.5)"),
-    ("max_scale", lambda v: v > 0, "positive (e.g. 2.0)"),
-    ("scale_step", lambda v: v >= 0, "0 (continuous scales) or positive (e.g. 0.25)"),
-    ("lr", lambda v: v >= 0 and math.isfinite(v), "0 or positive (e.g. 0.007)"),
-    ("lr_power", lambda v: v >= 0, "0 or positive (e.g. 0.9)"),
-    ("momentum", lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.9)"),
-    ("weight_decay", lambda v: 0 <= v < 1, "in [0, 1) (e.g. 4e-5)"),
-    ("ignore_index", lambda v: 0 <= v <= 255, "a mask value 0..255 (e.g. 255)"),
-    ("hard_pixel_fraction", lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.25)"),
-    ("val_every", lambda v: v >= 0, "0 (only at the end) or a positive number of steps"),
-    ("val_limit", lambda v: v >= 1, "a positive number of images"),
-    ("checkpoint_every", lambda v: v >= 1, "a positive number of steps"),
-    ("seed", lambda v: v >= 0, "0 or positive"),
-    ("workers", lambda v: v >= 0, "0 (load in the main process) or positive"),
-    ("val_images", lambda v: v >= 0, "0 or positive"),
-    ("precise_bn_images", lambda v: v >= 0, "0 (off) or a positive number of images"),
-    ("val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (e.g. 0.2)"),
-)
+RANGES = {
+    "steps": (lambda v: v >= 1, "a positive number of steps"),
+    "batch_size": (lambda v: v >= 1, "a positive number of images"),
+    "crop_size": (lambda v: v >= 17, "at least 17 pixels (the papers use 513)"),
+    "min_scale": (lambda v: v > 0, "positive (e.g. 0.5)"),
+    "max_scale": (lambda v: v > 0, "positive (e.g. 2.0)"),
+    "scale_step": (lambda v: v >= 0, "0 (continuous scales) or positive (e.g. 0.25)"),
+    "lr": (lambda v: v >= 0 and math.isfinite(v), "0 or positive (e.g. 0.007)"),
+    "lr_power": (lambda v: v >= 0, "0 or positive (e.g. 0.9)"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 0.9)"),
+    "weight_decay": (lambda v: 0 <= v < 1, "in [0, 1) (e.g. 4e-5)"),
+    "ignore_index": (lambda v: 0 <= v <= 255, "a mask value 0..255 (e.g. 255)"),
+    "hard_pixel_fraction": (lambda v: 0 < v <= 1, "in (0, 1] (e.g. 0.25)"),
+    "val_every": (lambda v: v >= 0, "0 (only at the end) or a positive number of steps"),
+    "val_limit": (lambda v: v >= 1, "a positive number of images"),
+    "checkpoint_every": (lambda v: v >= 1, "a positive number of steps"),
+    "seed": (lambda v: v >= 0, "0 or positive"),
+    "workers": (lambda v: v >= 0, "0 (load in the main process) or positive"),
+    "val_images": (lambda v: v >= 0, "0 or positive"),
+    "precise_bn_images": (lambda v: v >= 0, "0 (off) or a positive number of images"),
+    "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1 (e.g. 0.2)"),
+    "class_weights": (lambda v: all(math.isfinite(w) and w >= 0 for w in v) and any(v),
+                      "weights >= 0 and finite, not all 0 (e.g. 1.5,0.8)"),
+    "val_scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "positive scales (e.g. 1.0 or 0.75,1.0,1.25)"),
+}
 
+
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
 # TrainConfig fields that only the folder dataset reads; `deeplab eval` and `deeplab data` take the same flags.
 FOLDER_OPTIONS = ("image_dir", "mask_dir", "image_suffix", "mask_suffix", "palette", "mask_mode", "classes",
@@ -85,8 +90,11 @@ class TrainConfig:
     class_weights: tuple[float, ...] | None = None
     hard_pixel_fraction: float = 1.0  # < 1: average the loss over only this fraction of hardest pixels
     freeze_bn: bool = False  # BN in inference mode and not trained (fine-tuning at output stride 8)
-    amp: str = "off"  # "bf16" (CPU or CUDA) or "fp16" (CUDA)
-    channels_last: bool = False
+    # Mixed precision: "auto" is bf16 autocast on a CUDA GPU with bf16 (fp16 with a gradient scaler on one without)
+    # and off on CPU; "off", "bf16" (CPU or CUDA) or "fp16" (CUDA) force it. Resolved when the run starts.
+    amp: str = "auto"
+    channels_last: bool | None = None  # NHWC memory; None: on for CUDA, off on CPU
+    compile: bool = False  # torch.compile the model for training
     val_every: int = 0  # steps between validations; 0: only at the end
     val_limit: int | None = None  # validate on the first N validation images only (quick checks)
     val_scales: tuple[float, ...] = (1.0,)  # validation inference scales (softmax averaged, as deeplab eval --scales)
@@ -94,7 +102,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_output_stride: int | None = None  # validate at another output stride (the paper trains at 16, tests at 8)
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # data-loading processes; None: 0 on CPU, up to 8 per GPU process on CUDA
     skip_bad: bool = False
     backbone_weights: str | None = None  # ImageNet weights for the backbone (torchvision / timm files)
     init_checkpoint: str | None = None  # start from a deeplab checkpoint (e.g. a converted TF model)
@@ -116,28 +124,20 @@ class TrainConfig:
     val_fraction: float | None = None  # held-out fraction when there is no splits/val.txt (default 0.2)
 
     def __post_init__(self) -> None:
-        if self.amp not in ("off", "bf16", "fp16"):
-            raise ValueError(f"--amp {self.amp}: choose off, bf16 (CPU or CUDA) or fp16 (CUDA)")
-        for name, ok, expected in _RANGES:
-            value = getattr(self, name)
-            if value is not None and not ok(value):
-                raise ValueError(f"--{name.replace('_', '-')} {value}: must be {expected}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"--amp {self.amp}: choose auto, off, bf16 (CPU or CUDA) or fp16 (CUDA)")
+        check_ranges(self, RANGES)
         if self.max_scale < self.min_scale:
             raise ValueError(f"--max-scale {self.max_scale} is below --min-scale {self.min_scale}")
         if self.eval_output_stride not in (None, 8, 16, 32):
             raise ValueError(f"--eval-output-stride {self.eval_output_stride}: choose 8, 16 or 32")
         if self.class_weights is not None:
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
-            if any(not math.isfinite(w) or w < 0 for w in self.class_weights) or not any(self.class_weights):
-                raise ValueError(f"--class-weights {','.join(f'{w:g}' for w in self.class_weights)}: weights must be "
-                                 ">= 0 and finite, and not all 0")
         object.__setattr__(self, "dataset_options", tuple(str(o) for o in self.dataset_options))
         dataset_options(self.dataset_options)  # fail early on a malformed option
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "val_scales", tuple(float(v) for v in self.val_scales))
-        if not self.val_scales or any(v <= 0 for v in self.val_scales):
-            raise ValueError(f"--val-scales must be positive numbers like 1.0 or 0.75,1.0,1.25, got {self.val_scales}")
         given = [f"--{name.replace('_', '-')}" for name in FOLDER_OPTIONS if getattr(self, name) is not None]
         if given and self.dataset != "folder":
             raise ValueError(f"{', '.join(given)} apply to --dataset folder only, not --dataset {self.dataset}")
@@ -163,6 +163,18 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def train_config_of(data: dict[str, Any], *, source: str) -> TrainConfig:
+    """The TrainConfig a checkpoint records (its `train_config`), refused in one line naming the file when the
+    record is not a valid one."""
+    from ..models.checkpoint import CheckpointError
+
+    try:
+        return TrainConfig.from_dict(data.get("train_config") or {})
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: its train_config is not valid ({(str(e).splitlines() or [''])[0]}); the "
+                              "file was edited or not written by deeplab") from None
 
 
 # The built-in default: `deeplab train` with no arguments trains on the synthetic shapes on 2 CPU cores in under
@@ -192,10 +204,28 @@ SYNTHETIC_MODEL = ModelConfig(
 
 SYNTHETIC_TRAIN = TrainConfig(
     dataset="synthetic", crop_size=64, min_scale=1.0, max_scale=1.0, scale_step=0.0, batch_size=16, steps=900,
-    lr=0.1, weight_decay=4e-5, class_weights=SYNTHETIC_CLASS_WEIGHTS, channels_last=True, val_every=450,
-    checkpoint_every=300, workers=0,
+    lr=0.1, weight_decay=None, class_weights=SYNTHETIC_CLASS_WEIGHTS, channels_last=True, val_every=450,
+    checkpoint_every=300,
 )
 
 
 def default_weight_decay(backbone: str) -> float:
+    """TF DeepLab's weight decay by network scope: 1e-4 for ResNet, 4e-5 for Xception and the MobileNets."""
     return 1e-4 if backbone.startswith("resnet") else 4e-5
+
+
+def presets(dataset: str, backbone: str | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """The configurations `deeplab train` starts from before its flags: the synthetic preset for the synthetic
+    dataset, the papers' protocol (ModelConfig(), TrainConfig()) otherwise.
+
+    The synthetic preset's model is a MobileNetV2 at depth multiplier 0.5. With another `backbone` (a flag the user
+    gave), the values that belong to that MobileNetV2 follow the backbone instead: the depth multiplier returns to
+    1.0 (only MobileNetV2 and MobileNet-EdgeTPU take one), and weight decay is the backbone's own (it already is:
+    the preset leaves it to `default_weight_decay`).
+    """
+    if dataset != "synthetic":
+        return ModelConfig() if backbone is None else ModelConfig(backbone=backbone), TrainConfig(dataset=dataset)
+    model = SYNTHETIC_MODEL
+    if backbone is not None and backbone != model.backbone:
+        model = model.replace(backbone=backbone, depth_multiplier=ModelConfig().depth_multiplier)
+    return model, SYNTHETIC_TRAIN

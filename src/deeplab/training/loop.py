@@ -24,12 +24,13 @@ from torch import nn
 from ..models.checkpoint import (
     atomic_save,
     checkpoint_dict,
+    configs_of,
     load_state_dict_strict,
     read_checkpoint,
 )
 from ..models.config import ModelConfig, Preprocessing
 from ..models.model import DeepLab
-from .config import TrainConfig, default_weight_decay
+from .config import TrainConfig, default_weight_decay, train_config_of
 from .distributed import all_reduce_sum, convert_sync_batchnorm, init_distributed
 from .losses import step_losses
 from .run_folder import (
@@ -217,11 +218,12 @@ def _start(
     say = echo if (echo is not None and dist_info.is_main) else (lambda _msg: None)
     resume_state = read_resume_state(out / "last.pt", resume, restarted=restarted)
     if resume_state is not None:
-        model_cfg = ModelConfig.from_dict(resume_state["model_config"])
-        saved = replace(TrainConfig.from_dict(resume_state.get("train_config", {})), device=train_cfg.device,
+        model_cfg = configs_of(resume_state, source=str(out / "last.pt"))[0]
+        saved = replace(train_config_of(resume_state, source=str(out / "last.pt")), device=train_cfg.device,
                         workers=train_cfg.workers)
         train_cfg = _resumed_config(saved, model_cfg, resume_changes, step=int(resume_state["step"]), say=say)
 
+    train_cfg = resolve_for_device(train_cfg, device)
     torch.manual_seed(train_cfg.seed)
     init_data = read_checkpoint(train_cfg.init_checkpoint) if train_cfg.init_checkpoint and not resume_state else None
     preprocessing = run_preprocessing(resume_state, init_data)
@@ -268,7 +270,7 @@ def _start(
     say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
         f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
-        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f"; writing {out}")
+        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" ({_how(train_cfg)}); writing {out}")
     log = CsvLog(out / "log.csv", CsvLog.step_columns, keep_below=step, enabled=main)
     val_log = CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main)
     for note in (getattr(log, "repaired", None), getattr(val_log, "repaired", None)):
@@ -284,6 +286,32 @@ def _start(
     )
 
 
+def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """`cfg` with its automatic choices made for `device`: amp "auto" is bf16 autocast on a CUDA GPU that has bf16
+    (fp16 with a gradient scaler on one without) and off on CPU, where bf16 autocast pays only on CPUs with bf16
+    instructions (docs/performance.md); channels_last None is on for CUDA (cuDNN's tensor-core kernels are NHWC);
+    workers None is 0 on CPU (loading competes with the training threads for the cores) and, on CUDA, the CPU cores
+    of this process's share of the machine, at most 8."""
+    amp = cfg.amp
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a CUDA device (--device cuda); on CPU use --amp bf16 or --amp off")
+    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
+    workers = cfg.workers
+    if workers is None:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        workers = 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 1) // local - 1))
+    return replace(cfg, amp=amp, channels_last=channels_last, workers=workers)
+
+
+def _how(cfg: TrainConfig) -> str:
+    """What the start-up line says of precision, memory layout, compilation and loading."""
+    amp = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler"}[cfg.amp]
+    parts = [amp, "channels_last" if cfg.channels_last else "NCHW"] + (["torch.compile"] if cfg.compile else [])
+    return ", ".join(parts + [f"{cfg.workers} loader workers" if cfg.workers else "loading in this process"])
+
+
 def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: torch.device, dist_info: Any):
     """The model on its device and layout, wrapped for DDP (synchronized BN) when distributed; its SGD optimizer."""
     model.to(device)
@@ -292,6 +320,8 @@ def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: tor
     if train_cfg.freeze_bn:
         _set_bn_frozen(model)
     train_model: nn.Module = model
+    if train_cfg.compile:
+        train_model = torch.compile(train_model)
     if dist_info.enabled:
         if not train_cfg.freeze_bn:
             train_model = convert_sync_batchnorm(model, device_type=device.type)
@@ -304,7 +334,7 @@ def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: tor
 
 
 # What a resumed run may change: how long it runs and how it reports, never what it learns from or how.
-RESUMABLE = ("steps", "device", "workers", "val_every", "val_limit", "val_images", "checkpoint_every",
+RESUMABLE = ("steps", "device", "workers", "compile", "val_every", "val_limit", "val_images", "checkpoint_every",
              "precise_bn_images", "skip_bad")
 
 
@@ -346,8 +376,65 @@ def _check_data(train_cfg: TrainConfig, train_ds, val_ds, *, say: Callable[[str]
     return report
 
 
+class _EpochSamples(torch.utils.data.Dataset):
+    """The training set addressed by (epoch, index) packed as one key, epoch * len + index, so one DataLoader (with
+    persistent workers) serves the whole run while each sample's augmentation stays seeded by (seed, epoch, index)
+    inside the dataset, in whichever worker loads it."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int):
+        epoch, index = divmod(key, len(self.dataset))
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class _RunBatches:
+    """This process's share of every global batch from `step` to `steps`: epoch by epoch, each a permutation seeded
+    by (seed, epoch) (`epoch_batches`), as keys of `_EpochSamples`."""
+
+    def __init__(self, *, size: int, batch_size: int, seed: int, step: int, steps: int, rank: int, per_rank: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.step, self.steps, self.rank, self.per_rank = step, steps, rank, per_rank
+
+    def __len__(self) -> int:
+        return self.steps - self.step
+
+    def __iter__(self):
+        per_epoch = self.size // self.batch_size
+        step = self.step
+        while step < self.steps:
+            epoch, first = divmod(step, per_epoch)
+            for batch in epoch_batches(self.size, self.batch_size, seed=self.seed, epoch=epoch)[first:]:
+                if step >= self.steps:
+                    return
+                yield [epoch * self.size + i for i in batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]]
+                step += 1
+
+
+def _loader(run: _Run) -> torch.utils.data.DataLoader:
+    """One DataLoader for the rest of the run. With workers: persistent (no start-up per epoch), 4 batches
+    prefetched per worker, and on CUDA pinned memory, so the copy to the GPU overlaps the step."""
+    cfg = run.train_cfg
+    batches = _RunBatches(size=len(run.train_ds), batch_size=cfg.batch_size, seed=cfg.seed, step=run.step,
+                          steps=cfg.steps, rank=run.dist.rank, per_rank=run.per_rank)
+    workers = {"persistent_workers": True, "prefetch_factor": 4} if cfg.workers else {}
+    return torch.utils.data.DataLoader(
+        _EpochSamples(run.train_ds), batch_sampler=batches, num_workers=cfg.workers,
+        pin_memory=run.device.type == "cuda", **workers,
+        # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and that draw
+        # would shift the dropout masks of a resumed run.
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + run.step),
+    )
+
+
 def _train_steps(run: _Run) -> None:
-    """Steps from run.step to train_cfg.steps, an epoch's seeded permutation at a time."""
+    """Steps from run.step to train_cfg.steps; each row of log.csv has the step's images/s over the wall time since
+    the previous step (data loading included) and the seconds the step waited for its batch."""
     from tqdm import tqdm
 
     cfg = run.train_cfg
@@ -356,37 +443,26 @@ def _train_steps(run: _Run) -> None:
                dynamic_ncols=True)
     _train_mode(run)
     try:
-        while run.step < cfg.steps:
-            epoch, first = divmod(run.step, steps_per_epoch)
-            batches = epoch_batches(len(run.train_ds), cfg.batch_size, seed=cfg.seed, epoch=epoch)
-            rank = run.dist.rank
-            rank_batches = [b[rank * run.per_rank : (rank + 1) * run.per_rank] for b in batches[first:]]
-            run.train_ds.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                run.train_ds, batch_sampler=rank_batches, num_workers=cfg.workers,
-                pin_memory=run.device.type == "cuda",
-                # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and
-                # the extra draw of a resumed (mid-epoch) loader would shift the dropout masks after a resume.
-                generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch),
-            )
-            for images, masks in loader:
-                t0 = time.perf_counter()
-                loss = _train_step(run, images, masks)
-                run.step += 1
-                images_per_s = cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-                run.log.write(step=run.step, epoch=epoch, loss=repr(loss), lr=run.lr, images_per_s=f"{images_per_s:.2f}")
-                if run.writer is not None:
-                    run.writer.add_scalar("train/loss", loss, run.step)
-                    run.writer.add_scalar("train/lr", run.lr, run.step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", img_s=f"{images_per_s:.1f}")
-                if cfg.val_every and run.step % cfg.val_every == 0 and run.step < cfg.steps:
-                    _validate(run)
-                    _train_mode(run)
-                if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
-                    _save_last(run)
-                if run.step >= cfg.steps:
-                    break
+        last = time.perf_counter()
+        for images, masks in _loader(run):
+            waited = time.perf_counter() - last
+            loss = _train_step(run, images, masks)
+            run.step += 1
+            now = time.perf_counter()
+            images_per_s = cfg.batch_size / max(now - last, 1e-9)
+            run.log.write(step=run.step, epoch=(run.step - 1) // steps_per_epoch, loss=repr(loss), lr=run.lr,
+                          images_per_s=f"{images_per_s:.2f}", wait_s=f"{waited:.4f}")
+            if run.writer is not None:
+                run.writer.add_scalar("train/loss", loss, run.step)
+                run.writer.add_scalar("train/lr", run.lr, run.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.lr:.2e}", img_s=f"{images_per_s:.1f}")
+            if cfg.val_every and run.step % cfg.val_every == 0 and run.step < cfg.steps:
+                _validate(run)
+                _train_mode(run)
+            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
+                _save_last(run)
+            last = time.perf_counter()
     finally:
         bar.close()
 
@@ -472,6 +548,8 @@ def _precise_bn(run: _Run) -> int:
     perm = torch.randperm(len(run.train_ds), generator=g).tolist()
     chosen = [perm[i % len(perm)] for i in range(n_batches * per_rank * world)]
     mine = [chosen[(b * world + rank) * per_rank : (b * world + rank + 1) * per_rank] for b in range(n_batches)]
+    # The augmentation of the epoch the last step drew from, whether or not loader workers did the drawing.
+    run.train_ds.set_epoch(max(0, run.step - 1) // (len(run.train_ds) // cfg.batch_size))
     loader = torch.utils.data.DataLoader(run.train_ds, batch_sampler=mine, num_workers=cfg.workers)
     dtype = next(run.model.parameters()).dtype
     memory = torch.channels_last if cfg.channels_last else torch.contiguous_format

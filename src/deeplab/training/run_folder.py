@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..models.checkpoint import named_os_error, read_checkpoint
+from ..models.checkpoint import check_training_state, named_os_error, read_checkpoint
 
 
 def elastic_restart(
@@ -46,7 +46,9 @@ def read_resume_state(last_path: Path, resume: bool, *, restarted: bool = False)
     if resume:
         if not last_path.is_file():
             raise FileNotFoundError(f"--resume: {last_path} does not exist; start a new run without --resume")
-        return read_checkpoint(last_path)
+        state = read_checkpoint(last_path)
+        check_training_state(state, source=str(last_path))
+        return state
     if restarted:  # this torchrun group's own folder, killed before its first checkpoint: written over
         return None
     found = [name for name in RUN_FILES if (last_path.parent / name).exists()]
@@ -139,7 +141,7 @@ class CsvLog:
     """A CSV file with one row per step (log.csv) or per validation (val.csv), flushed per row; on resume, rows
     after the resumed step are dropped (they are run again)."""
 
-    step_columns = ("step", "epoch", "loss", "lr", "images_per_s", "time")
+    step_columns = ("step", "epoch", "loss", "lr", "images_per_s", "wait_s", "time")
 
     def __init__(self, path: Path, columns: tuple[str, ...], *, keep_below: int, enabled: bool) -> None:
         self.file = None

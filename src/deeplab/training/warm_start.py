@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.checkpoint import CheckpointError, load_state_dict_strict
+from ..models.checkpoint import CheckpointError, configs_of, load_state_dict_strict
 from ..models.config import ModelConfig, Preprocessing
 from ..models.model import DeepLab, build_model
 from .config import TrainConfig
@@ -18,10 +18,10 @@ from .config import TrainConfig
 
 def run_preprocessing(resume_state: dict[str, Any] | None, init_data: dict[str, Any] | None) -> Preprocessing:
     if resume_state is not None:
-        return Preprocessing.from_dict(resume_state["preprocessing"])
+        return configs_of(resume_state, source="last.pt")[1]
     if init_data is not None:
         # The imported normalisation stays; a fixed input size (a TF Lite graph's) does not: training is at any size.
-        return replace(Preprocessing.from_dict(init_data["preprocessing"]), input_size=None)
+        return replace(configs_of(init_data, source="--init-checkpoint")[1], input_size=None)
     return Preprocessing()
 
 

@@ -1,0 +1,255 @@
+"""Training and inference against segmentation_models.pytorch (smp) on a GPU (or the CPU), and the CLI end to end.
+
+One script for the checks a GPU machine runs (docs/performance.md keeps the table):
+
+1. Train step (forward, loss, backward, SGD) of DeepLabv3+ ResNet-101, output stride 16, separable ASPP and decoder,
+   against smp's `DeepLabV3Plus("resnet101", encoder_output_stride=16)`, in fp32 / bf16 autocast x NCHW /
+   channels_last, and ours under `torch.compile`: images/s and peak memory (CUDA: max allocated; CPU: peak RSS).
+   Each measurement runs in a process of its own (peak memory is per process), ours and smp alternating, in rounds.
+2. Inference images/s at batch 1 and 16: our fast path (`optimize_for_inference(runtime="torch")`) against smp eager.
+3. The CLI on the device: `deeplab train` (its start-up line and img/s), `eval`, `predict`, `export`.
+
+smp cannot be a dependency; install it beside the venv without letting pip touch torch:
+
+    pip install --no-deps --target /tmp/smpdeps segmentation_models_pytorch timm torchvision==0.28.0 \\
+        "huggingface_hub==0.26.5" safetensors requests pyyaml filelock fsspec packaging
+    PYTHONPATH=/tmp/smpdeps python benchmarks/gpu.py --device cuda
+
+Without smp the smp rows are skipped. `--smoke` runs everything at a tiny size (what the test suite does on CPU).
+Prints one JSON line per measurement and a Markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name: (amp, channels_last, compile)
+    "fp32-nchw": ("off", False, False), "fp32-cl": ("off", True, False), "bf16-nchw": ("bf16", False, False),
+    "bf16-cl": ("bf16", True, False), "bf16-cl-compile": ("bf16", True, True),
+}
+
+
+def _import_smp():
+    lib = torch.library.Library("torchvision", "DEF")  # torchvision's Python models import once these exist
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    import segmentation_models_pytorch as smp
+
+    return smp, lib
+
+
+def _model(library: str, *, num_classes: int = 21) -> torch.nn.Module:
+    if library == "smp":
+        smp, _lib = _import_smp()
+        return smp.DeepLabV3Plus("resnet101", encoder_weights=None, encoder_output_stride=16, classes=num_classes)
+    from deeplab import ModelConfig, build_model
+
+    return build_model(ModelConfig(backbone="resnet101", output_stride=16, separable=True, num_classes=num_classes))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_step_once(args: argparse.Namespace) -> dict:
+    """In this process: `args.steps` timed train steps of one library in one variant (after 3 untimed ones)."""
+    device = torch.device(args.device)
+    amp, channels_last, compiled = VARIANTS[args.variant]
+    if args.keep_freed_memory and device.type == "cpu":
+        from deeplab import retain_freed_memory
+
+        retain_freed_memory()
+    torch.manual_seed(0)
+    model = _model(args.library).to(device).train()
+    memory = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory)
+    step_model = torch.compile(model) if compiled else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=memory)
+    y = torch.randint(0, 21, (args.batch, args.size, args.size), device=device)
+    times = []
+    for i in range(args.steps + 3):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = step_model(x)
+        loss = F.cross_entropy(logits.float(), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i >= 3:  # warm-up: allocator, cuDNN autotuning, compilation
+            times.append(time.perf_counter() - t0)
+    return {"kind": "train_step", "library": args.library, "variant": args.variant, "device": str(device),
+            "batch": args.batch, "size": args.size, "images_per_s": round(args.batch / statistics.median(times), 2),
+            "peak_mib": round(_peak_mib(device), 1)}
+
+
+@torch.inference_mode()
+def inference_once(args: argparse.Namespace) -> dict:
+    """In this process: images/s of one library at one batch size (ours through its fast path)."""
+    device = torch.device(args.device)
+    amp = VARIANTS[args.variant][0]
+    model = _model(args.library).to(device).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    if args.library == "deeplab":
+        from deeplab import optimize_for_inference
+
+        model = optimize_for_inference(model, runtime="torch")
+    else:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = []
+    for i in range(args.steps + 3):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            model(x)
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return {"kind": "inference", "library": args.library, "variant": args.variant, "device": str(device),
+            "batch": args.batch, "size": args.size, "images_per_s": round(args.batch / statistics.median(times), 2),
+            "ms_per_batch": round(1000 * statistics.median(times), 2)}
+
+
+def _child(args: argparse.Namespace, **changes) -> dict | None:
+    """Run one measurement in a fresh process; its JSON line, or None (printed) when it failed."""
+    argv = [sys.executable, __file__, "--one"]
+    for key, value in {**vars(args), **changes}.items():
+        if key in ("one", "smoke", "rounds", "variants", "cli", "libraries") or value is None:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(json.dumps({"failed": changes, "error": tail[:300]}), flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def cli_end_to_end(device: str, *, smoke: bool) -> list[dict]:
+    """deeplab train / eval / predict / export on `device` in a temporary folder; each step's time and outcome."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        steps = "4" if smoke else "60"
+        commands = {
+            "train": ["train", "--device", device, "--out", str(run), "--steps", steps, "--quiet",
+                      "--dataset-options", "length=32", "--precise-bn-images", "8"],
+            "eval": ["eval", "--checkpoint", str(run / "best.pt"), "--device", device, "--quiet"],
+            "predict": ["predict", str(ROOT / "docs" / "camvid-trimap.png"), "--checkpoint", str(run / "best.pt"),
+                        "--device", device, "--out", str(Path(tmp) / "pred"), "--runtime", "torch", "--quiet"],
+            "export": ["export", "--checkpoint", str(run / "best.pt"), "--format", "onnx", "--out",
+                       str(Path(tmp) / "m.onnx")],
+        }
+        for name, argv in commands.items():
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "deeplab", *argv], capture_output=True, text=True)
+            out = done.stdout.strip().splitlines()
+            start = next((line for line in out if line.startswith("model:")), "")
+            rows.append({"kind": "cli", "command": name, "device": device, "exit": done.returncode,
+                         "seconds": round(time.perf_counter() - t0, 1),
+                         "says": start[start.find("(") : start.find(")") + 1] if start else (out or [""])[-1][:120],
+                         "error": (done.stderr.strip().splitlines() or [""])[-1][:200] if done.returncode else ""})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| measurement | variant | batch | deeplab img/s | smp img/s | ratio | deeplab peak MiB | smp peak MiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    keyed = {(r["kind"], r["variant"], r["batch"], r["library"]): r for r in rows if "library" in r}
+    for kind, variant, batch in sorted({k[:3] for k in keyed}):
+        ours, theirs = keyed.get((kind, variant, batch, "deeplab")), keyed.get((kind, variant, batch, "smp"))
+        ratio = f"{ours['images_per_s'] / theirs['images_per_s']:.2f}x" if ours and theirs else "-"
+        cell = lambda r, k: str(r[k]) if r and k in r else "-"  # noqa: E731
+        lines.append(f"| {kind} | {variant} | {batch} | {cell(ours, 'images_per_s')} | {cell(theirs, 'images_per_s')} "
+                     f"| {ratio} | {cell(ours, 'peak_mib')} | {cell(theirs, 'peak_mib')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
+    p.add_argument("--libraries", default="deeplab,smp")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--rounds", type=int, default=2, help="rounds; each measures every library and variant once")
+    p.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="also the CLI end to end")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: deeplab.retain_freed_memory() in both libraries' processes, as the deeplab command does")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: the test suite's check on CPU")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--library", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--kind", default="train_step", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps((train_step_once if args.kind == "train_step" else inference_once)(args)), flush=True)
+        return
+    if args.smoke:
+        args.batch, args.size, args.steps, args.rounds = 2, 65, 1, 1
+    libraries = args.libraries.split(",")
+    if "smp" in libraries:
+        try:
+            _import_smp()
+        except ImportError:
+            print(json.dumps({"skipped": "smp", "why": "segmentation_models_pytorch is not importable (see --help)"}))
+            libraries.remove("smp")
+    rows = []
+    variants = [v for v in args.variants.split(",") if v]
+    for _ in range(args.rounds):
+        for variant in variants:
+            for library in libraries:
+                if library == "smp" and variant.endswith("compile"):
+                    continue
+                row = _child(args, library=library, variant=variant, kind="train_step")
+                if row:
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    for batch in (1, args.batch):
+        for library in libraries:
+            row = _child(args, library=library, variant="bf16-cl", kind="inference", batch=batch)
+            if row:
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    best = {}
+    for r in rows:  # the best round of each measurement
+        key = (r["kind"], r["variant"], r["batch"], r["library"])
+        if key not in best or r["images_per_s"] > best[key]["images_per_s"]:
+            best[key] = r
+    if args.cli:
+        cli_end_to_end(args.device, smoke=args.smoke)
+    info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else os.uname().machine,
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+    print(json.dumps({"kind": "environment", **info}))
+    print(_table(list(best.values())))
+
+
+if __name__ == "__main__":
+    main()
