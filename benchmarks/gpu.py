@@ -12,7 +12,8 @@ One script for the checks a GPU machine runs (docs/performance.md keeps the tabl
 smp cannot be a dependency; install it beside the venv without letting pip touch torch:
 
     pip install --no-deps --target /tmp/smpdeps segmentation_models_pytorch timm torchvision==0.28.0 \\
-        "huggingface_hub==0.26.5" safetensors requests pyyaml filelock fsspec packaging
+        "huggingface_hub==0.26.5" safetensors requests urllib3 idna certifi charset_normalizer pyyaml filelock \\
+        fsspec packaging
     PYTHONPATH=/tmp/smpdeps python benchmarks/gpu.py --device cuda
 
 Without smp the smp rows are skipped. `--smoke` runs everything at a tiny size (what the test suite does on CPU).
@@ -170,9 +171,10 @@ def cli_end_to_end(device: str, *, smoke: bool) -> list[dict]:
             done = subprocess.run([sys.executable, "-m", "deeplab", *argv], capture_output=True, text=True)
             out = done.stdout.strip().splitlines()
             start = next((line for line in out if line.startswith("model:")), "")
+            how = start.split("; writing")[0].rsplit(" (", 1)[-1].rstrip(")") if start else ""
             rows.append({"kind": "cli", "command": name, "device": device, "exit": done.returncode,
                          "seconds": round(time.perf_counter() - t0, 1),
-                         "says": start[start.find("(") : start.find(")") + 1] if start else (out or [""])[-1][:120],
+                         "says": how or (out or [""])[-1][:120],
                          "error": (done.stderr.strip().splitlines() or [""])[-1][:200] if done.returncode else ""})
             print(json.dumps(rows[-1]), flush=True)
     return rows

@@ -192,6 +192,9 @@ FIELD_HELP = {
     "amp": "mixed precision: auto (bf16 autocast on a CUDA GPU with bf16, fp16 with a gradient scaler on one "
            "without, off on CPU), off, bf16 (CPU or CUDA) or fp16 (CUDA)",
     "channels_last": "NHWC memory for the model and batches (default: on for CUDA, off on CPU)",
+    "recompute": "recompute the backbone's early stages (ResNet: stem, layer1, layer2) in the backward pass instead "
+                 "of keeping their activations: the same gradients, less peak memory, a little more time "
+                 "(--no-recompute: fastest)",
     "compile": "torch.compile the model for training (the first steps compile; later ones run faster on GPUs)",
     "val_every": "validate every N steps (0: only at the end)",
     "val_limit": "validate on the first N validation images only (default: all)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -182,3 +183,31 @@ def conv3x3_bn_relu(in_channels: int, out_channels: int, *, dilation: int = 1, s
     return conv_bn(in_channels, out_channels, kernel_size=3, dilation=dilation)
 
 
+
+
+def recomputed(fn: Callable[..., torch.Tensor], owner: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """`fn(*inputs)` whose activations are recomputed in the backward pass instead of kept (torch.utils.checkpoint,
+    non-reentrant: autocast and the dropout RNG are replayed). The recomputation must not count a batch twice in the
+    BatchNorm running statistics, so it runs every BN of `owner` with momentum 0 (statistics unchanged) and puts
+    back its batch counter. Gradients equal those of `fn` run plainly (tests/test_models.py)."""
+    from torch.utils.checkpoint import checkpoint
+
+    first = [True]
+
+    def run(*xs: torch.Tensor) -> torch.Tensor:
+        if first[0]:
+            first[0] = False
+            return fn(*xs)
+        bns = [m for m in owner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        kept = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in bns]
+        for m in bns:
+            m.momentum = 0.0
+        try:
+            return fn(*xs)
+        finally:
+            for m, (momentum, count) in zip(bns, kept):
+                m.momentum = momentum
+                if count is not None:
+                    m.num_batches_tracked.copy_(count)
+
+    return checkpoint(run, *inputs, use_reentrant=False)

@@ -95,6 +95,9 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool | None = None  # NHWC memory; None: on for CUDA, off on CPU
     compile: bool = False  # torch.compile the model for training
+    # Recompute the backbone's early stages in the backward pass instead of keeping their activations (ResNet: stem,
+    # layer1, layer2): less peak memory for a little more work, the same gradients (docs/performance.md).
+    recompute: bool = True
     val_every: int = 0  # steps between validations; 0: only at the end
     val_limit: int | None = None  # validate on the first N validation images only (quick checks)
     val_scales: tuple[float, ...] = (1.0,)  # validation inference scales (softmax averaged, as deeplab eval --scales)

@@ -270,7 +270,8 @@ def _start(
     say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
         f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
-        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f" ({_how(train_cfg)}); writing {out}")
+        + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
+        + f" ({_how(train_cfg, recomputes=hasattr(type(model.backbone), 'recompute'))}); writing {out}")
     log = CsvLog(out / "log.csv", CsvLog.step_columns, keep_below=step, enabled=main)
     val_log = CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main)
     for note in (getattr(log, "repaired", None), getattr(val_log, "repaired", None)):
@@ -305,16 +306,20 @@ def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     return replace(cfg, amp=amp, channels_last=channels_last, workers=workers)
 
 
-def _how(cfg: TrainConfig) -> str:
+def _how(cfg: TrainConfig, *, recomputes: bool = False) -> str:
     """What the start-up line says of precision, memory layout, compilation and loading."""
     amp = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler"}[cfg.amp]
     parts = [amp, "channels_last" if cfg.channels_last else "NCHW"] + (["torch.compile"] if cfg.compile else [])
+    parts += ["early stages recomputed in backward"] if cfg.recompute and recomputes else []
     return ", ".join(parts + [f"{cfg.workers} loader workers" if cfg.workers else "loading in this process"])
 
 
 def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: torch.device, dist_info: Any):
     """The model on its device and layout, wrapped for DDP (synchronized BN) when distributed; its SGD optimizer."""
     model.to(device)
+    for module in model.modules():  # the modules that can recompute their activations in the backward pass
+        if hasattr(type(module), "recompute"):
+            module.recompute = train_cfg.recompute
     if train_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     if train_cfg.freeze_bn:
@@ -334,7 +339,7 @@ def _placed_and_optimized(model: DeepLab, train_cfg: TrainConfig, *, device: tor
 
 
 # What a resumed run may change: how long it runs and how it reports, never what it learns from or how.
-RESUMABLE = ("steps", "device", "workers", "compile", "val_every", "val_limit", "val_images", "checkpoint_every",
+RESUMABLE = ("steps", "device", "workers", "compile", "recompute", "val_every", "val_limit", "val_images", "checkpoint_every",
              "precise_bn_images", "skip_bad")
 
 
