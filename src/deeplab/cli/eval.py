@@ -46,7 +46,8 @@ def eval_data(args: argparse.Namespace, trained: dict | None):
     if split is None and trained_here:
         split = cfg.val_split
     elif split is None:
-        no_list = name == "folder" and not (root and (Path(root) / "splits" / "val.txt").is_file())
+        no_list = (name == "folder" and not (root and (Path(root) / "splits" / "val.txt").is_file())
+                   or name == "classified-tiles")  # an export the checkpoint was not trained on: all of its chips
         split = "all" if no_list else "val"
     return name, root, split, base.seed, base.dataset_kwargs()
 
@@ -125,7 +126,8 @@ def add_parser(sub) -> None:
                    help="deeplab checkpoint (or a .onnx / OpenVINO .xml file from `deeplab export` or `deeplab "
                    "quantize`); repeat to compare several (--json then prints {\"checkpoints\": [...]})")
     p.add_argument("--dataset", default=None,
-                   help="voc, cityscapes, ade20k, camvid, folder, synthetic (default: the checkpoint's training data)")
+                   help="voc, cityscapes, ade20k, camvid, folder, classified-tiles, synthetic (default: the "
+                   "checkpoint's training data)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
     p.add_argument("--split", default=None,
                    help="(default val: for the folder a checkpoint was trained on, the same held-out images; for "

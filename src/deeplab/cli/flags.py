@@ -17,7 +17,18 @@ def _flag_parser(annotation: Any):
 
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: parse as X
-        base = next(a for a in typing.get_args(annotation) if a is not type(None))
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        base = options[0]
+        if len(options) > 1 and str in options:  # `X | str`: X when the text parses as one, else the text
+            first = _flag_parser(base)
+
+            def parse_or_text(text: str):
+                try:
+                    return first(text)
+                except (argparse.ArgumentTypeError, ValueError):
+                    return text
+
+            return parse_or_text
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         example = "a,b,c" if item is str else "1,2,4"
@@ -105,7 +116,8 @@ def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
 
 
 FIELD_HELP = {
-    "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder",
+    "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder, classified-tiles (an "
+               "ArcGIS Pro Classified Tiles export)",
     "data_root": "dataset folder",
     "batch_size": "global batch size, split across torchrun processes",
     "steps": "training steps",
@@ -133,7 +145,18 @@ FIELD_HELP = {
     "mask_mode": "folder dataset: auto (by the PNG's mode), index or color",
     "classes": "folder dataset: class names NAME,NAME,... (default classes.txt)",
     "label_map": "folder dataset: stored mask value -> class, STORED:CLASS,... e.g. 0:0,255:1 (CLASS may be ignore)",
-    "val_fraction": "folder dataset: held-out validation fraction when there is no splits/val.txt (default 0.2)",
+    "val_fraction": "folder and classified-tiles datasets: held-out validation fraction when there is no "
+                    "splits/val.txt (default 0.2)",
+    "class_weights": "loss weight per class, W,W,... in class order, or auto: the square root of median-frequency "
+                     "balancing of the data report's pixel shares, sqrt(median(f) / f_c)",
+    "loss": "pixel loss: ce (cross-entropy), focal (Lin et al., --focal-gamma), dice (soft Dice), ce+dice (their "
+            "sum), lovasz (Lovasz-softmax, Berman et al.)",
+    "focal_gamma": "focal loss exponent gamma (default 2, Lin et al.); 0 is cross-entropy",
+    "bands": "input bands the model reads, a count >= 1 (default: the data's: 3 for photos, NumBands of an ArcGIS "
+             "export); must match the data",
+    "rgb_bands": "0-based positions of the red, green and blue bands among --bands, e.g. 2,1,0; their RGB filters "
+                 "start the first conv from RGB weights (default: the export's band names, else 0,1,2)",
+    "in_channels": "model input bands (deeplab train sets it from the data; --bands)",
 }
 
 

@@ -64,7 +64,7 @@ def _resume_hint(out: str) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: the built-in synthetic default, ~3 min on 2 CPU cores)")
-    add_dataclass_flags(p, ModelConfig, helps=FIELD_HELP)
+    add_dataclass_flags(p, ModelConfig, helps=FIELD_HELP, skip=("in_channels",))  # set from the data and --bands
     add_dataclass_flags(p, TrainConfig, helps=FIELD_HELP)
     p.add_argument("--out", default=None, help="output folder (default runs/DATASET-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
