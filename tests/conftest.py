@@ -16,7 +16,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def classified_tiles():
     """A function writing a small ArcGIS Pro "Classified Tiles" export with exactly the files ArcGIS writes (images/,
     labels/, map.txt with Windows backslashes, esri_accumulated_stats.json, esri_model_definition.emd): chips of a

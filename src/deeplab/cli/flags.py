@@ -339,3 +339,22 @@ def flagged_folder_options(args: argparse.Namespace) -> dict:
     from ..training.config import FOLDER_OPTIONS
 
     return {name: getattr(args, name) for name in (*FOLDER_OPTIONS, "dataset_options") if getattr(args, name) is not None}
+
+
+def add_raster_flags(p: argparse.ArgumentParser) -> None:
+    """How rasters (GeoTIFF) of any size are tiled: `deeplab.inference.raster`."""
+    g = p.add_argument_group("rasters (GeoTIFF and other GDAL rasters, any size; pip install 'deeplab[geo]')")
+    g.add_argument("--tile", type=number(int, 17, "at least 17 pixels, e.g. 512"), default=512,
+                   help="raster tile size in pixels (default %(default)s)")
+    g.add_argument("--padding", type=number(int, 0, "0 or a positive number of pixels below half the tile"),
+                   default=None, help="pixels of each tile's border that overlap its neighbours; tiles step by tile - "
+                   "2 x padding and are blended where they overlap (default: a quarter of --tile, as ArcGIS)")
+    g.add_argument("--tile-batch", type=number(int, 1, "a positive number of tiles"), default=4,
+                   help="tiles run per call: peak memory grows with it, not with the raster (default %(default)s)")
+
+
+def raster_tiling(args: argparse.Namespace):
+    from ..inference.raster import Tiling
+
+    return Tiling(tile=args.tile, padding=args.padding, batch=args.tile_batch)
+

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from ..data.base import image_to_rgb
-from ..data.palettes import palette_for
+from ..data.palettes import model_palette, palette_for
 from ..deploy.runtimes import prepare_model, runtime_name
 from ..models.checkpoint import write_atomically
 from .crf import dense_crf
@@ -176,6 +176,7 @@ class PredictReport:
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
     runtime: str = ""  # which runtime ran the model (deeplab.deploy.runtimes.runtime_name)
+    rasters: dict[str, Any] = field(default_factory=dict)  # input -> deeplab.inference.raster.RasterResult
 
     @property
     def ok(self) -> bool:
@@ -267,6 +268,7 @@ def predict_files(
     save_probs: bool = False,
     progress: bool = False,
     options: InferenceOptions | None = None,
+    tiling: Any = None,
     **inference: Any,
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
@@ -277,6 +279,11 @@ def predict_files(
     imageio package) writes NAME/frame_000000.png and so on. An input that cannot be read is recorded in the
     report's `failed` as (input, message naming it) and the others still run. The model runs as `options` (or the
     same fields as keywords) say, on `options.runtime` (`deeplab.deploy.runtimes`); `report.runtime` says which ran.
+
+    A raster (GeoTIFF, .img, .jp2, .vrt: `deeplab.inference.raster.RASTER_SUFFIXES`) of any size is classified tile
+    by tile into NAME.tif, georeferenced as its source, with NAME_probs.tif for `save_probs`
+    (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default 512-pixel tiles); rasters need the
+    optional rasterio package (pip install 'deeplab[geo]') and get no overlay.
     """
     opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)
@@ -287,8 +294,8 @@ def predict_files(
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
     opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    palette = model_palette(model)
     model = prepare_model(model, opts)
-    palette = palette_for(class_names)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: is a file; pass a folder for the predictions")
@@ -303,9 +310,22 @@ def predict_files(
 
     from tqdm import tqdm
 
-    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress, dynamic_ncols=True):
+    from .raster import RASTER_SUFFIXES, predict_raster
+
+    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) == 1,
+                           dynamic_ncols=True):
         try:
-            if path.suffix.lower() in VIDEO_EXTENSIONS:
+            if path.suffix.lower() in RASTER_SUFFIXES:
+                target = out / f"{name}.tif"
+                if target.resolve() in inputs_resolved or target.resolve() == path.resolve():
+                    raise ValueError(f"{path}: its output {target} is an input of this command and would be "
+                                     "overwritten; choose another --out")
+                done = predict_raster(model, path, target, tiling=tiling, probs=save_probs, progress=progress,
+                                      options=opts)
+                written = [done.path, done.path.with_name(done.path.name + ".aux.xml")]
+                written += [done.probs_path] if done.probs_path is not None else []
+                report.rasters[str(path)] = done
+            elif path.suffix.lower() in VIDEO_EXTENSIONS:
                 written: list[Path] = []
                 for i, frame in enumerate(_video_frames(path)):
                     written += _write_outputs(
