@@ -349,7 +349,7 @@ def add_raster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--padding", type=number(int, 0, "0 or a positive number of pixels below half the tile"),
                    default=None, help="pixels of each tile's border that overlap its neighbours; tiles step by tile - "
                    "2 x padding and are blended where they overlap (default: a quarter of --tile, as ArcGIS)")
-    g.add_argument("--tile-batch", type=number(int, 1, "a positive number of tiles"), default=4,
+    g.add_argument("--tile-batch", type=number(int, 1, "a positive number of tiles"), default=2,
                    help="tiles run per call: peak memory grows with it, not with the raster (default %(default)s)")
 
 

@@ -70,7 +70,7 @@ class Tiling:
 
     tile: int = 512
     padding: int | None = None  # None: tile // 4, as ArcGIS
-    batch: int = 4
+    batch: int = 2  # each tile of 512 adds about 200 MB (MobileNetV2 DeepLabv3+ on CPU): docs/geo.md
 
     def __post_init__(self) -> None:
         if self.padding is None:
@@ -173,11 +173,12 @@ class _Blender:
         c0, c1 = max(0, self.e0), min(src.width, self.e0 + self.width)
         if r1 > r0 and c1 > c0:
             window = Window(c0, r0, c1 - c0, r1 - r0)
-            data = torch.from_numpy(src.read(self.bands, window=window).astype(np.float32))
+            inside = (slice(r0 - top, r1 - top), slice(c0 - self.e0, c1 - self.e0))
             mask = torch.from_numpy(src.dataset_mask(window=window) > 0)
-            data = ((data - self.mean) / self.std) * mask
-            image[:, r0 - top : r1 - top, c0 - self.e0 : c1 - self.e0] = torch.nan_to_num(data)
-            valid[r0 - top : r1 - top, c0 - self.e0 : c1 - self.e0] = mask
+            data = image[:, inside[0], inside[1]]  # normalised in place: no full-strip temporaries
+            data.copy_(torch.from_numpy(src.read(self.bands, window=window)))
+            data.sub_(self.mean).div_(self.std).mul_(mask).nan_to_num_(0.0, 0.0, 0.0)
+            valid[inside] = mask
         return image, valid
 
     @torch.no_grad()
@@ -198,18 +199,47 @@ class _Blender:
                 self.acc[:, :, o : o + t] += p * self.weight
                 self.wsum[:, o : o + t] += self.weight
 
-    def take(self, rows: int) -> torch.Tensor:
-        """The blended probabilities (K, rows, x1 - x0) of the first `rows` buffered rows (final: no later tile row
-        reaches them), output columns only; the buffer moves down by `rows`."""
+    def final(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the weighted probability sums (K, rows, x1 - x0) and the weight sums (rows, x1 - x0) of the first
+        `rows` buffered rows (final: no later tile row reaches them), output columns only; valid until `advance`."""
         cols = slice(self.x0 - self.e0, self.x1 - self.e0)
-        out = self.acc[:, :rows, cols] / self.wsum[:rows, cols].clamp_min(1e-12)
+        return self.acc[:, :rows, cols], self.wsum[:rows, cols]
+
+    def advance(self, rows: int) -> None:
+        """Move the buffer down by `rows`: its first row becomes the next tile row's top."""
         kept = self.tiling.tile - rows  # rows the next tile row adds to: moved up, the rest zeroed
         if kept > 0:
             self.acc[:, :kept] = self.acc[:, rows:].clone()
             self.wsum[:kept] = self.wsum[rows:].clone()
         self.acc[:, max(kept, 0):] = 0
         self.wsum[max(kept, 0):] = 0
-        return out
+
+
+@dataclass
+class Strip:
+    """Rows `row` .. `row + h` of columns `column` .. `column + w` of the blended prediction, final. `sums` and
+    `weights` are views into the blending buffer: use them before asking for the next strip."""
+
+    row: int
+    column: int
+    sums: torch.Tensor  # (K, h, w) weighted sums of the tiles' probabilities
+    weights: torch.Tensor  # (h, w) sums of the tiles' weights, positive
+    valid: np.ndarray  # (h, w) bool: not NoData in the source
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weights.shape[0]), int(self.weights.shape[1])
+
+    def labels(self) -> np.ndarray:
+        """(h, w) uint8 class indices, NODATA where the source is NoData. The argmax of the sums is the argmax of the
+        probabilities: each pixel's sums share one positive weight."""
+        labels = argmax_classes(self.sums).numpy()
+        labels[~self.valid] = NODATA
+        return labels
+
+    def probabilities(self) -> torch.Tensor:
+        """(K, h, w) float32 blended probabilities."""
+        return self.sums / self.weights.clamp_min(1e-12)
 
 
 def _column_chunks(width: int, tiling: Tiling, classes: int) -> list[tuple[int, int]]:
@@ -220,9 +250,9 @@ def _column_chunks(width: int, tiling: Tiling, classes: int) -> list[tuple[int, 
 
 
 def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, *, bar: Any = None
-                   ) -> Iterator[tuple[int, int, torch.Tensor, np.ndarray]]:
-    """(row, column, probabilities (K, h, w), valid (h, w) bool) of the raster `src`, strip by strip, each strip's
-    rows final; column chunks left to right, rows top to bottom within each."""
+                   ) -> Iterator[Strip]:
+    """The blended prediction of the raster `src`, strip by strip (each strip's rows final): column chunks left to
+    right, rows top to bottom within each."""
     from rasterio.windows import Window
 
     bands = _image_bands(src, model)
@@ -233,13 +263,15 @@ def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions
             blender.add_row(top)
             # Rows above the next tile row's top are final; after the last tile row, every row left.
             end = src.height if r == len(starts_y) - 1 else starts_y[r + 1]
-            probs = blender.take(end - top)  # (K, end - top, x1 - x0): rows top .. end; the buffer now starts at end
+            sums, weights = blender.final(end - top)  # rows top .. end
             first, last = max(0, top), min(src.height, end)  # the rows inside the raster
             if last > first:
                 valid = src.dataset_mask(window=Window(x0, first, x1 - x0, last - first)) > 0
-                yield first, x0, probs[:, first - top : last - top], valid
+                rows = slice(first - top, last - top)
+                yield Strip(row=first, column=x0, sums=sums[:, rows], weights=weights[rows], valid=valid)
                 if bar is not None:
                     bar.update((last - first) * (x1 - x0) / 1e6)
+            blender.advance(end - top)  # the buffer now starts at the next tile row's top
 
 
 def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
@@ -250,12 +282,6 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     for k in range(1, probs.shape[0]):
         labels.masked_fill_(probs[k] > best, k)
         torch.maximum(best, probs[k], out=best)
-    return labels
-
-
-def _labels(probs: torch.Tensor, valid: np.ndarray) -> np.ndarray:
-    labels = argmax_classes(probs).numpy()
-    labels[~valid] = NODATA
     return labels
 
 
@@ -342,7 +368,7 @@ def predict_raster(
 ) -> RasterResult:
     """Classify the raster at `path` into the GeoTIFF `out_path` (module docstring), tile by tile.
 
-    `tiling`: tile size, padding and tiles per call (default `Tiling()`: 512, 128, 4). `options` (or its fields as
+    `tiling`: tile size, padding and tiles per call (default `Tiling()`: 512, 128, 2). `options` (or its fields as
     keywords) as for `deeplab.predict`: `scales` / `flip` average each tile's softmax over rescaled and mirrored
     copies, `amp`, `runtime`; `window` and `crf` do not apply. The files are written under temporary names and renamed
     when complete. Returns the paths and the megapixels per second.
@@ -371,15 +397,18 @@ def predict_raster(
                      if probs_path is not None else _nothing()) as pdst:
                 _describe_classes(dst, model)
                 writers: tuple[_BlockRows, _BlockRows | None] | None = None
-                for row, column, blended, valid in blended_strips(prepared, src, tiling, opts, bar=bar):
-                    if writers is None or writers[0].column != column:
+                for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
+                    if writers is None or writers[0].column != strip.column:
                         for w in writers or ():
                             if w is not None:
                                 w.flush()
-                        writers = (_BlockRows(dst, column), _BlockRows(pdst, column) if pdst is not None else None)
-                    writers[0].add(row, _labels(blended, valid)[None])
+                        writers = (_BlockRows(dst, strip.column),
+                                   _BlockRows(pdst, strip.column) if pdst is not None else None)
+                    writers[0].add(strip.row, strip.labels()[None])
                     if writers[1] is not None:
-                        writers[1].add(row, np.where(valid, blended.numpy(), np.float32("nan")))
+                        probs = strip.probabilities().numpy()
+                        probs[:, ~strip.valid] = np.nan
+                        writers[1].add(strip.row, probs)
                 for w in writers or ():
                     if w is not None:
                         w.flush()
@@ -440,8 +469,9 @@ def evaluate_raster(
         bar = tqdm(total=src.width * src.height / 1e6, desc=Path(path).name, unit="Mpx", disable=not progress,
                    dynamic_ncols=True)
         try:
-            for row, column, blended, valid in blended_strips(prepared, src, tiling, opts, bar=bar):
-                window = Window(column, row, blended.shape[2], blended.shape[1])
+            for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
+                valid = strip.valid
+                window = Window(strip.column, strip.row, strip.shape[1], strip.shape[0])
                 stored = truth.read(1, window=window)
                 known = truth.read_masks(1, window=window) > 0
                 if lut is not None:
@@ -450,7 +480,7 @@ def evaluate_raster(
                 else:
                     target = np.where((stored >= 0) & (stored < classes), stored, NODATA)
                 target = np.where(known & valid, target, NODATA).astype(np.int64)
-                acc.update(argmax_classes(blended).long()[None], torch.from_numpy(target)[None])
+                acc.update(argmax_classes(strip.sums).long()[None], torch.from_numpy(target)[None])
         finally:
             bar.close()
     result = acc.compute(class_names=model.class_names)
