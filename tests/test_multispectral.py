@@ -150,3 +150,21 @@ def test_exports_keep_the_bands_and_the_export_colours(tmp_path, fmt, suffix, ru
 
         dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
         assert dims[1].dim_value == 4
+
+
+def test_predict_reads_an_n_band_array_or_file_in_its_own_units(tmp_path, classified_tiles):
+    root = classified_tiles(tmp_path / "export", n=2)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mobilenet_v2", num_classes=3, in_channels=4, **TINY),
+                        preprocessing=Preprocessing(mean=(2000.0,) * 4, std=(800.0,) * 4)).eval()
+    torch.nn.init.normal_(model.classifier.weight)  # logits far apart: TF's 0.01 init leaves them within rounding
+    chip = root / "images" / "000000000.tif"
+    from deeplab.data.bands import read_bands
+
+    image = read_bands(chip)
+    assert image.shape == (32, 32, 4) and image.dtype == np.uint16
+    x = (torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1) - 2000.0) / 800.0
+    with torch.no_grad():
+        expected = model(x[None]).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(deeplab.predict(model, image), expected)
+    np.testing.assert_array_equal(deeplab.predict(model, chip), expected)

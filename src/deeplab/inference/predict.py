@@ -112,7 +112,7 @@ def predict_probs(
     """Class probabilities (K, H, W) float32 at the image's size; the arguments as for `predict`. The model runs as
     it is given (prepare it once with `deeplab.optimize_for_inference` for speed; `predict_files` does)."""
     opts = InferenceOptions.of(options, **inference)
-    rgb = load_image(image)
+    rgb = _model_bands(model, image)
     was_training = model.training
     model.eval()
     try:
@@ -123,12 +123,30 @@ def predict_probs(
     finally:
         model.train(was_training)
     if opts.crf is not None:
+        if rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError("--crf compares RGB colours; it applies to 8-bit RGB models only")
         return dense_crf(rgb, probs[0].cpu(), params=opts.crf, backend=opts.crf_backend).numpy()
     return probs[0].cpu().numpy()
 
 
+def _model_bands(model: nn.Module, image: ImageLike) -> np.ndarray:
+    """The image as the model reads it: (H, W, 3) uint8 RGB for RGB models (`load_image`); for a model of other bands
+    an (H, W, bands) array of any numeric type as given, or every band of the file (`deeplab.data.bands.read_bands`)."""
+    bands = int(getattr(getattr(model, "config", None), "in_channels", 3))
+    if bands == 3 and not (isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype != np.uint8):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        from ..data.bands import read_bands
+
+        return read_bands(Path(image), bands=bands)
+    raise ValueError(f"a model of {bands} bands reads an (H, W, {bands}) array or an image file, not a "
+                     f"{type(image).__name__}")
+
 def predict(model: nn.Module, image: ImageLike, *, options: InferenceOptions | None = None, **inference: Any) -> np.ndarray:
-    """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array) at the image's size.
+    """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array; for a model of other bands or
+    sample types, an (H, W, bands) array or a file of those bands) at the image's size.
 
     uint8 for up to 256 classes (int64 beyond). `options` (a `deeplab.inference.options.InferenceOptions`), or any of its
     fields as keywords: `scales` / `flip` average softmax probabilities over rescaled and mirrored copies; `window` /
