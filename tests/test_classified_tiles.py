@@ -146,3 +146,16 @@ def test_class_weights_auto_are_the_sqrt_median_frequency_of_the_reports_pixel_s
     expected = np.sqrt(np.median(shares) / shares)  # 3 classes: the median is the middle share
     np.testing.assert_allclose(config["train"]["class_weights"], expected, atol=1e-4)
     assert config["train"]["loss"] == "ce+dice"
+
+
+def test_eval_on_an_export_of_other_class_values_is_refused_by_name(tmp_path, classified_tiles, capsys):
+    root = classified_tiles(tmp_path / "export")
+    other = classified_tiles(tmp_path / "other", values=(2, 4, 6))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "classified-tiles", "--data-root", str(root), "--out", str(out),
+                 *SMALL_RUN]) == 0
+    capsys.readouterr()
+    code = main(["eval", "--checkpoint", str(out / "last.pt"), "--dataset", "classified-tiles", "--data-root",
+                 str(other), "--runtime", "eager", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Values [2, 4, 6] but the model was trained on Values [1, 3, 7]" in err

@@ -18,8 +18,9 @@ from PIL import Image
 
 from .base import DatasetError, image_to_rgb
 
-# Suffixes read with rasterio (GDAL) when it is installed; PIL reads the rest and 8-bit RGB/grey TIFFs without it.
-RASTER_SUFFIXES = (".tif", ".tiff", ".img", ".jp2", ".vrt", ".dat")
+# Rasters: read with rasterio (GDAL) when it is installed (PIL reads the rest, and 8-bit RGB or grey TIFF chips without
+# it); `deeplab predict` classifies these tile by tile into GeoTIFFs.
+RASTER_SUFFIXES = (".tif", ".tiff", ".img", ".jp2", ".vrt")
 # Sample types a model can read (after reading, they are normalised as float32).
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.bands import import_rasterio
+from ..data.bands import RASTER_SUFFIXES, import_rasterio
 from ..deploy.runtimes import prepare_model, runtime_name
 from .options import InferenceOptions
 from .segment import segment_probs
@@ -59,7 +59,6 @@ GDAL_CACHE_MB = 64  # GDAL's block cache while a raster is read and written (its
 MAX_BUFFER_BYTES = 256 * 2**20  # the blended probabilities of one strip of tiles, at most (sets the chunk width)
 WEIGHT_FLOOR = 1e-3
 NODATA = 255
-RASTER_SUFFIXES = (".tif", ".tiff", ".img", ".jp2", ".vrt")
 
 __all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "evaluate_raster", "predict_raster", "tile_weight"]
 
