@@ -25,7 +25,7 @@ from ..data.palettes import model_palette, palette_for
 from ..deploy.runtimes import prepare_model, runtime_name
 from ..models.checkpoint import write_atomically
 from .crf import dense_crf
-from .options import InferenceOptions
+from .options import InferenceOptions, resolve_input_size
 from .segment import segment_probs
 
 if TYPE_CHECKING:
@@ -77,22 +77,6 @@ def load_image(image: ImageLike) -> np.ndarray:
         except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ValueError(f"{path}: cannot read image ({exc}); pass a JPEG/PNG/BMP/TIFF/WebP file") from None
     raise TypeError(f"image must be a PIL image, a path or an (H, W, 3) uint8 array, got {type(image).__name__}")
-
-
-def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None) -> tuple[int, int] | None:
-    """`"model"` -> the checkpoint's `preprocessing.input_size` (None when it has none); None -> native size."""
-    if isinstance(input_size, str):
-        if input_size != "model":
-            raise ValueError(f"input_size must be 'model', None (native size) or (H, W), got {input_size!r}")
-        pre = getattr(model, "preprocessing", None)
-        size = getattr(pre, "input_size", None)
-        return None if size is None else (int(size[0]), int(size[1]))
-    if input_size is None:
-        return None
-    size = tuple(int(v) for v in input_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"input_size must be (height, width) with positive values, got {input_size!r}")
-    return size  # type: ignore[return-value]
 
 
 def _normalised(model: nn.Module, image: np.ndarray) -> torch.Tensor:

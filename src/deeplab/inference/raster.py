@@ -349,7 +349,7 @@ def write_category_names(path: Path, class_names) -> Path:
 
 def _checked_options(model: nn.Module, options: InferenceOptions | None, inference: dict[str, Any]
                      ) -> InferenceOptions:
-    from .predict import resolve_input_size
+    from .options import resolve_input_size
 
     opts = InferenceOptions.of(options, **inference)
     if opts.window is not None or opts.crf is not None:
