@@ -474,7 +474,7 @@ def evaluate_raster(
                 stored = truth.read(1, window=window)
                 known = truth.read_masks(1, window=window) > 0
                 if lut is not None:
-                    target = lut[np.clip(stored, 0, 255).astype(np.intp)] if stored.size else stored.astype(np.uint8)
+                    target = lut[np.clip(stored, 0, 255).astype(np.intp)]
                     target = np.where((stored >= 0) & (stored <= 255), target, NODATA)
                 else:
                     target = np.where((stored >= 0) & (stored < classes), stored, NODATA)
