@@ -32,3 +32,18 @@ def test_latency_prints_interleaved_results_and_flatness():
     per_mp = flat["ms_per_megapixel"]
     assert per_mp == [small["ms_per_megapixel"], large["ms_per_megapixel"]]
     assert abs(flat["spread_per_megapixel"] - (max(per_mp) / min(per_mp) - 1)) < 1e-3
+
+
+def test_raster_memory_prints_speed_and_peak_memory_of_a_geotiff_prediction():
+    import pytest
+
+    pytest.importorskip("rasterio", reason="rasters need rasterio: pip install 'deeplab[geo]'")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "raster_memory.py"), "--size", "300", "--tile", "128",
+         "--backbone", "mobilenet_v3_small", "--classes", "3", "--threads", "1"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["raster"] == "300x300 RGB uint8" and result["padding"] == 32
+    assert 0 < result["megapixels_per_second"] and 100 < result["peak_rss_mib"] < 4000
+    assert abs(result["megapixels_per_second"] - 0.09 / result["predict_seconds"]) < 0.01

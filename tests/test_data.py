@@ -542,7 +542,7 @@ def test_build_dataset_names_unknown_datasets_and_the_choices():
         build_dataset("pascal", root=".", split="train")
     with pytest.raises(ValueError, match="root"):
         build_dataset("voc", split="train")
-    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "camvid", "folder", "synthetic"}
+    assert set(DATASETS) == {"voc", "cityscapes", "ade20k", "camvid", "folder", "classified-tiles", "synthetic"}
 
 
 # -- seeding --------------------------------------------------------------------------------

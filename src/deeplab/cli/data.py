@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("data", help="report a dataset before training: images, classes, pixel shares, sizes, and "
                        "warnings that name the flag to fix (exit status 1 when the masks look read wrong)")
-    p.add_argument("--dataset", required=True, help="voc, cityscapes, ade20k, camvid, folder, synthetic")
+    p.add_argument("--dataset", required=True, help="voc, cityscapes, ade20k, camvid, folder, classified-tiles, "
+                   "synthetic")
     p.add_argument("--data-root", default=None, help="dataset folder")
     p.add_argument("--splits", type=str_tuple, default=("train", "val"), help="splits to report (default train,val)")
     p.add_argument("--seed", type=number(int, 0, "0 or more"), default=0, help="picks the held-out split of a folder, as in training (default 0)")

@@ -9,11 +9,13 @@ from ..models.config import OUTPUT_STRIDES
 from .flags import (
     add_folder_flags,
     add_inference_flags,
+    add_raster_flags,
     flagged_folder_options,
     inference_options,
     int_tuple,
     load_for_inference,
     number,
+    raster_tiling,
     resolve_device,
 )
 
@@ -46,7 +48,8 @@ def eval_data(args: argparse.Namespace, trained: dict | None, *, source: str):
     if split is None and trained_here:
         split = cfg.val_split
     elif split is None:
-        no_list = name == "folder" and not (root and (Path(root) / "splits" / "val.txt").is_file())
+        no_list = (name == "folder" and not (root and (Path(root) / "splits" / "val.txt").is_file())
+                   or name == "classified-tiles")  # an export the checkpoint was not trained on: all of its chips
         split = "all" if no_list else "val"
     return name, root, split, base.seed, base.dataset_kwargs()
 
@@ -73,13 +76,18 @@ def run(args: argparse.Namespace) -> int:
     dist_info = init_distributed(device_type=device.type)
     if device.type == "cuda" and dist_info.enabled:
         device = torch.device("cuda", dist_info.local_rank)
+    if (args.raster is None) != (args.labels is None):
+        raise ValueError("--raster IMAGE and --labels LABELS go together: the image raster and its label raster")
     results = {}
     for label, path in zip(checkpoint_labels(args.checkpoint), args.checkpoint):
         model, data = load_for_inference(path, args)
-        name, root, split, seed, options = eval_data(args, data.get("train_config"), source=str(path))
         trained = data.get("train_config") or {}
         inference = inference_options(args, scales=tuple(trained.get("val_scales") or (1.0,)),
                                        flip=bool(trained.get("val_flip", False)))
+        if args.raster is not None:
+            results[label] = _raster_result(model, path, args, inference, device)
+            continue
+        name, root, split, seed, options = eval_data(args, data.get("train_config"), source=str(path))
         dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, skip_bad=args.skip_bad,
                                      **options)
         res = evaluate(
@@ -119,22 +127,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raster_result(model, path, args: argparse.Namespace, inference, device) -> dict:
+    """`deeplab eval --raster IMAGE --labels LABELS`: one raster of any size against its label raster."""
+    from ..inference.raster import evaluate_raster
+
+    if args.eval_output_stride is not None and args.eval_output_stride != model.config.output_stride:
+        if not hasattr(model, "with_output_stride"):
+            raise ValueError("--eval-output-stride needs a deeplab checkpoint (.pt): an exported graph has its strides")
+        model = model.with_output_stride(args.eval_output_stride)
+    if next(model.parameters(), None) is not None:
+        model = model.to(device)
+    res = evaluate_raster(model, args.raster, args.labels, tiling=raster_tiling(args), options=inference,
+                          progress=not args.quiet and not args.json)
+    return {"checkpoint": str(path), "dataset": "raster", "split": args.labels, "images": args.raster, **res}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy, trimap of checkpoints on a dataset (torchrun-ready)")
     p.add_argument("--checkpoint", action="append", required=True,
                    help="deeplab checkpoint (or a .onnx / OpenVINO .xml file from `deeplab export` or `deeplab "
                    "quantize`); repeat to compare several (--json then prints {\"checkpoints\": [...]})")
     p.add_argument("--dataset", default=None,
-                   help="voc, cityscapes, ade20k, camvid, folder, synthetic (default: the checkpoint's training data)")
+                   help="voc, cityscapes, ade20k, camvid, folder, classified-tiles, synthetic (default: the "
+                   "checkpoint's training data)")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's training data)")
     p.add_argument("--split", default=None,
                    help="the split to evaluate (default val: for the folder a checkpoint was trained on, the same held-out images; for "
                    "another folder without splits/val.txt, all)")
     p.add_argument("--limit", type=number(int, 1, "a positive number of images"), default=None, help="evaluate the first N images only")
+    p.add_argument("--raster", default=None, help="instead of a dataset: an image raster of any size (GeoTIFF), "
+                   "predicted tile by tile as deeplab predict does, scored against --labels")
+    p.add_argument("--labels", default=None, help="with --raster: the label raster on the same grid (class Values "
+                   "for a model trained on an ArcGIS export, 0 = NoData; else class indices, 255 ignored)")
     p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")
     add_folder_flags(p, "e.g. the VOC samples: --image-dir . --mask-dir . --image-suffix _image.png "
                       "--mask-suffix _target.png --palette voc; default: what the checkpoint was trained with")
     add_inference_flags(p)
+    add_raster_flags(p)
     p.add_argument("--eval-output-stride", type=int, default=None, choices=OUTPUT_STRIDES,
                    help="evaluate at this output stride (e.g. 8 for a model trained at 16)")
     p.add_argument("--trimap", type=int_tuple, default=None, help="boundary band widths in px, e.g. 1,2,5,10,20,40")

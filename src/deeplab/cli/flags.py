@@ -17,7 +17,18 @@ def _flag_parser(annotation: Any):
 
     base = annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # `X | None`: parse as X
-        base = next(a for a in typing.get_args(annotation) if a is not type(None))
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        base = options[0]
+        if len(options) > 1 and str in options:  # `X | str`: X when the text parses as one, else the text
+            first = _flag_parser(base)
+
+            def parse_or_text(text: str):
+                try:
+                    return first(text)
+                except (argparse.ArgumentTypeError, ValueError):
+                    return text
+
+            return parse_or_text
     if typing.get_origin(base) is tuple:
         item = typing.get_args(base)[0]
         example = "a,b,c" if item is str else "1,2,4"
@@ -167,7 +178,8 @@ FIELD_HELP = {
     "pointrend_points": "PointRend: points refined per subdivision step at inference",
     "pointrend_steps": "PointRend: subdivision steps at inference (default: up to the input resolution)",
     # TrainConfig
-    "dataset": "the dataset (synthetic is built in: no download; folder reads your own, see --data-root)",
+    "dataset": "the dataset (synthetic is built in: no download; folder reads your own, see --data-root; "
+               "classified-tiles reads an ArcGIS Pro Classified Tiles export)",
     "data_root": "the dataset's folder",
     "dataset_options": "extra dataset arguments NAME=VALUE,..., e.g. image_size=96,length=64 for synthetic",
     "train_split": "the split to train on",
@@ -185,7 +197,6 @@ FIELD_HELP = {
     "weight_decay": "L2 weight decay on conv kernels, in [0, 1) (default: TF's 1e-4 for ResNet, 4e-5 for "
                     "Xception and the MobileNets)",
     "ignore_index": "mask value that is never counted, 0..255",
-    "class_weights": "loss weight of each class, comma-separated, one per class, e.g. 1.5,0.8 (default: all 1)",
     "hard_pixel_fraction": "train on only this fraction of each image's hardest pixels, in (0, 1] (TF's "
                            "top_k_percent_pixels)",
     "freeze_bn": "BatchNorm in inference mode and not trained (fine-tuning at output stride 8)",
@@ -220,18 +231,29 @@ FIELD_HELP = {
     "mask_mode": "folder dataset: auto (by the PNG's mode), index or color",
     "classes": "folder dataset: class names NAME,NAME,... (default classes.txt)",
     "label_map": "folder dataset: stored mask value -> class, STORED:CLASS,... e.g. 0:0,255:1 (CLASS may be ignore)",
-    "val_fraction": "folder dataset: held-out validation fraction when there is no splits/val.txt (default 0.2)",
+    "val_fraction": "folder and classified-tiles datasets: held-out validation fraction when there is no "
+                    "splits/val.txt (default 0.2)",
+    "class_weights": "loss weight per class, W,W,... in class order, or auto: the square root of median-frequency "
+                     "balancing of the data report's pixel shares, sqrt(median(f) / f_c)",
+    "loss": "pixel loss: ce (cross-entropy), focal (Lin et al., --focal-gamma), dice (soft Dice), ce+dice (their "
+            "sum), lovasz (Lovasz-softmax, Berman et al.)",
+    "focal_gamma": "focal loss exponent gamma (default 2, Lin et al.); 0 is cross-entropy",
+    "bands": "input bands the model reads, a count >= 1 (default: the data's: 3 for photos, NumBands of an ArcGIS "
+             "export); must match the data",
+    "rgb_bands": "0-based positions of the red, green and blue bands among --bands, e.g. 2,1,0; their RGB filters "
+                 "start the first conv from RGB weights (default: the export's band names, else 0,1,2)",
+    "in_channels": "model input bands (deeplab train sets it from the data; --bands)",
 }
 
 
 def field_choices() -> dict[str, tuple]:
     """The fixed sets some ModelConfig / TrainConfig fields choose from: argparse refuses anything else by name."""
     from ..data import DATASETS
-    from ..training.config import AMP_CHOICES
+    from ..training.config import AMP_CHOICES, LOSSES
 
     return {"backbone": tuple(sorted(BACKBONES)), "output_stride": OUTPUT_STRIDES,
             "eval_output_stride": OUTPUT_STRIDES, "amp": AMP_CHOICES, "dataset": tuple(sorted(DATASETS)),
-            "mask_mode": ("auto", "index", "color")}
+            "mask_mode": ("auto", "index", "color"), "loss": LOSSES}
 
 
 def number(kind: type, low: float, expected: str, *, below: float | None = None, below_inclusive: bool = False,
@@ -413,3 +435,22 @@ def flagged_folder_options(args: argparse.Namespace) -> dict:
     from ..training.config import FOLDER_OPTIONS
 
     return {name: getattr(args, name) for name in (*FOLDER_OPTIONS, "dataset_options") if getattr(args, name) is not None}
+
+
+def add_raster_flags(p: argparse.ArgumentParser) -> None:
+    """How rasters (GeoTIFF) of any size are tiled: `deeplab.inference.raster`."""
+    g = p.add_argument_group("rasters (GeoTIFF and other GDAL rasters, any size; pip install 'deeplab[geo]')")
+    g.add_argument("--tile", type=number(int, 17, "at least 17 pixels, e.g. 512"), default=512,
+                   help="raster tile size in pixels (default %(default)s)")
+    g.add_argument("--padding", type=number(int, 0, "0 or a positive number of pixels below half the tile"),
+                   default=None, help="pixels of each tile's border that overlap its neighbours; tiles step by tile - "
+                   "2 x padding and are blended where they overlap (default: a quarter of --tile, as ArcGIS)")
+    g.add_argument("--tile-batch", type=number(int, 1, "a positive number of tiles"), default=2,
+                   help="tiles run per call: peak memory grows with it, not with the raster (default %(default)s)")
+
+
+def raster_tiling(args: argparse.Namespace):
+    from ..inference.raster import Tiling
+
+    return Tiling(tile=args.tile, padding=args.padding, batch=args.tile_batch)
+

@@ -7,9 +7,11 @@ import sys
 
 from .flags import (
     add_inference_flags,
+    add_raster_flags,
     inference_options,
     load_for_inference,
     number,
+    raster_tiling,
     resolve_device,
 )
 
@@ -22,8 +24,11 @@ def run(args: argparse.Namespace) -> int:
         model = model.to(resolve_device(args.device))
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
-        progress=not args.quiet, options=inference_options(args),
+        progress=not args.quiet, options=inference_options(args), tiling=raster_tiling(args),
     )
+    for source, done in report.rasters.items():
+        print(f"{source}: {done.megapixels:.1f} Mpx in {done.seconds:.1f} s ({done.megapixels_per_second:.2f} Mpx/s) "
+              f"-> {done.path}")
     for _name, message in report.failed:
         print(f"deeplab predict: {message}", file=sys.stderr)
     files = sum(len(v) for v in report.written.values())
@@ -36,16 +41,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("predict", help="segment image files, folders or globs into index PNGs (+ overlays, probabilities)")
+    p = sub.add_parser("predict", help="segment image files, folders or globs into index PNGs (+ overlays, probabilities), "
+                       "and rasters of any size (GeoTIFF) into classified GeoTIFFs")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns; videos "
                    "(.mp4, .avi, .mov, .mkv, .webm) only with the optional imageio package (pip install 'imageio[pyav]'), "
                    "otherwise they are reported as failed")
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint, or a .onnx / OpenVINO .xml file from "
                    "`deeplab export` or `deeplab quantize`")
-    p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette")
-    p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours")
+    p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette; for a "
+                   "raster NAME.tif, NAME.tif: class indices with the source's georeference, NoData 255")
+    p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours "
+                   "(photos only)")
     p.add_argument("--alpha", type=number(float, 0, "in [0, 1], e.g. 0.5", below=1, below_inclusive=True), default=0.5, help="overlay colour weight (default %(default)s)")
-    p.add_argument("--probs", action="store_true", help="also NAME_probs.npy, class probabilities float16 (C, H, W)")
+    p.add_argument("--probs", action="store_true", help="also NAME_probs.npy, class probabilities float16 (C, H, W); "
+                   "for a raster NAME_probs.tif, one 16-bit float band per class")
     add_inference_flags(p)
+    add_raster_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

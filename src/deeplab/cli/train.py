@@ -72,8 +72,8 @@ def add_parser(sub) -> None:
     model, train = presets("synthetic")
     shared = dict(helps=FIELD_HELP, choices=field_choices(), preset_name="synthetic preset")
     # Ranges are checked as the configs are made from the flags, before anything is read or written; the message
-    # names the flag and what it must be.
-    add_dataclass_flags(p, ModelConfig, preset=model, **shared)
+    # names the flag and what it must be. The input bands come from the data and --bands.
+    add_dataclass_flags(p, ModelConfig, preset=model, skip=("in_channels",), **shared)
     add_dataclass_flags(p, TrainConfig, preset=train, **shared)
     p.add_argument("--out", default=None, help="output folder (default runs/DATASET-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")

@@ -10,7 +10,7 @@ before each epoch; DataLoader workers started afresh each epoch (the default,
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +190,10 @@ class SegmentationDataset(Dataset):
 
     # -- loading ---------------------------------------------------------------------------
 
+    def load_image(self, path: Path) -> np.ndarray:
+        """The image at `path` as (H, W, C); the default reads photos as (H, W, 3) uint8 RGB (`read_image`)."""
+        return read_image(path)
+
     def stored_values(self, path: Path) -> np.ndarray | None:
         """The mask's values as stored, before label mapping ((H, W) int64), or None for a colour mask."""
         return index_values(read_mask_file(path), path)
@@ -224,7 +228,7 @@ class SegmentationDataset(Dataset):
         if not 0 <= index < len(self.files):
             raise IndexError(f"index {index} out of range for {len(self.files)} samples")
         image_path, mask_path = self.files[index]
-        image = read_image(image_path)
+        image = self.load_image(image_path)
         mask = self.read_mask(mask_path)
         if mask.shape != image.shape[:2]:
             raise DatasetError(
@@ -311,3 +315,22 @@ class SegmentationDataset(Dataset):
                 "Fix or remove them, or pass --skip-bad to skip them."
             )
         return [(self.files[i][0], reason) for i, reason in problems]
+
+
+def held_out_stems(stems: Sequence[str], *, fraction: float, seed: int) -> set[str]:
+    """The validation stems of a folder without split lists: round(fraction * n) of them (at least 1, at most n - 1).
+
+    Stems are ordered by a hash of (seed, stem), so the choice depends on the names and the seed only: not on the
+    listing order, and an image added later does not move the others between the splits.
+    """
+    import hashlib
+
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--val-fraction {fraction:g}: must be between 0 and 1 (e.g. 0.2)")
+    if len(stems) < 2:
+        raise DatasetError(
+            f"{len(stems)} image(s): too few to hold out a validation split; add images or write splits/val.txt"
+        )
+    k = min(len(stems) - 1, max(1, round(fraction * len(stems))))
+    order = sorted(stems, key=lambda s: hashlib.sha256(f"{seed}/{s}".encode()).hexdigest())
+    return set(order[:k])

@@ -22,6 +22,7 @@ from .base import (
     SegmentationDataset,
     Transform,
     describe_values,
+    held_out_stems,
     index_values,
     make_lut,
     read_mask_file,
@@ -33,6 +34,7 @@ from .palettes import (
     colors_to_index,
     default_palette,
 )
+from .arcgis import ClassifiedTiles
 from .synthetic import SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -308,25 +310,6 @@ def format_label_map(mapping: Mapping[int, int]) -> str:
     return ",".join(f"{k}:{'ignore' if v == IGNORE_INDEX else v}" for k, v in sorted(mapping.items()))
 
 
-def held_out_stems(stems: Sequence[str], *, fraction: float, seed: int) -> set[str]:
-    """The validation stems of a folder without split lists: round(fraction * n) of them (at least 1, at most n - 1).
-
-    Stems are ordered by a hash of (seed, stem), so the choice depends on the names and the seed only: not on the
-    listing order, and an image added later does not move the others between the splits.
-    """
-    import hashlib
-
-    if not 0 < fraction < 1:
-        raise DatasetError(f"--val-fraction {fraction:g}: must be between 0 and 1 (e.g. 0.2)")
-    if len(stems) < 2:
-        raise DatasetError(
-            f"{len(stems)} image(s): too few to hold out a validation split; add images or write splits/val.txt"
-        )
-    k = min(len(stems) - 1, max(1, round(fraction * len(stems))))
-    order = sorted(stems, key=lambda s: hashlib.sha256(f"{seed}/{s}".encode()).hexdigest())
-    return set(order[:k])
-
-
 def _listed_stems(split_file: Path, found: dict[str, Path], image_suffix: str | None) -> list[str]:
     stems = []
     for tokens in _read_list(split_file):
@@ -556,6 +539,7 @@ DATASETS: dict[str, Callable[..., SegmentationDataset | SyntheticShapes]] = {
     "ade20k": ADE20K,
     "camvid": CamVid,
     "folder": FolderDataset,
+    "classified-tiles": ClassifiedTiles,
     "synthetic": SyntheticShapes,
 }
 
@@ -583,6 +567,7 @@ __all__ = [
     "DATASETS",
     "CamVid",
     "Cityscapes",
+    "ClassifiedTiles",
     "DatasetError",
     "FolderDataset",
     "SegmentationDataset",

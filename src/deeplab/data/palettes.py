@@ -292,3 +292,14 @@ def palette_for(class_names: Sequence[str]) -> Palette:
         if same * 4 >= 3 * len(names):
             return Palette(class_names=names, colors=palette.colors, void_color=palette.void_color)
     return default_palette(names)
+
+
+def model_palette(model) -> Palette:
+    """The palette a model's predictions are drawn in: its own class colours when it carries them (a model trained
+    on an ArcGIS export has the .emd's), else `palette_for` its class names."""
+    names = tuple(str(n) for n in getattr(model, "class_names", ()) or ())
+    colors = getattr(model, "class_colors", None)
+    if colors and len(colors) == len(names):
+        return Palette(class_names=names, colors=tuple(tuple(int(v) for v in c) for c in colors),
+                       void_color=(224, 224, 192))
+    return palette_for(names)

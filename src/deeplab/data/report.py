@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .bands import BandStatistics
 from .base import DatasetError, describe_values
 
-__all__ = ["DataWarning", "SplitStats", "data_report", "format_report", "report_warnings"]
+__all__ = ["DataWarning", "SplitStats", "class_pixel_shares", "data_report", "format_report",
+           "median_frequency_weights", "report_warnings"]
 
 _MODE_WORDS = {"L": "grayscale", "RGB": "RGB", "RGBA": "RGBA (alpha dropped)", "P": "palette", "LA": "grayscale+alpha",
                "I;16": "16-bit grayscale (scaled by 1/257)", "I": "32-bit grayscale (scaled by 1/257)",
@@ -44,6 +46,9 @@ class SplitStats:
     single_value_masks: list[str] = field(default_factory=list)  # "file: value"
     unreadable: list[str] = field(default_factory=list)  # "file: reason"
     size_mismatches: list[str] = field(default_factory=list)  # "mask file: mask WxH, image WxH"
+    # Per-band mean and std of the images read ({"bands", "dtype", "mean", "std"}), for datasets of any band count
+    # (`num_bands`): what a model of those bands is normalised with. None for RGB photo datasets.
+    band_stats: dict[str, Any] | None = None
 
     @property
     def labelled_pixels(self) -> int:
@@ -62,6 +67,16 @@ def _evenly_spaced(n: int, k: int) -> list[int]:
     return sorted({int(i * n / k) for i in range(k)})
 
 
+def _image_header(dataset: Any, path: Any) -> tuple[int, int, str]:
+    """(width, height, mode) from the image file's header: the dataset's reader when it has one (rasters of any band
+    count), else PIL's."""
+    header = getattr(dataset, "image_header", None)
+    if header is not None:
+        return header(path)
+    with Image.open(path) as im:
+        return im.width, im.height, im.mode
+
+
 def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: bool) -> SplitStats:
     k = dataset.num_classes
     ignore = int(getattr(dataset, "ignore_index", 255))
@@ -77,6 +92,7 @@ def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: b
     unreadable: list[str] = []
     mismatched: list[str] = []
     lut = getattr(dataset, "label_lut", None)
+    bands = BandStatistics() if getattr(dataset, "num_bands", None) is not None and files else None
     if progress:
         from tqdm import tqdm
 
@@ -85,10 +101,12 @@ def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: b
         try:
             if files:
                 image_path, mask_path = files[i]
-                with Image.open(image_path) as im:  # the header only: size and mode
-                    sizes[f"{im.width}x{im.height}"] += 1
-                    modes[im.mode] += 1
-                    image_hw = (im.height, im.width)
+                width, height, mode = _image_header(dataset, image_path)  # the header only: size and mode
+                sizes[f"{width}x{height}"] += 1
+                modes[mode] += 1
+                image_hw = (height, width)
+                if bands is not None:
+                    bands.add(dataset.load_image(image_path))
                 raw = dataset.stored_values(mask_path)
                 name = Path(mask_path).name
                 mask_hw = tuple(raw.shape[:2]) if raw is not None else tuple(dataset.read_mask(mask_path).shape[:2])
@@ -127,6 +145,7 @@ def _split_stats(dataset: Any, split: str, *, max_masks: int | None, progress: b
         invalid_values={int(v): int(c) for v, c in enumerate(invalid) if c},
         image_sizes=dict(sizes.most_common()), image_modes=dict(modes.most_common()),
         single_value_masks=single, unreadable=unreadable, size_mismatches=mismatched,
+        band_stats=bands.result() if bands is not None else None,
     )
 
 
@@ -139,13 +158,38 @@ def data_report(
     """
     first = next(iter(datasets.values()))
     splits = {name: _split_stats(ds, name, max_masks=max_masks, progress=progress) for name, ds in datasets.items()}
-    warnings = report_warnings(splits, class_names=tuple(first.class_names), ignore_index=int(first.ignore_index))
+    hint = getattr(first, "value_hint", None)
+    warnings = report_warnings(splits, class_names=tuple(first.class_names), ignore_index=int(first.ignore_index),
+                               sparse_labels=bool(getattr(first, "sparse_labels", False)),
+                               value_hint=hint() if hint is not None else None)
+    train = splits.get("train") or next(iter(splits.values()))
     return {
         "classes": list(first.class_names),
         "ignore_index": int(first.ignore_index),
         "splits": {name: asdict(st) for name, st in splits.items()},
         "warnings": [asdict(w) for w in warnings],
+        "class_pixel_shares": class_pixel_shares(train.class_pixels),
+        "band_stats": train.band_stats,
     }
+
+
+def class_pixel_shares(class_pixels: list[int]) -> list[float]:
+    """Each class's share of the labelled (not ignored) pixels."""
+    total = sum(class_pixels)
+    return [c / total if total else 0.0 for c in class_pixels]
+
+
+def median_frequency_weights(shares: list[float], *, power: float = 0.5) -> tuple[float, ...]:
+    """Class weights (median(f) / f_c) ** power over the classes' pixel shares f: Eigen & Fergus's median-frequency
+    balancing, softened by its square root (power 0.5) as the README's recipes do. The median is over the classes
+    that have pixels; a class without pixels gets weight 0 (it cannot be learned from this data, and the data
+    report says so)."""
+    present = sorted(f for f in shares if f > 0)
+    if not present:
+        raise DatasetError("no labelled pixels in the training masks; --class-weights auto has nothing to balance")
+    mid = len(present) // 2
+    median = present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+    return tuple((median / f) ** power if f > 0 else 0.0 for f in shares)
 
 
 def _pct(part: int, whole: int) -> str:
@@ -153,9 +197,12 @@ def _pct(part: int, whole: int) -> str:
 
 
 def report_warnings(
-    splits: dict[str, SplitStats], *, class_names: tuple[str, ...], ignore_index: int = 255
+    splits: dict[str, SplitStats], *, class_names: tuple[str, ...], ignore_index: int = 255,
+    sparse_labels: bool = False, value_hint: str | None = None,
 ) -> list[DataWarning]:
-    """The warnings of a report, worst first; each names the fix in flags."""
+    """The warnings of a report, worst first; each names the fix in flags. `sparse_labels`: the dataset's ignored
+    pixels are unlabelled ground (an ArcGIS export's NoData), so a large share of them is not a sign of masks read
+    wrong. `value_hint` replaces the --label-map advice for stored values that are no class."""
     out: list[DataWarning] = []
     k = len(class_names)
     for name, st in splits.items():
@@ -172,6 +219,11 @@ def report_warnings(
             hint = (f"if the {k} stored values are the classes in order, add --label-map "
                     + ",".join(f"{v}:{i}" for i, v in enumerate(values)) if len(values) == k else
                     "map them with --label-map STORED:CLASS,... (STORED:ignore for void)")
+            if value_hint is not None:
+                out.append(DataWarning(
+                    f"{name}: masks store values {describe_values(np.array(sorted(st.invalid_values)))} that are no "
+                    f"class ({sum(st.invalid_values.values())} pixels); {value_hint}", stop=True))
+                continue
             out.append(DataWarning(
                 f"{name}: masks store values {describe_values(np.array(sorted(st.invalid_values)))} that are not "
                 f"classes 0..{k - 1} or {ignore_index} (ignore) ({sum(st.invalid_values.values())} pixels); {hint}; "
@@ -181,8 +233,13 @@ def report_warnings(
     values = sorted(train.stored_values)
     empty = [class_names[c] for c in range(k) if train.class_pixels[c] == 0]
     ignored_share = train.ignore_pixels / labelled if labelled else 0.0
-    suggests_map = bool(empty) and ignore_index in values and len(values) == k
-    if suggests_map:
+    suggests_map = bool(empty) and ignore_index in values and len(values) == k and value_hint is None
+    if sparse_labels:
+        if ignored_share > 0.5:
+            out.append(DataWarning(
+                f"{_pct(train.ignore_pixels, labelled)} of the {train.split} label pixels are NoData (ignored); only "
+                "the labelled rest trains the model", stop=False))
+    elif suggests_map:
         listed = " and ".join(str(v) for v in values) if len(values) == 2 else describe_values(np.array(values))
         mapping = ",".join(f"{v}:{i}" for i, v in enumerate(values))
         out.append(DataWarning(
@@ -196,11 +253,12 @@ def report_warnings(
             f"--label-map {ignore_index}:{k - 1})", stop=True))
     if empty and not suggests_map and not train.invalid_values and train.masks_read:
         complete = train.masks_read == train.images
+        fix = value_hint if value_hint is not None else (
+            "check --classes (or classes.txt) and --label-map against the stored values "
+            + (describe_values(np.array(values)) if values else "(colour masks)"))
         out.append(DataWarning(
             f"class(es) {', '.join(empty)} have no pixels in the {train.masks_read} {train.split} masks read"
-            + ("" if complete else f" (of {train.images})")
-            + "; check --classes (or classes.txt) and --label-map against the stored values "
-            f"{describe_values(np.array(values)) if values else '(colour masks)'}", stop=complete))
+            + ("" if complete else f" (of {train.images})") + f"; {fix}", stop=complete))
     # One-value masks happen (an image of background only); every mask of every split being one is a wrong folder.
     every = all(len(st.single_value_masks) == st.masks_read > 0 for st in splits.values())
     for name, st in splits.items():
@@ -231,6 +289,10 @@ def format_report(report: dict[str, Any], *, title: str) -> str:
             lines.append(f"    stored mask values: {shown}{more}")
         share = ", ".join(f"{n} {_pct(c, labelled)}" for n, c in zip(names, st["class_pixels"]))
         lines.append(f"    pixels: {share}, ignore {_pct(st['ignore_pixels'], labelled)}")
+        if st.get("band_stats"):
+            b = st["band_stats"]
+            lines.append(f"    {b['bands']} bands ({b['dtype']}): mean {', '.join(f'{v:.4g}' for v in b['mean'])}; "
+                         f"std {', '.join(f'{v:.4g}' for v in b['std'])}")
     for w in report["warnings"]:
         lines.append(f"{'error' if w['stop'] else 'warning'}: {w['message']}")
     return "\n".join(lines)

@@ -8,8 +8,9 @@ Every random draw comes from the ``numpy.random.Generator`` passed in, never fro
 state, so a sample is a pure function of that generator's seed. Draws happen in a fixed order
 (scale, crop row, crop column, flip) so the same seed always gives the same sample.
 
-Inputs are ``image`` (H, W, 3) uint8 and ``mask`` (H, W) integer labels; outputs are
-``image`` float32 (3, H', W') and ``mask`` int64 (H', W').
+Inputs are ``image`` (H, W, C) and ``mask`` (H, W) integer labels; outputs are ``image`` float32 (C, H', W') and
+``mask`` int64 (H', W'). C is 3 for RGB photos (uint8); multispectral images have any number of bands and any sample
+type (uint16 counts, float reflectance), normalised per band with ``mean`` / ``std`` of one value per band.
 """
 
 from __future__ import annotations
@@ -35,17 +36,25 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _triple(value: Sequence[float], name: str) -> tuple[float, float, float]:
-    triple = tuple(float(v) for v in value)
-    if len(triple) != 3:
-        raise ValueError(f"{name} needs one value per RGB channel, got {value!r}")
-    return triple  # type: ignore[return-value]
+def _per_band(value: Sequence[float], name: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in value)
+    if not values:
+        raise ValueError(f"{name} needs one value per band (3 for RGB), got {value!r}")
+    return values
 
 
-def _check_pair(image: np.ndarray, mask: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+def _check_image(image: np.ndarray, bands: int) -> None:
+    if (not isinstance(image, np.ndarray) or image.ndim != 3 or image.dtype.kind not in "uif"
+            or image.dtype == np.float16):
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"image must be an (H, W, 3) uint8 numpy array, got {got}")
+        raise ValueError(f"image must be an (H, W, {bands}) numpy array (uint8 RGB, or integer / float bands), got {got}")
+    if image.shape[2] != bands:
+        raise ValueError(f"the image has {image.shape[2]} bands but the normalisation has a mean and std for {bands} "
+                         f"(the model's bands, --bands); got an image of shape {image.shape}")
+
+
+def _check_pair(image: np.ndarray, mask: np.ndarray, bands: int = 3) -> None:
+    _check_image(image, bands)
     if not isinstance(mask, np.ndarray) or mask.shape != image.shape[:2]:
         got = mask.shape if isinstance(mask, np.ndarray) else type(mask).__name__
         raise ValueError(f"mask must be an (H, W) array matching the image {image.shape[:2]}, got {got}")
@@ -58,9 +67,11 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    # The image stays uint8 (a (3, H, W) view of the HWC array) until it is cropped: resizing
-    # uint8 is about 4x faster than float, and only the crop is ever converted.
-    img = _tensor(image).permute(2, 0, 1)  # (3, H, W) uint8
+    # A uint8 image stays uint8 (a (C, H, W) view of the HWC array) until it is cropped: resizing uint8 is about 4x
+    # faster than float, and only the crop is ever converted. Other sample types (16-bit, float) resize as float32.
+    if image.dtype != np.uint8:
+        image = image.astype(np.float32)
+    img = _tensor(image).permute(2, 0, 1)  # (C, H, W)
     msk = _tensor(mask.astype(np.int64, copy=False))  # (H, W)
     return img, msk
 
@@ -79,8 +90,8 @@ def _resize(img: torch.Tensor, msk: torch.Tensor, size: tuple[int, int]) -> tupl
 
 
 def _normalize(img: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return (img - m) / s
 
 
@@ -90,11 +101,11 @@ def normalize(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
-    """(H, W, 3) uint8 -> normalized float32 (3, H, W); for inference without a mask."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be an (H, W, 3) uint8 numpy array, got {getattr(image, 'shape', type(image))}")
+    """(H, W, C) -> normalized float32 (C, H, W), one mean and std per band; for inference without a mask."""
+    mean, std = _per_band(mean, "mean"), _per_band(std, "std")
+    _check_image(image, len(mean))
     img = _tensor(image).permute(2, 0, 1).float()
-    return _normalize(img, _triple(mean, "mean"), _triple(std, "std")).contiguous()
+    return _normalize(img, mean, std).contiguous()
 
 
 def denormalize(image: torch.Tensor, preprocessing) -> np.ndarray:
@@ -133,15 +144,17 @@ class TrainTransform:
     crop_size: tuple[int, int] = (513, 513)
     scale_range: tuple[float, float] = (0.5, 2.0)
     scale_step: float = 0.25
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one per band
+    std: tuple[float, ...] = IMAGENET_STD
     ignore_index: int = 255
     flip: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "crop_size", _pair(self.crop_size, "crop_size"))
-        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
-        object.__setattr__(self, "std", _triple(self.std, "std"))
+        object.__setattr__(self, "mean", _per_band(self.mean, "mean"))
+        object.__setattr__(self, "std", _per_band(self.std, "std"))
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std need one value per band each, got {self.mean!r} and {self.std!r}")
         lo, hi = (float(v) for v in self.scale_range)
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < min <= max, got {self.scale_range!r}")
@@ -154,7 +167,7 @@ class TrainTransform:
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_pair(image, mask)
+        _check_pair(image, mask, len(self.mean))
         if not isinstance(rng, np.random.Generator):
             raise TypeError(
                 f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)), got {type(rng).__name__}"
@@ -176,8 +189,9 @@ class TrainTransform:
         left = int(rng.integers(pw - cw + 1))
         do_flip = self.flip and bool(rng.random() < 0.5)
 
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-        out_img = mean.expand(3, ch, cw).clone()
+        bands = len(self.mean)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(bands, 1, 1)
+        out_img = mean.expand(bands, ch, cw).clone()
         out_msk = torch.full((ch, cw), self.ignore_index, dtype=torch.int64)
         vh, vw = min(ch, sh - top), min(cw, sw - left)
         if vh > 0 and vw > 0:
@@ -200,15 +214,17 @@ class EvalTransform:
     with the mean pixel / ignore label, as TF DeepLab pads eval images to its eval crop.
     """
 
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # one per band
+    std: tuple[float, ...] = IMAGENET_STD
     resize_to: tuple[int, int] | None = None
     pad_to: tuple[int, int] | None = None
     ignore_index: int = 255
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", _triple(self.mean, "mean"))
-        object.__setattr__(self, "std", _triple(self.std, "std"))
+        object.__setattr__(self, "mean", _per_band(self.mean, "mean"))
+        object.__setattr__(self, "std", _per_band(self.std, "std"))
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std need one value per band each, got {self.mean!r} and {self.std!r}")
         if min(self.std) <= 0:
             raise ValueError(f"std must be positive per channel, got {self.std!r}")
         if self.resize_to is not None:
@@ -219,7 +235,7 @@ class EvalTransform:
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_pair(image, mask)
+        _check_pair(image, mask, len(self.mean))
         img, msk = _to_tensors(image, mask)
         if self.resize_to is not None:
             img, msk = _resize(img, msk, self.resize_to)

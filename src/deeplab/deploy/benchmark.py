@@ -58,7 +58,8 @@ def benchmark(
     x = None
     for runtime, n, model in _models(path, runtimes, threads, skipped):
         if x is None:
-            x = torch.randn(1, 3, *fixed_input_size(model, size), generator=torch.Generator().manual_seed(0))
+            bands = int(getattr(getattr(model, "config", None), "in_channels", 3))
+            x = torch.randn(1, bands, *fixed_input_size(model, size), generator=torch.Generator().manual_seed(0))
         torch.set_num_threads(n)
         with torch.no_grad():
             model(x)  # builds and checks it (an exported-graph runtime is compared with eager on this input)

@@ -1,7 +1,7 @@
 """Export to ONNX, OpenVINO IR, TorchScript, torch.export (.pt2) and TF Lite, each verified against eager PyTorch
 before it is trusted.
 
-Every export takes a normalised (N, 3, H, W) float32 batch named `image` and returns (N, K, H, W) `logits` at the
+Every export takes a normalised (N, C, H, W) float32 batch named `image` (C the model's bands, 3 for RGB) and returns (N, K, H, W) `logits` at the
 input size, with batch, height and width dynamic. After writing, the file is loaded back with its own runtime
 (onnxruntime, torch.jit.load, torch.export.load) and run at two input sizes (by default 257x257 and 193x321: square
 and not, both 16k+1 and not); the largest absolute difference from eager logits, divided by the range of those logits
@@ -65,7 +65,7 @@ def model_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
     """What a consumer of an exported file needs to feed it and read its output (JSON-ready): class names and
     palette, preprocessing, input size, align_corners, the model's config; `extra` (e.g. the training run's
     `train_config`, or how an int8 file was calibrated) is added as is."""
-    from ..data.palettes import palette_for
+    from ..data.palettes import model_palette
 
     pre = getattr(model, "preprocessing", None)
     cfg = getattr(model, "config", None)
@@ -73,12 +73,16 @@ def model_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
     return {
         "format": "deeplab-export/1",
         "class_names": names,
-        "palette": [list(map(int, rgb)) for rgb in palette_for(names).colors[: len(names)]] if names else None,
+        "palette": [list(map(int, rgb)) for rgb in model_palette(model).colors[: len(names)]] if names else None,
+        **({"class_colors": [list(c) for c in model.class_colors]} if getattr(model, "class_colors", None) else {}),
+        **({"class_values": list(model.class_values)} if getattr(model, "class_values", None) else {}),
         "mean": list(pre.mean) if pre is not None else None,
         "std": list(pre.std) if pre is not None else None,
         "input_size": list(pre.input_size) if pre is not None and pre.input_size else None,
         "align_corners": bool(getattr(cfg, "align_corners", False)),
-        "input": "image: float32 (N, 3, H, W), RGB normalised as (x - mean) / std with x in 0..255",
+        "input": (f"image: float32 (N, {getattr(cfg, 'in_channels', 3)}, H, W), "
+                  + ("RGB normalised as (x - mean) / std with x in 0..255" if getattr(cfg, "in_channels", 3) == 3 else
+                     "each band normalised as (x - mean) / std in the imagery's own units")),
         "output": "logits: float32 (N, K, H, W), at the input size",
         "activations_rounded_to_uint8": bool(getattr(model, "activation_rounding", None)),
         "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
@@ -86,9 +90,14 @@ def model_metadata(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
     }
 
 
-def _example(size: Sequence[int], *, seed: int = 0, batch: int = 1) -> torch.Tensor:
+def _bands(model: nn.Module) -> int:
+    """The model's input bands (3 for RGB; `config.in_channels`)."""
+    return int(getattr(getattr(model, "config", None), "in_channels", 3))
+
+
+def _example(size: Sequence[int], *, seed: int = 0, batch: int = 1, bands: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, int(size[0]), int(size[1]), generator=g)
+    return torch.randn(batch, bands, int(size[0]), int(size[1]), generator=g)
 
 
 def _dynamic_shapes(model: nn.Module) -> dict[str, dict[int, Any]]:
@@ -121,14 +130,14 @@ def export_onnx(
         raise ValueError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = _example(example_size)
+    x = _example(example_size, bands=_bands(model))
     with warnings.catch_warnings():
         # The legacy exporter announces its deprecation, and tracing warns that shapes become constants; the
         # two-size check after export is what decides whether any did.
         warnings.simplefilter("ignore")
         if dynamo:
             torch.onnx.export(
-                model, (_example(example_size, batch=2),), str(path), dynamo=True, opset_version=max(opset, 18), input_names=["image"],
+                model, (_example(example_size, batch=2, bands=_bands(model)),), str(path), dynamo=True, opset_version=max(opset, 18), input_names=["image"],
                 output_names=["logits"], dynamic_shapes=_dynamic_shapes(model), verbose=False,
             )
         else:
@@ -230,10 +239,10 @@ def export_tflite(
     h, w = (int(v) for v in input_size)
     meta = model_metadata(model, {
         **(metadata or {}), "input_size": [h, w], "input_layout": "NHWC", "output_layout": "NHWC",
-        "input": f"image: float32 (1, {h}, {w}, 3) NHWC, RGB normalised as (x - mean) / std with x in 0..255",
+        "input": f"image: float32 (1, {h}, {w}, {_bands(model)}) NHWC, normalised as (x - mean) / std per band",
         "output": f"logits: float32 (1, {h}, {w}, K) NHWC",
     })
-    path.write_bytes(tflite_bytes(model, (1, 3, h, w), metadata=meta, fold_bn=fold_bn))
+    path.write_bytes(tflite_bytes(model, (1, _bands(model), h, w), metadata=meta, fold_bn=fold_bn))
     return path
 
 
@@ -249,7 +258,7 @@ def export_torchscript(
         # deprecation notice is not news to someone who asked for it.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        traced = torch.jit.trace(model, _example(example_size), check_trace=False)
+        traced = torch.jit.trace(model, _example(example_size, bands=_bands(model)), check_trace=False)
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer, _extra_files={"deeplab.json": json.dumps(model_metadata(model, metadata))})
     # Written by Python, not by torch's C++ writer, which aborts the process on a full disk.
@@ -263,7 +272,8 @@ def export_pt2(model: nn.Module, path: str | os.PathLike, *, example_size: Seque
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A batch of 2: torch.export specialises a dimension traced at size 1 to a constant 1.
-    program = torch.export.export(model, (_example(example_size, batch=2),), dynamic_shapes=_dynamic_shapes(model))
+    program = torch.export.export(model, (_example(example_size, batch=2, bands=_bands(model)),),
+                                  dynamic_shapes=_dynamic_shapes(model))
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={"deeplab.json": json.dumps(model_metadata(model, metadata))})
     path.write_bytes(buffer.getvalue())  # Python's write: a full disk raises instead of aborting in C++
@@ -279,7 +289,7 @@ def fixed_input_size(model: nn.Module, input_size: Sequence[int] | None = None) 
 
 
 def _runner(path: Path, fmt: str):
-    """A function numpy (N, 3, H, W) -> numpy logits, running the exported file with its own runtime."""
+    """A function numpy (N, C, H, W) -> numpy logits, running the exported file with its own runtime."""
     if fmt in ("onnx", "openvino", "tflite"):
         from .runners import RUNNERS, read_metadata
 
@@ -323,7 +333,7 @@ def check_export(
     diffs: dict[str, float] = {}
     model_device = next(model.parameters()).device
     for k, size in enumerate(sizes):
-        x = _example(size, seed=k + 1, batch=1 if k == 0 else 2)  # a second batch size too: batch is dynamic
+        x = _example(size, seed=k + 1, batch=1 if k == 0 else 2, bands=_bands(model))  # a second batch size too
         with torch.no_grad():
             expected = model(x.to(model_device)).float().cpu().numpy()
         key = f"{int(size[0])}x{int(size[1])}"
@@ -415,7 +425,7 @@ def _check_rounded(
         _remove(twin_path, format)
     run = _runner(path, format)
     for k, size in enumerate(sizes):
-        x = _example(size, seed=k + 1, batch=1 if k == 0 else 2)
+        x = _example(size, seed=k + 1, batch=1 if k == 0 else 2, bands=_bands(model))
         got = run(x.numpy())
         if got.shape != (x.shape[0], model.config.num_classes, *x.shape[2:]):
             raise ExportCheckError(f"{path}: the exported {format} model returns shape {got.shape} at {size}")

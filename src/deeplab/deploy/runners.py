@@ -59,6 +59,8 @@ class RuntimeModel(nn.Module):
         self.threads = threads
         self.metadata = dict(metadata or {})
         self.activation_rounding = None
+        self.class_colors: tuple | None = None  # an ArcGIS-trained model's own colours, from the metadata
+        self.class_values: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.from_numpy(np.asarray(self._run(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())),
@@ -212,4 +214,6 @@ def load_exported(path: str | os.PathLike, *, runtime: str | None = None, thread
         run, runtime=runtime, config=config, class_names=meta["class_names"], preprocessing=pre, source=str(path),
         threads=n, metadata=meta, nhwc=layout == "NHWC",
     )
+    model.class_colors = tuple(tuple(c) for c in meta["class_colors"]) if meta.get("class_colors") else None
+    model.class_values = tuple(meta["class_values"]) if meta.get("class_values") else None
     return model.eval()

@@ -123,11 +123,14 @@ def _exported_runtime(model: nn.Module, runtime: str, *, threads: int, folder: s
 
 def _in_memory(model: nn.Module, run, *, layout: str, runtime: str, threads: int) -> RuntimeModel:
     """A graph made from `model` in this process, run by `runtime`, carrying the model's attributes."""
-    return RuntimeModel(
+    prepared = RuntimeModel(
         run, runtime=runtime, config=getattr(model, "config", None),
         class_names=getattr(model, "class_names", ()), preprocessing=getattr(model, "preprocessing", Preprocessing()),
         source="exported in memory", threads=threads, nhwc=layout == "NHWC",
     ).eval()
+    prepared.class_colors = getattr(model, "class_colors", None)
+    prepared.class_values = getattr(model, "class_values", None)
+    return prepared
 
 
 def _litert_runtime(model: nn.Module, *, threads: int) -> RuntimeModel:
@@ -241,6 +244,8 @@ class AutoRuntime(nn.Module):
         self.class_names = getattr(model, "class_names", ())
         self.preprocessing = getattr(model, "preprocessing", None)
         self.activation_rounding = getattr(model, "activation_rounding", None)
+        self.class_colors = getattr(model, "class_colors", None)
+        self.class_values = getattr(model, "class_values", None)
         self.threads = threads
         self.candidates = candidates
         self.rtol = rtol
@@ -352,6 +357,8 @@ class _CheckedOnFirstCall(nn.Module):
         self.runtime = prepared.runtime
         self.config, self.class_names = prepared.config, prepared.class_names
         self.preprocessing, self.activation_rounding = prepared.preprocessing, None
+        self.class_colors = getattr(eager, "class_colors", None)
+        self.class_values = getattr(eager, "class_values", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.checked:

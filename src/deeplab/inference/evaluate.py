@@ -60,6 +60,12 @@ def build_eval_dataset(
             "evaluate a checkpoint trained for this dataset (or, for a folder dataset, fix classes.txt, --classes or "
             "--palette)"
         )
+    theirs, ours = getattr(dataset, "class_values", None), getattr(model, "class_values", None)
+    if theirs and ours and tuple(theirs) != tuple(ours):
+        raise ValueError(
+            f"{root}: its classes have the Values {list(theirs)} but the model was trained on Values {list(ours)} "
+            f"({', '.join(model.class_names)}); evaluate it on an export of the same classes"
+        )
     return dataset
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..deploy.runtimes import RUNTIME_CHOICES
 from .segment import check_options
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,19 @@ class InferenceOptions:
             "overlap": self.overlap if self.window else None, "runtime": self.runtime, "threads": self.threads,
             "amp": self.amp, "crf": None if self.crf is None else {**vars(self.crf), "backend": self.crf_backend},
         }
+
+
+def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None) -> tuple[int, int] | None:
+    """`"model"` -> the checkpoint's `preprocessing.input_size` (None when it has none); None -> native size."""
+    if isinstance(input_size, str):
+        if input_size != "model":
+            raise ValueError(f"input_size must be 'model', None (native size) or (H, W), got {input_size!r}")
+        pre = getattr(model, "preprocessing", None)
+        size = getattr(pre, "input_size", None)
+        return None if size is None else (int(size[0]), int(size[1]))
+    if input_size is None:
+        return None
+    size = tuple(int(v) for v in input_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input_size must be (height, width) with positive values, got {input_size!r}")
+    return size  # type: ignore[return-value]

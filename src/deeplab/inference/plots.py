@@ -223,6 +223,7 @@ def draw_predictions(model: Any, dataset: Any, path: str | Path, *, count: int, 
     from PIL import Image, ImageDraw
 
     from ..data import colorize
+    from ..data.bands import display_rgb
     from .metrics import confusion_matrix, segmentation_scores
 
     n = min(count, len(dataset))
@@ -246,7 +247,8 @@ def draw_predictions(model: Any, dataset: Any, path: str | Path, *, count: int, 
             shown |= set(np.unique(gt).tolist()) | set(np.unique(pred).tolist())
             name = Path(files[i][0]).name if i < len(files) else f"sample {i}"
             miou = "-" if scores["miou"] is None else f"{100 * scores['miou']:.1f}%"
-            rows.append((f"{name}   mIoU {miou}", [Image.fromarray(image).convert("RGB")]
+            rgb = getattr(getattr(dataset, "export", None), "rgb_bands", None)
+            rows.append((f"{name}   mIoU {miou}", [Image.fromarray(display_rgb(image, rgb=rgb)).convert("RGB")]
                          + [colorize(m, dataset.palette).convert("RGB") for m in (gt, pred)]))
     finally:
         model.train(was_training)

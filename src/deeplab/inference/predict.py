@@ -21,11 +21,11 @@ from PIL import Image
 from torch import nn
 
 from ..data.base import image_to_rgb
-from ..data.palettes import palette_for
+from ..data.palettes import model_palette, palette_for
 from ..deploy.runtimes import prepare_model, runtime_name
 from ..models.checkpoint import write_atomically
 from .crf import dense_crf
-from .options import InferenceOptions
+from .options import InferenceOptions, resolve_input_size
 from .segment import segment_probs
 
 if TYPE_CHECKING:
@@ -79,22 +79,6 @@ def load_image(image: ImageLike) -> np.ndarray:
     raise TypeError(f"image must be a PIL image, a path or an (H, W, 3) uint8 array, got {type(image).__name__}")
 
 
-def resolve_input_size(model: nn.Module, input_size: Sequence[int] | str | None) -> tuple[int, int] | None:
-    """`"model"` -> the checkpoint's `preprocessing.input_size` (None when it has none); None -> native size."""
-    if isinstance(input_size, str):
-        if input_size != "model":
-            raise ValueError(f"input_size must be 'model', None (native size) or (H, W), got {input_size!r}")
-        pre = getattr(model, "preprocessing", None)
-        size = getattr(pre, "input_size", None)
-        return None if size is None else (int(size[0]), int(size[1]))
-    if input_size is None:
-        return None
-    size = tuple(int(v) for v in input_size)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"input_size must be (height, width) with positive values, got {input_size!r}")
-    return size  # type: ignore[return-value]
-
-
 def _normalised(model: nn.Module, image: np.ndarray) -> torch.Tensor:
     from ..data.transforms import normalize
 
@@ -112,7 +96,7 @@ def predict_probs(
     """Class probabilities (K, H, W) float32 at the image's size; the arguments as for `predict`. The model runs as
     it is given (prepare it once with `deeplab.optimize_for_inference` for speed; `predict_files` does)."""
     opts = InferenceOptions.of(options, **inference)
-    rgb = load_image(image)
+    rgb = _model_bands(model, image)
     was_training = model.training
     model.eval()
     try:
@@ -123,12 +107,30 @@ def predict_probs(
     finally:
         model.train(was_training)
     if opts.crf is not None:
+        if rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError("--crf compares RGB colours; it applies to 8-bit RGB models only")
         return dense_crf(rgb, probs[0].cpu(), params=opts.crf, backend=opts.crf_backend).numpy()
     return probs[0].cpu().numpy()
 
 
+def _model_bands(model: nn.Module, image: ImageLike) -> np.ndarray:
+    """The image as the model reads it: (H, W, 3) uint8 RGB for RGB models (`load_image`); for a model of other bands
+    an (H, W, bands) array of any numeric type as given, or every band of the file (`deeplab.data.bands.read_bands`)."""
+    bands = int(getattr(getattr(model, "config", None), "in_channels", 3))
+    if bands == 3 and not (isinstance(image, np.ndarray) and image.ndim == 3 and image.dtype != np.uint8):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        from ..data.bands import read_bands
+
+        return read_bands(Path(image), bands=bands)
+    raise ValueError(f"a model of {bands} bands reads an (H, W, {bands}) array or an image file, not a "
+                     f"{type(image).__name__}")
+
 def predict(model: nn.Module, image: ImageLike, *, options: InferenceOptions | None = None, **inference: Any) -> np.ndarray:
-    """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array) at the image's size.
+    """Class indices (H, W) of `image` (PIL image, path, or (H, W, 3) uint8 RGB array; for a model of other bands or
+    sample types, an (H, W, bands) array or a file of those bands) at the image's size.
 
     uint8 for up to 256 classes (int64 beyond). `options` (a `deeplab.inference.options.InferenceOptions`), or any of its
     fields as keywords: `scales` / `flip` average softmax probabilities over rescaled and mirrored copies; `window` /
@@ -176,6 +178,7 @@ class PredictReport:
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
     runtime: str = ""  # which runtime ran the model (deeplab.deploy.runtimes.runtime_name)
+    rasters: dict[str, Any] = field(default_factory=dict)  # input -> deeplab.inference.raster.RasterResult
 
     @property
     def ok(self) -> bool:
@@ -267,6 +270,7 @@ def predict_files(
     save_probs: bool = False,
     progress: bool = False,
     options: InferenceOptions | None = None,
+    tiling: Any = None,
     **inference: Any,
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
@@ -277,6 +281,11 @@ def predict_files(
     imageio package) writes NAME/frame_000000.png and so on. An input that cannot be read is recorded in the
     report's `failed` as (input, message naming it) and the others still run. The model runs as `options` (or the
     same fields as keywords) say, on `options.runtime` (`deeplab.deploy.runtimes`); `report.runtime` says which ran.
+
+    A raster (GeoTIFF, .img, .jp2, .vrt: `deeplab.inference.raster.RASTER_SUFFIXES`) of any size is classified tile
+    by tile into NAME.tif, georeferenced as its source, with NAME_probs.tif for `save_probs`
+    (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default 512-pixel tiles); rasters need the
+    optional rasterio package (pip install 'deeplab[geo]') and get no overlay.
     """
     opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)
@@ -287,8 +296,8 @@ def predict_files(
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
     opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    palette = model_palette(model)
     model = prepare_model(model, opts)
-    palette = palette_for(class_names)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: is a file; pass a folder for the predictions")
@@ -303,9 +312,22 @@ def predict_files(
 
     from tqdm import tqdm
 
-    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress, dynamic_ncols=True):
+    from .raster import RASTER_SUFFIXES, predict_raster
+
+    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) == 1,
+                           dynamic_ncols=True):
         try:
-            if path.suffix.lower() in VIDEO_EXTENSIONS:
+            if path.suffix.lower() in RASTER_SUFFIXES:
+                target = out / f"{name}.tif"
+                if target.resolve() in inputs_resolved or target.resolve() == path.resolve():
+                    raise ValueError(f"{path}: its output {target} is an input of this command and would be "
+                                     "overwritten; choose another --out")
+                done = predict_raster(model, path, target, tiling=tiling, probs=save_probs, progress=progress,
+                                      options=opts)
+                written = [done.path, done.path.with_name(done.path.name + ".aux.xml")]
+                written += [done.probs_path] if done.probs_path is not None else []
+                report.rasters[str(path)] = done
+            elif path.suffix.lower() in VIDEO_EXTENSIONS:
                 written: list[Path] = []
                 for i, frame in enumerate(_video_frames(path)):
                     written += _write_outputs(

@@ -151,7 +151,7 @@ def segment_probs(
     align_corners: bool | None = None,
     amp: str = "off",
 ) -> torch.Tensor:
-    """Class probabilities (N, K, H, W) of a normalised batch `x` (N, 3, H, W), at `x`'s size.
+    """Class probabilities (N, K, H, W) of a normalised batch `x` (N, C, H, W; C the model's bands), at `x`'s size.
 
     The softmax of every (scale, flip) pass is averaged (TF DeepLab's rule; see the module docstring). `flip` adds
     each scale's horizontally mirrored image, whose output is mirrored back. `window` tiles each pass (sliding
@@ -160,8 +160,9 @@ def segment_probs(
     bf16 autocast (resizing and softmax stay float32). The model should be in eval mode.
     """
     scales = check_options(scales=scales, window=window, overlap=overlap)
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"x must be a normalised (N, 3, H, W) batch, got shape {tuple(x.shape)}")
+    bands = int(getattr(getattr(model, "config", None), "in_channels", 3))
+    if x.dim() != 4 or x.shape[1] != bands:
+        raise ValueError(f"x must be a normalised (N, {bands}, H, W) batch (the model's bands), got shape {tuple(x.shape)}")
     ac = model_align_corners(model) if align_corners is None else bool(align_corners)
     param = next(model.parameters(), None)
     if param is not None:

@@ -87,6 +87,8 @@ def checkpoint_dict(model: DeepLab, **extra: Any) -> dict[str, Any]:
         "preprocessing": model.preprocessing.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **({"activation_rounding": rounding} if (rounding := getattr(model, "activation_rounding", None)) else {}),
+        **({"class_colors": [list(c) for c in colors]} if (colors := getattr(model, "class_colors", None)) else {}),
+        **({"class_values": list(values)} if (values := getattr(model, "class_values", None)) else {}),
         **extra,
     }
 
@@ -183,7 +185,8 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -
             "checkpoint of the run (best.pt, or a last.pt from before the run diverged)"
         )
     cfg, preprocessing = configs_of(data, source=source)
-    model = build_model(cfg, class_names=data["class_names"], preprocessing=preprocessing)
+    model = build_model(cfg, class_names=data["class_names"], preprocessing=preprocessing,
+                        class_colors=data.get("class_colors"), class_values=data.get("class_values"))
     load_state_dict_strict(model, data["state_dict"], source=source)
     if data.get("activation_rounding"):  # a converted uint8 TFLite model: round activations as the file does
         from .activation_rounding import attach_activation_rounding

@@ -24,6 +24,7 @@ MODEL_RANGES = {
     "atrous_rates": (lambda v: all(int(r) >= 1 for r in v), "positive integers, e.g. 6,12,18 ('' for none)"),
     "multi_grid": (lambda v: len(v) > 0 and all(int(r) >= 1 for r in v), "positive integers, e.g. 1,2,4"),
     "num_classes": (lambda v: v >= 1, "a positive number of classes"),
+    "in_channels": (lambda v: int(v) >= 1, "a positive number of input bands (3 for RGB; --bands N)"),
     "aspp_channels": (lambda v: v >= 1, "a positive number of channels (the papers use 256)"),
     "decoder_channels": (lambda v: v >= 1, "a positive number of channels (the papers use 256)"),
     "low_level_channels": (lambda v: v >= 1, "a positive number of channels (the paper uses 48)"),
@@ -69,6 +70,7 @@ class ModelConfig:
     pointrend_train_points: int = 2048  # points per image in training (detectron2's semantic PointRend)
     pointrend_points: int = 8192  # points refined per subdivision step at inference
     pointrend_steps: int | None = None  # subdivision steps at inference; None: up to the input resolution
+    in_channels: int = 3  # bands of the input image: 3 for RGB, 4 or more for multispectral imagery
 
     def __post_init__(self) -> None:
         if self.output_stride not in OUTPUT_STRIDES:
@@ -113,21 +115,28 @@ TF_STD = (127.5, 127.5, 127.5)
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an RGB uint8 image becomes the model's input; travels with every checkpoint."""
+    """How an image becomes the model's input, (x - mean) / std per band; travels with every checkpoint.
 
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    RGB models hold 3 values in 0..255 units (ImageNet's by default); a model of N bands holds N, in the units its
+    imagery is stored in (16-bit counts, reflectance, ...), measured from the training data (`deeplab data`)."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     input_size: tuple[int, int] | None = None  # (H, W) the model was exported/trained at, if fixed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 values (RGB), got mean={self.mean!r} std={self.std!r}")
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError(f"mean and std need one value per band (3 for RGB), got mean={self.mean!r} std={self.std!r}")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std values must be positive, got {self.std!r}")
         if self.input_size is not None:
             object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+
+    @property
+    def bands(self) -> int:
+        return len(self.mean)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -19,8 +19,10 @@ from .pointrend import PointHead
 class DeepLab(nn.Module):
     """DeepLabv3 (backbone + ASPP) or DeepLabv3+ (the same, plus the decoder) returning logits at input size.
 
-    No loss, softmax or argmax inside: `forward` maps a normalised (N, 3, H, W) batch to (N, num_classes, H, W).
-    The model carries its `config`, `class_names` and `preprocessing`, so a checkpoint needs nothing else.
+    No loss, softmax or argmax inside: `forward` maps a normalised (N, C, H, W) batch (C = `config.in_channels`, 3 for
+    RGB) to (N, num_classes, H, W). The model carries its `config`, `class_names` and `preprocessing`, so a checkpoint
+    needs nothing else; `class_colors` (RGB per class, e.g. an ArcGIS export's) and `class_values` (the value each
+    class has in the training labels, e.g. an ArcGIS class Value) when its data defined them, else None.
     """
 
     def __init__(
@@ -35,10 +37,14 @@ class DeepLab(nn.Module):
         preprocessing: Preprocessing,
         head_conv: nn.Module | None = None,
         point_head: PointHead | None = None,
+        class_colors: Sequence[Sequence[int]] | None = None,
+        class_values: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.class_names = tuple(class_names)
+        self.class_colors = None if class_colors is None else tuple(tuple(int(v) for v in c) for c in class_colors)
+        self.class_values = None if class_values is None else tuple(int(v) for v in class_values)
         self.preprocessing = preprocessing
         self.backbone = backbone
         self.aspp = aspp
@@ -88,6 +94,8 @@ class DeepLab(nn.Module):
             cfg.replace(output_stride=output_stride, atrous_rates=rates),
             class_names=self.class_names,
             preprocessing=self.preprocessing,
+            class_colors=self.class_colors,
+            class_values=self.class_values,
         )
         new.load_state_dict(self.state_dict())
         return new.train(self.training).to(next(self.parameters()).device)
@@ -100,6 +108,8 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {sorted(BACKBONES)}")
     kwargs: dict = {"output_stride": cfg.output_stride}
+    if cfg.in_channels != 3:
+        kwargs["in_channels"] = cfg.in_channels
     if cfg.multi_grid is not None:
         kwargs["multi_grid"] = cfg.multi_grid
     if cfg.depth_multiplier != 1.0:
@@ -113,13 +123,26 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
 
 
 def build_model(
-    cfg: ModelConfig, *, class_names: Sequence[str] | None = None, preprocessing: Preprocessing | None = None
+    cfg: ModelConfig, *, class_names: Sequence[str] | None = None, preprocessing: Preprocessing | None = None,
+    class_colors: Sequence[Sequence[int]] | None = None, class_values: Sequence[int] | None = None,
 ) -> DeepLab:
-    """Build a randomly initialised DeepLab for `cfg` (weights come from a checkpoint or `deeplab convert`)."""
+    """Build a randomly initialised DeepLab for `cfg` (weights come from a checkpoint or `deeplab convert`).
+
+    `preprocessing` defaults to ImageNet's RGB statistics for 3 bands and to (x - 0) / 1 for any other number, so a
+    model of `cfg.in_channels` bands always carries one mean and std per band."""
     if class_names is None:
         class_names = [f"class_{i}" for i in range(cfg.num_classes)]
     if len(class_names) != cfg.num_classes:
         raise ValueError(f"{len(class_names)} class names given for num_classes={cfg.num_classes}; give one per class")
+    for what, given in (("class colours", class_colors), ("class values", class_values)):
+        if given is not None and len(given) != cfg.num_classes:
+            raise ValueError(f"{len(given)} {what} given for num_classes={cfg.num_classes}; give one per class")
+    if preprocessing is None:
+        preprocessing = Preprocessing() if cfg.in_channels == 3 else Preprocessing(
+            mean=(0.0,) * cfg.in_channels, std=(1.0,) * cfg.in_channels)
+    if preprocessing.bands != cfg.in_channels:
+        raise ValueError(f"the preprocessing has a mean and std for {preprocessing.bands} bands but the model reads "
+                         f"{cfg.in_channels} (in_channels); give one per band")
     backbone = build_backbone(cfg)
     aspp = ASPP(
         backbone.channels["out"],
@@ -150,9 +173,11 @@ def build_model(
         decoder=decoder,
         classifier=classifier,
         class_names=class_names,
-        preprocessing=preprocessing or Preprocessing(),
+        preprocessing=preprocessing,
         head_conv=head_conv,
         point_head=point_head,
+        class_colors=class_colors,
+        class_values=class_values,
     )
     _initialize(model, bn_momentum=cfg.bn_momentum)
     return model

@@ -53,17 +53,26 @@ RANGES = {
     "val_images": (lambda v: v >= 0, "0 or positive"),
     "precise_bn_images": (lambda v: v >= 0, "0 (off) or a positive number of images"),
     "val_fraction": (lambda v: 0 < v < 1, "between 0 and 1 (e.g. 0.2)"),
-    "class_weights": (lambda v: all(math.isfinite(w) and w >= 0 for w in v) and any(v),
-                      "weights >= 0 and finite, not all 0 (e.g. 1.5,0.8)"),
+    "class_weights": (lambda v: v == "auto" or (not isinstance(v, str) and all(math.isfinite(w) and w >= 0 for w in v)
+                                                 and any(v)),
+                      "weights >= 0 and finite, not all 0 (e.g. 1.5,0.8), or auto"),
     "val_scales": (lambda v: len(v) > 0 and all(x > 0 for x in v), "positive scales (e.g. 1.0 or 0.75,1.0,1.25)"),
+    "bands": (lambda v: v >= 1, "a positive number of bands (3 for RGB)"),
+    "focal_gamma": (lambda v: v >= 0, "0 (cross-entropy) or positive (e.g. 2)"),
 }
 
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 
+
+# The pixel losses `--loss` chooses from (deeplab.training.losses).
+LOSSES = ("ce", "focal", "dice", "ce+dice", "lovasz")
+
 # TrainConfig fields that only the folder dataset reads; `deeplab eval` and `deeplab data` take the same flags.
 FOLDER_OPTIONS = ("image_dir", "mask_dir", "image_suffix", "mask_suffix", "palette", "mask_mode", "classes",
                   "label_map", "val_fraction")
+# The folder options other datasets read too.
+DATASET_OPTIONS = {"folder": FOLDER_OPTIONS, "classified-tiles": ("val_fraction",)}
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float | None = None  # None: 1e-4 for ResNet, 4e-5 for Xception and MobileNetV2 (TF's scopes)
     ignore_index: int = 255
-    class_weights: tuple[float, ...] | None = None
+    class_weights: tuple[float, ...] | str | None = None  # per class, or "auto": from the data report's pixel shares
+    loss: str = "ce"  # one of LOSSES
+    focal_gamma: float = 2.0  # the focal loss's gamma (Lin et al.'s best, 2)
     hard_pixel_fraction: float = 1.0  # < 1: average the loss over only this fraction of hardest pixels
     freeze_bn: bool = False  # BN in inference mode and not trained (fine-tuning at output stride 8)
     # Mixed precision: "auto" is bf16 autocast on a CUDA GPU with bf16 (fp16 with a gradient scaler on one without)
@@ -125,25 +136,43 @@ class TrainConfig:
     classes: tuple[str, ...] | None = None  # class names (default classes.txt, or the palette's)
     label_map: str | None = None  # stored mask value -> class, e.g. "0:0,255:1"; a class may be "ignore"
     val_fraction: float | None = None  # held-out fraction when there is no splits/val.txt (default 0.2)
+    bands: int | None = None  # input bands; None: the data's (3 for photos, NumBands of an ArcGIS export)
+    rgb_bands: tuple[int, ...] | None = None  # positions of red, green, blue among the bands (RGB weights adapt)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"--amp {self.amp}: choose auto, off, bf16 (CPU or CUDA) or fp16 (CUDA)")
+        if isinstance(self.class_weights, str) and self.class_weights != "auto":
+            raise ValueError(f"--class-weights {self.class_weights}: give one weight per class (e.g. 0.5,2) or auto")
         check_ranges(self, RANGES)
         if self.max_scale < self.min_scale:
             raise ValueError(f"--max-scale {self.max_scale} is below --min-scale {self.min_scale}")
         if self.eval_output_stride not in (None, 8, 16, 32):
             raise ValueError(f"--eval-output-stride {self.eval_output_stride}: choose 8, 16 or 32")
-        if self.class_weights is not None:
+        if self.class_weights is not None and self.class_weights != "auto":
             object.__setattr__(self, "class_weights", tuple(float(w) for w in self.class_weights))
         object.__setattr__(self, "dataset_options", tuple(str(o) for o in self.dataset_options))
         dataset_options(self.dataset_options)  # fail early on a malformed option
         if self.classes is not None:
             object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         object.__setattr__(self, "val_scales", tuple(float(v) for v in self.val_scales))
-        given = [f"--{name.replace('_', '-')}" for name in FOLDER_OPTIONS if getattr(self, name) is not None]
-        if given and self.dataset != "folder":
-            raise ValueError(f"{', '.join(given)} apply to --dataset folder only, not --dataset {self.dataset}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
+        if self.hard_pixel_fraction < 1 and self.loss in ("dice", "lovasz"):
+            raise ValueError(f"--hard-pixel-fraction mines the pixels of a per-pixel loss; --loss {self.loss} is not one "
+                             "(use ce, focal or ce+dice)")
+        if self.rgb_bands is not None:
+            object.__setattr__(self, "rgb_bands", tuple(int(b) for b in self.rgb_bands))
+            if len(self.rgb_bands) != 3 or len(set(self.rgb_bands)) != 3 or min(self.rgb_bands) < 0 or (
+                    self.bands is not None and max(self.rgb_bands) >= self.bands):
+                raise ValueError(f"--rgb-bands {','.join(map(str, self.rgb_bands))}: give the 0-based positions of the "
+                                 "red, green and blue bands, three different numbers below --bands (e.g. 0,1,2)")
+        accepted = DATASET_OPTIONS.get(self.dataset, ())
+        given = [name for name in FOLDER_OPTIONS if getattr(self, name) is not None and name not in accepted]
+        if given:
+            readers = sorted(d for d, names in DATASET_OPTIONS.items() if set(given) <= set(names))
+            raise ValueError(f"{', '.join('--' + n.replace('_', '-') for n in given)} apply to --dataset "
+                             f"{' and '.join(readers)} only, not --dataset {self.dataset}")
         if self.label_map is not None:
             from ..data import parse_label_map
 
@@ -151,15 +180,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for name in ("class_weights", "classes", "val_scales"):
-            if d[name] is not None:
+        for name in ("class_weights", "classes", "val_scales", "rgb_bands"):
+            if d[name] is not None and not isinstance(d[name], str):
                 d[name] = list(d[name])
         d["dataset_options"] = list(d["dataset_options"])
         return d
 
     def dataset_kwargs(self) -> dict[str, Any]:
         """What the dataset's constructor gets besides root, split, transform, seed and skip_bad."""
-        folder = {name: getattr(self, name) for name in FOLDER_OPTIONS if getattr(self, name) is not None}
+        accepted = DATASET_OPTIONS.get(self.dataset, ())
+        folder = {name: getattr(self, name) for name in accepted if getattr(self, name) is not None}
         return {**folder, **dataset_options(self.dataset_options)}
 
     @classmethod

@@ -41,7 +41,7 @@ from .run_folder import (
     tensorboard_writer,
     write_text,
 )
-from .warm_start import initial_model, run_preprocessing
+from .warm_start import fit_to_data, initial_model, run_preprocessing
 
 
 class TrainingDiverged(RuntimeError):
@@ -229,6 +229,9 @@ def _start(
     preprocessing = run_preprocessing(resume_state, init_data)
     train_ds, val_ds = build_datasets(train_cfg, preprocessing)
     report = None if resume_state is not None else _check_data(train_cfg, train_ds, val_ds, say=say, progress=progress)
+    if resume_state is None:  # bands, their normalisation and auto class weights, from the data
+        model_cfg, train_cfg, preprocessing = fit_to_data(model_cfg, train_cfg, preprocessing, train_ds, val_ds, report,
+                                                          say=say)
     if model_cfg.num_classes != train_ds.num_classes:
         model_cfg = model_cfg.replace(num_classes=train_ds.num_classes)
     if len(train_ds) < train_cfg.batch_size:
@@ -488,7 +491,8 @@ def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
     masks = masks.to(device, non_blocking=True)
     loss_sum, count, point_sum, point_count = step_losses(
         run.train_model, images, masks, amp=cfg.amp, channels_last=cfg.channels_last, ignore_index=cfg.ignore_index,
-        class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction,
+        class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction, loss=cfg.loss,
+        focal_gamma=cfg.focal_gamma,
     )
     # Divide by the global number of counted pixels (times the world size, which DDP's gradient averaging divides
     # out): the gradient then equals one process's over the whole batch.

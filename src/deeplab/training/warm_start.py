@@ -25,12 +25,83 @@ def run_preprocessing(resume_state: dict[str, Any] | None, init_data: dict[str, 
     return Preprocessing()
 
 
+def fit_to_data(model_cfg: ModelConfig, train_cfg: TrainConfig, preprocessing: Preprocessing, train_ds, val_ds,
+                report: dict[str, Any] | None, *, say: Callable[[str], None]
+                ) -> tuple[ModelConfig, TrainConfig, Preprocessing]:
+    """What a new run takes from its data: the model's input bands (the dataset's `num_bands`, 3 for photos), their
+    normalisation (the data report's per-band mean and std, for anything but 8-bit RGB; the datasets' transforms are
+    updated to it), and `--class-weights auto` (`deeplab.data.report.median_frequency_weights` of the report's
+    pixel shares)."""
+    from ..data.report import median_frequency_weights
+
+    bands = int(getattr(train_ds, "num_bands", 3))
+    if train_cfg.bands is not None and train_cfg.bands != bands:
+        raise ValueError(f"--bands {train_cfg.bands}: {train_ds.description} has {bands}-band images; drop --bands "
+                         "or point --data-root at the data you mean")
+    if train_cfg.rgb_bands is not None and max(train_cfg.rgb_bands) >= bands:
+        raise ValueError(f"--rgb-bands {','.join(map(str, train_cfg.rgb_bands))}: the data has {bands} bands "
+                         f"(0..{bands - 1})")
+    model_cfg = model_cfg.replace(in_channels=bands)
+    stats = (report or {}).get("band_stats")
+    if stats and (bands != 3 or stats["dtype"] != "uint8"):
+        std = tuple(s if s > 0 else 1.0 for s in stats["std"])  # a constant band: centred, not scaled
+        preprocessing = replace(preprocessing, mean=tuple(stats["mean"]), std=std)
+        for ds in (train_ds, val_ds):
+            ds.transform = replace(ds.transform, mean=preprocessing.mean, std=preprocessing.std)
+        say(f"normalising the {bands} bands ({stats['dtype']}) with the training images' mean "
+            f"{', '.join(f'{v:.4g}' for v in preprocessing.mean)} and std {', '.join(f'{v:.4g}' for v in std)}")
+    elif preprocessing.bands != bands:
+        raise ValueError(f"{train_ds.description}: {bands}-band images but the normalisation has {preprocessing.bands} "
+                         "values and the data report measured none; run `deeplab data` on it to see why")
+    if train_cfg.class_weights == "auto":
+        weights = tuple(round(w, 4) for w in median_frequency_weights(report["class_pixel_shares"]))
+        train_cfg = replace(train_cfg, class_weights=weights)
+        say("class weights (--class-weights auto, sqrt(median(f) / f_c) of the pixel shares): "
+            + ", ".join(f"{n} {w:g}" for n, w in zip(train_ds.class_names, weights)))
+    return model_cfg, train_cfg, preprocessing
+
+
+def _rgb_positions(train_cfg: TrainConfig, train_ds, bands: int) -> tuple[int, int, int] | None:
+    """Where red, green and blue are among the bands: --rgb-bands, else the export's band names, else the first three
+    (None for fewer than 3 bands)."""
+    if train_cfg.rgb_bands is not None:
+        return tuple(train_cfg.rgb_bands)  # type: ignore[return-value]
+    named = getattr(getattr(train_ds, "export", None), "rgb_bands", None)
+    if named is not None:
+        return named
+    return (0, 1, 2) if bands >= 3 else None
+
+
+def _adapted_input_conv(model: DeepLab, weights: dict[str, Any], *, prefix: str, rgb, source: str,
+                        say: Callable[[str], None]) -> dict[str, Any]:
+    """`weights` with an RGB first-conv kernel adapted to the model's bands (`deeplab.models.input_conv`)."""
+    from ..models.input_conv import adapt_input_conv, input_conv_name
+
+    bands = model.config.in_channels
+    key = prefix + input_conv_name(model.backbone)
+    theirs = weights.get(key)
+    if bands == 3 or theirs is None or theirs.dim() != 4 or theirs.shape[1] != 3:
+        return weights
+    say(f"{source}: its first convolution ({key}) reads RGB; adapted to {bands} bands: the red, green and blue filters "
+        f"for bands {', '.join(map(str, rgb))} and their mean for the others, all scaled by 3/{bands}" if rgb else
+        f"{source}: its first convolution ({key}) reads RGB; adapted to {bands} band(s): the mean of the RGB filters "
+        f"scaled by 3/{bands}")
+    return {**weights, key: adapt_input_conv(theirs, bands=bands, rgb=rgb)}
+
+
 def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ds, preprocessing: Preprocessing,
-                   init_data: dict[str, Any] | None, *, fresh: bool, say: Callable[[str], None]) -> DeepLab:
-    """The model before the first step: random, from a deeplab checkpoint, or with an ImageNet backbone."""
-    model = build_model(model_cfg, class_names=train_ds.class_names, preprocessing=preprocessing)
+                  init_data: dict[str, Any] | None, *, fresh: bool, say: Callable[[str], None]) -> DeepLab:
+    """The model before the first step: random, from a deeplab checkpoint, or with an ImageNet backbone. Starting
+    from RGB weights, a model of other bands gets its first convolution adapted (`deeplab.models.input_conv`)."""
+    model = build_model(model_cfg, class_names=train_ds.class_names, preprocessing=preprocessing,
+                        class_colors=getattr(train_ds, "class_colors", None),
+                        class_values=getattr(train_ds, "class_values", None))
+    rgb = _rgb_positions(train_cfg, train_ds, model_cfg.in_channels)
     if init_data is not None:
-        matched = _load_init(model, init_data, source=str(train_cfg.init_checkpoint), say=say)
+        source = str(train_cfg.init_checkpoint)
+        init_data = {**init_data, "state_dict": _adapted_input_conv(model, init_data["state_dict"], prefix="backbone.",
+                                                                    rgb=rgb, source=source, say=say)}
+        matched = _load_init(model, init_data, source=source, say=say)
         folded = folded_batchnorms(model, matched)
         if folded and not train_cfg.freeze_bn:
             count = min(len(train_ds), max(train_cfg.batch_size, 32))
@@ -42,6 +113,8 @@ def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ds, prep
         from ..convert.torch_weights import backbone_state_dict
 
         weights = backbone_state_dict(train_cfg.backbone_weights, backbone=model_cfg.backbone)
+        weights = _adapted_input_conv(model, weights, prefix="", rgb=rgb, source=str(train_cfg.backbone_weights),
+                                      say=say)
         load_state_dict_strict(model.backbone, weights, source=str(train_cfg.backbone_weights))
         say(f"backbone weights loaded from {train_cfg.backbone_weights}")
     return model

@@ -120,14 +120,14 @@ class EdgeTPUBlock(nn.Module):
 class MobileNetEdgeTPU(Backbone):
     """MobileNet-EdgeTPU returning the stride-4 feature and the output-stride feature (see the module docstring)."""
 
-    def __init__(self, *, depth_multiplier: float = 1.0, output_stride: int = 16) -> None:
+    def __init__(self, *, depth_multiplier: float = 1.0, output_stride: int = 16, in_channels: int = 3) -> None:
         super().__init__()
 
         def depth(c: int) -> int:
             return make_divisible(c * depth_multiplier, 8)
 
         stem_channels = depth(STEM_CHANNELS)
-        self.stem = conv_bn(3, stem_channels, kernel_size=3, stride=2, activation="relu", bn_eps=BN_EPS)
+        self.stem = conv_bn(in_channels, stem_channels, kernel_size=3, stride=2, activation="relu", bn_eps=BN_EPS)
         plan = atrous_plan([row[4] for row in EDGETPU_BLOCKS], output_stride=output_stride, current_stride=2)
         blocks = []
         in_channels = stem_channels
@@ -155,10 +155,11 @@ class MobileNetEdgeTPU(Backbone):
 
 
 def mobilenet_edgetpu(
-    *, output_stride: int = 16, depth_multiplier: float = 1.0, multi_grid: Sequence[int] | None = None
+    *, output_stride: int = 16, depth_multiplier: float = 1.0, multi_grid: Sequence[int] | None = None,
+    in_channels: int = 3,
 ) -> MobileNetEdgeTPU:
     if multi_grid is not None and tuple(multi_grid) != (1, 1, 1):
         raise ValueError(
             f"mobilenet_edgetpu has no multi-grid stage; got multi_grid={tuple(multi_grid)!r}, leave it unset"
         )
-    return MobileNetEdgeTPU(depth_multiplier=depth_multiplier, output_stride=output_stride)
+    return MobileNetEdgeTPU(depth_multiplier=depth_multiplier, output_stride=output_stride, in_channels=in_channels)

@@ -74,7 +74,7 @@ class MobileNetV2(Backbone):
     third inverted residual (stride 4, 144 channels at depth multiplier 1).
     """
 
-    def __init__(self, *, depth_multiplier: float = 1.0, output_stride: int = 16) -> None:
+    def __init__(self, *, depth_multiplier: float = 1.0, output_stride: int = 16, in_channels: int = 3) -> None:
         super().__init__()
         divisor, min_depth = (8, 8) if depth_multiplier == 1.0 else (1, 1)
 
@@ -82,7 +82,7 @@ class MobileNetV2(Backbone):
             return make_divisible(c * depth_multiplier, divisor, min_depth)
 
         stem_channels = depth(32)
-        self.stem = conv_bn(3, stem_channels, kernel_size=3, stride=2, activation="relu6", bn_eps=BN_EPS)
+        self.stem = conv_bn(in_channels, stem_channels, kernel_size=3, stride=2, activation="relu6", bn_eps=BN_EPS)
         units = [(t, c, s if i == 0 else 1) for t, c, n, s in INVERTED_RESIDUAL_SETTING for i in range(n)]
         plan = atrous_plan([u[2] for u in units], output_stride=output_stride, current_stride=2)
         blocks = []
@@ -107,8 +107,9 @@ class MobileNetV2(Backbone):
 
 
 def mobilenet_v2(
-    *, output_stride: int = 16, depth_multiplier: float = 1.0, multi_grid: Sequence[int] | None = None
+    *, output_stride: int = 16, depth_multiplier: float = 1.0, multi_grid: Sequence[int] | None = None,
+    in_channels: int = 3,
 ) -> MobileNetV2:
     if multi_grid is not None and tuple(multi_grid) != (1, 1, 1):
         raise ValueError(f"mobilenet_v2 has no multi-grid stage; got multi_grid={tuple(multi_grid)!r}, leave it unset")
-    return MobileNetV2(depth_multiplier=depth_multiplier, output_stride=output_stride)
+    return MobileNetV2(depth_multiplier=depth_multiplier, output_stride=output_stride, in_channels=in_channels)

@@ -164,13 +164,13 @@ class InvertedResidual(nn.Module):
 class MobileNetV3(Backbone):
     """MobileNetV3 features (`features.0 ... features.N`) returning the stride-4 and the output-stride feature."""
 
-    def __init__(self, *, size: str = "large", output_stride: int = 16) -> None:
+    def __init__(self, *, size: str = "large", output_stride: int = 16, in_channels: int = 3) -> None:
         super().__init__()
         if size not in MOBILENET_V3_SETTINGS:
             raise ValueError(f"MobileNetV3 size must be one of {sorted(MOBILENET_V3_SETTINGS)}, got {size!r}")
         setting = MOBILENET_V3_SETTINGS[size]
         plan = atrous_plan([row[5] for row in setting], output_stride=output_stride, current_stride=2)
-        layers: list[nn.Module] = [conv_norm_act(3, STEM_CHANNELS, kernel_size=3, stride=2, activation="HS")]
+        layers: list[nn.Module] = [conv_norm_act(in_channels, STEM_CHANNELS, kernel_size=3, stride=2, activation="HS")]
         in_channels = STEM_CHANNELS
         nominal = 2  # the stride each layer's output would have without dilation
         self.low_level_index = 0
@@ -209,11 +209,15 @@ def _check_no_multi_grid(name: str, multi_grid: Sequence[int] | None) -> None:
         raise ValueError(f"{name} has no multi-grid stage; got multi_grid={tuple(multi_grid)!r}, leave it unset")
 
 
-def mobilenet_v3_large(*, output_stride: int = 16, multi_grid: Sequence[int] | None = None) -> MobileNetV3:
+def mobilenet_v3_large(
+    *, output_stride: int = 16, multi_grid: Sequence[int] | None = None, in_channels: int = 3
+) -> MobileNetV3:
     _check_no_multi_grid("mobilenet_v3_large", multi_grid)
-    return MobileNetV3(size="large", output_stride=output_stride)
+    return MobileNetV3(size="large", output_stride=output_stride, in_channels=in_channels)
 
 
-def mobilenet_v3_small(*, output_stride: int = 16, multi_grid: Sequence[int] | None = None) -> MobileNetV3:
+def mobilenet_v3_small(
+    *, output_stride: int = 16, multi_grid: Sequence[int] | None = None, in_channels: int = 3
+) -> MobileNetV3:
     _check_no_multi_grid("mobilenet_v3_small", multi_grid)
-    return MobileNetV3(size="small", output_stride=output_stride)
+    return MobileNetV3(size="small", output_stride=output_stride, in_channels=in_channels)

@@ -72,10 +72,10 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
-def _stem_torchvision() -> nn.ModuleDict:
+def _stem_torchvision(in_channels: int = 3) -> nn.ModuleDict:
     return nn.ModuleDict(
         {
-            "conv1": nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+            "conv1": nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
             "bn1": nn.BatchNorm2d(64),
             "relu": nn.ReLU(inplace=True),
             "maxpool": nn.MaxPool2d(3, stride=2, padding=1),
@@ -97,6 +97,7 @@ class ResNet(Backbone):
         beta: bool = False,
         output_stride: int = 16,
         multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if depth not in BLOCKS:
@@ -107,14 +108,14 @@ class ResNet(Backbone):
         if beta:
             # Three 3x3 convs replace the 7x7 (TF's resnet_v1_beta root block), then 'SAME' max pooling.
             self.stem = nn.Sequential(
-                conv_bn(3, 64, kernel_size=3, stride=2),
+                conv_bn(in_channels, 64, kernel_size=3, stride=2),
                 conv_bn(64, 64, kernel_size=3),
                 conv_bn(64, 128, kernel_size=3),
                 nn.MaxPool2d(3, stride=2, padding=1),
             )
             stem_channels = 128
         else:
-            stem = _stem_torchvision()
+            stem = _stem_torchvision(in_channels)
             self.conv1, self.bn1, self.relu, self.maxpool = stem["conv1"], stem["bn1"], stem["relu"], stem["maxpool"]
             stem_channels = 64
 
@@ -188,17 +189,25 @@ class ResNet(Backbone):
         return low_level, self.layer2(x)
 
 
-def resnet50(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> ResNet:
-    return ResNet(depth=50, beta=False, output_stride=output_stride, multi_grid=multi_grid)
+def resnet50(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=50, beta=False, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
 
 
-def resnet101(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> ResNet:
-    return ResNet(depth=101, beta=False, output_stride=output_stride, multi_grid=multi_grid)
+def resnet101(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=101, beta=False, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
 
 
-def resnet50_beta(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> ResNet:
-    return ResNet(depth=50, beta=True, output_stride=output_stride, multi_grid=multi_grid)
+def resnet50_beta(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=50, beta=True, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
 
 
-def resnet101_beta(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> ResNet:
-    return ResNet(depth=101, beta=True, output_stride=output_stride, multi_grid=multi_grid)
+def resnet101_beta(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=101, beta=True, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)

@@ -128,14 +128,15 @@ class Xception(Backbone):
     """
 
     def __init__(
-        self, *, depth: int = 65, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID
+        self, *, depth: int = 65, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         if depth not in ENTRY_FLOWS:
             raise ValueError(f"Xception depth must be one of {sorted(ENTRY_FLOWS)}, got {depth!r}")
         grid = check_multi_grid(multi_grid, expected=3, backbone=f"xception{depth}")
         self.stem = nn.Sequential(
-            conv_bn(3, 32, kernel_size=3, stride=2, bn_eps=BN_EPS),
+            conv_bn(in_channels, 32, kernel_size=3, stride=2, bn_eps=BN_EPS),
             conv_bn(32, 64, kernel_size=3, bn_eps=BN_EPS),
         )
         units = ENTRY_FLOWS[depth] + [MIDDLE_FLOW_UNIT] * MIDDLE_FLOW_REPEATS[depth] + EXIT_FLOW
@@ -169,13 +170,19 @@ class Xception(Backbone):
         return {"low_level": low_level, "out": x}  # out: (N, 2048, H/os, W/os)
 
 
-def xception41(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> Xception:
-    return Xception(depth=41, output_stride=output_stride, multi_grid=multi_grid)
+def xception41(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> Xception:
+    return Xception(depth=41, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
 
 
-def xception65(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> Xception:
-    return Xception(depth=65, output_stride=output_stride, multi_grid=multi_grid)
+def xception65(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> Xception:
+    return Xception(depth=65, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
 
 
-def xception71(*, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID) -> Xception:
-    return Xception(depth=71, output_stride=output_stride, multi_grid=multi_grid)
+def xception71(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> Xception:
+    return Xception(depth=71, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)

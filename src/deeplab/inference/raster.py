@@ -1,0 +1,493 @@
+"""Rasters of any size: a GeoTIFF (anything GDAL reads) in, a classified GeoTIFF out, window by window.
+
+The choices, written down once:
+
+* **Tiles** of `tile` x `tile` pixels start every `stride = tile - 2 * padding` pixels from the raster's corner, and
+  the last tile of a row or column is moved back to end at the raster's edge, as the sliding window places them
+  (`deeplab.inference.segment.window_starts`): no tile reaches outside a raster larger than a tile, so the model
+  never sees made-up pixels at the raster's border. (ArcGIS's Classify Pixels Using Deep Learning starts its tiles
+  at -padding and pads outside the raster; its default padding is tile / 4, which is the default here: a stride of
+  half a tile.) A raster side shorter than a tile gets one tile, filled beyond the raster with the band means (0
+  once normalised), as the sliding window pads photos.
+* **Blending**: ArcGIS keeps each tile's centre and drops its padding, which leaves a seam wherever two centres
+  disagree. Here every tile's class probabilities (the model's softmax, averaged over `scales` and `flip` as
+  `deeplab.inference.segment.segment_probs` does) enter the output with a weight that falls from the tile's centre
+  to its edges, w(i) = max(sin^2(pi (i + 0.5) / tile), 0.001) along each axis and their product over the tile, and
+  every pixel gets the weighted mean of the tiles covering it. At the default stride of half a tile, neighbouring
+  sin^2 windows sum to one (sin^2 + cos^2), so the blend is an even crossfade; the floor keeps a pixel covered by
+  one tile's edge alone defined. The argmax of the blend is the class.
+* **NoData**: a source pixel is NoData where GDAL's mask says so (the nodata value, an alpha band, an internal
+  mask). It is fed to the model as the band means and comes out as 255, the output's nodata value. A tile without
+  one valid pixel is not run.
+* **Memory** is bounded by the tile batch and one strip of tiles, not by the raster: the raster is processed in
+  column chunks (as wide as `MAX_BUFFER_BYTES` of blended probabilities allows, a multiple of the output's 256-pixel
+  blocks), each chunk row of tiles by row of tiles; a strip of the output is final once no later tile row reaches
+  it, and is written then (whole 256-row block rows at a time, so every compressed block is written once). Tiles
+  that straddle a chunk border run once for each chunk. GDAL's block cache is held to `GDAL_CACHE_MB` meanwhile
+  (its default, 5% of the machine's memory, would otherwise fill with the source's blocks).
+
+The output NAME.tif: one uint8 band of class indices, the source's size, CRS and transform, nodata 255, a colour table
+(the model's palette) and the class names (band metadata `class_I`, and GDAL category names in NAME.tif.aux.xml),
+tiled 256 x 256 and DEFLATE-compressed. With `probs`, NAME_probs.tif beside it holds one band per class of
+probabilities stored as 16-bit floats (Float32 with NBITS=16: a GeoTIFF's bands share one sample type, so they cannot
+be extra bands of the uint8 file; GDAL reads them as Float32), NaN at NoData.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.bands import RASTER_SUFFIXES, import_rasterio
+from ..deploy.runtimes import prepare_model, runtime_name
+from .options import InferenceOptions
+from .segment import segment_probs
+
+BLOCK = 256  # the output's GeoTIFF block size
+GDAL_CACHE_MB = 64  # GDAL's block cache while a raster is read and written (its default is 5% of the machine's RAM)
+MAX_BUFFER_BYTES = 256 * 2**20  # the blended probabilities of one strip of tiles, at most (sets the chunk width)
+WEIGHT_FLOOR = 1e-3
+NODATA = 255
+
+__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "evaluate_raster", "predict_raster", "tile_weight"]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of `tile` pixels stepping by `tile - 2 * padding` (module docstring); `batch` tiles per call."""
+
+    tile: int = 512
+    padding: int | None = None  # None: tile // 4, as ArcGIS
+    batch: int = 2  # each tile of 512 adds about 200 MB (MobileNetV2 DeepLabv3+ on CPU): docs/geo.md
+
+    def __post_init__(self) -> None:
+        if self.padding is None:
+            object.__setattr__(self, "padding", self.tile // 4)
+        if self.tile < 17:
+            raise ValueError(f"--tile {self.tile}: must be at least 17 pixels (e.g. 512)")
+        if not 0 <= self.padding < self.tile / 2:
+            raise ValueError(f"--padding {self.padding}: must be 0 or more and below half of --tile {self.tile} "
+                             f"(default {self.tile // 4}, a quarter of the tile, as ArcGIS)")
+        if self.batch < 1:
+            raise ValueError(f"--tile-batch {self.batch}: must be a positive number of tiles")
+
+    @property
+    def stride(self) -> int:
+        return self.tile - 2 * self.padding
+
+    def starts(self, length: int) -> list[int]:
+        """Tile offsets along a side of `length` pixels: 0, stride, 2 * stride, ... and a last tile ending at the
+        raster's edge (one tile at 0 when the side is no longer than a tile)."""
+        if length <= self.tile:
+            return [0]
+        return list(range(0, length - self.tile, self.stride)) + [length - self.tile]
+
+
+def tile_weight(tile: int) -> torch.Tensor:
+    """(tile, tile) float32 blending weight: sin^2 along each axis with a floor, outer product (module docstring)."""
+    i = torch.arange(tile, dtype=torch.float64)
+    w = torch.sin(math.pi * (i + 0.5) / tile).pow(2).clamp_min(WEIGHT_FLOOR)
+    return (w[:, None] * w[None, :]).float()
+
+
+@dataclass
+class RasterResult:
+    """What `predict_raster` wrote and how fast."""
+
+    path: Path
+    probs_path: Path | None
+    megapixels: float
+    seconds: float
+    runtime: str = ""
+
+    @property
+    def megapixels_per_second(self) -> float:
+        return self.megapixels / max(self.seconds, 1e-9)
+
+
+def _open(path: str | os.PathLike):
+    rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such raster file; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except rasterio.errors.RasterioError as exc:
+        raise ValueError(f"{path}: cannot open it as a raster ({exc}); pass a GeoTIFF or another file GDAL reads") from None
+
+
+def _image_bands(src, model: nn.Module) -> list[int]:
+    """The 1-based band indexes the model reads: every band but alpha, which must be as many as the model's bands."""
+    from rasterio.enums import ColorInterp
+
+    wanted = int(getattr(getattr(model, "config", None), "in_channels", 3))
+    bands = [i + 1 for i, c in enumerate(src.colorinterp) if c != ColorInterp.alpha] or list(range(1, src.count + 1))
+    if len(bands) != wanted:
+        raise ValueError(f"{src.name}: {len(bands)} image band(s) but the model reads {wanted} (it was trained on "
+                         f"{wanted}-band imagery); predict rasters of the bands it was trained on")
+    return bands
+
+
+class _Blender:
+    """Blended probabilities of one column chunk, a strip of tile rows at a time (the module docstring)."""
+
+    def __init__(self, model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, bands: list[int],
+                 columns: tuple[int, int]) -> None:
+        self.model, self.src, self.tiling, self.opts, self.bands = model, src, tiling, opts, bands
+        self.x0, self.x1 = columns
+        t = tiling.tile
+        self.tiles_x = [x for x in tiling.starts(src.width) if x < self.x1 and x + t > self.x0]
+        self.e0 = self.tiles_x[0]  # the chunk's tiles span columns e0 .. e0 + width
+        self.width = self.tiles_x[-1] + t - self.e0
+        pre = model.preprocessing
+        self.mean = torch.tensor(pre.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(pre.std, dtype=torch.float32).view(-1, 1, 1)
+        self.weight = tile_weight(t)
+        self.k = int(model.config.num_classes)
+        self.acc = torch.zeros(self.k, t, self.width)  # weighted probability sums of rows top .. top + tile
+        self.wsum = torch.zeros(t, self.width)
+
+    def _strip(self, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised image (C, tile, width) of the rows top .. top + tile (band means outside the raster and at
+        NoData) and its validity (tile, width)."""
+        from rasterio.windows import Window
+
+        t, src = self.tiling.tile, self.src
+        image = torch.zeros(len(self.bands), t, self.width)
+        valid = torch.zeros(t, self.width, dtype=torch.bool)
+        r0, r1 = max(0, top), min(src.height, top + t)
+        c0, c1 = max(0, self.e0), min(src.width, self.e0 + self.width)
+        if r1 > r0 and c1 > c0:
+            window = Window(c0, r0, c1 - c0, r1 - r0)
+            inside = (slice(r0 - top, r1 - top), slice(c0 - self.e0, c1 - self.e0))
+            mask = torch.from_numpy(src.dataset_mask(window=window) > 0)
+            data = image[:, inside[0], inside[1]]  # normalised in place: no full-strip temporaries
+            data.copy_(torch.from_numpy(src.read(self.bands, window=window)))
+            data.sub_(self.mean).div_(self.std).mul_(mask).nan_to_num_(0.0, 0.0, 0.0)
+            valid[inside] = mask
+        return image, valid
+
+    @torch.no_grad()
+    def add_row(self, top: int) -> None:
+        """Run and blend the tiles of the tile row starting at `top`, `tiling.batch` at a time."""
+        t, opts = self.tiling.tile, self.opts
+        image, valid = self._strip(top)
+        offsets = [x - self.e0 for x in self.tiles_x if valid[:, x - self.e0 : x - self.e0 + t].any()]
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        for i in range(0, len(offsets), self.tiling.batch):
+            chunk = offsets[i : i + self.tiling.batch]
+            x = torch.stack([image[:, :, o : o + t] for o in chunk]).to(device)  # (B, C, tile, tile)
+            probs = segment_probs(self.model, x, scales=opts.scales, flip=opts.flip,
+                                  input_size=opts.input_size if isinstance(opts.input_size, tuple) else None,
+                                  amp=opts.amp).float().cpu()  # (B, K, tile, tile)
+            for o, p in zip(chunk, probs):
+                self.acc[:, :, o : o + t] += p * self.weight
+                self.wsum[:, o : o + t] += self.weight
+
+    def final(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the weighted probability sums (K, rows, x1 - x0) and the weight sums (rows, x1 - x0) of the first
+        `rows` buffered rows (final: no later tile row reaches them), output columns only; valid until `advance`."""
+        cols = slice(self.x0 - self.e0, self.x1 - self.e0)
+        return self.acc[:, :rows, cols], self.wsum[:rows, cols]
+
+    def advance(self, rows: int) -> None:
+        """Move the buffer down by `rows`: its first row becomes the next tile row's top."""
+        kept = self.tiling.tile - rows  # rows the next tile row adds to: moved up, the rest zeroed
+        if kept > 0:
+            self.acc[:, :kept] = self.acc[:, rows:].clone()
+            self.wsum[:kept] = self.wsum[rows:].clone()
+        self.acc[:, max(kept, 0):] = 0
+        self.wsum[max(kept, 0):] = 0
+
+
+@dataclass
+class Strip:
+    """Rows `row` .. `row + h` of columns `column` .. `column + w` of the blended prediction, final. `sums` and
+    `weights` are views into the blending buffer: use them before asking for the next strip."""
+
+    row: int
+    column: int
+    sums: torch.Tensor  # (K, h, w) weighted sums of the tiles' probabilities
+    weights: torch.Tensor  # (h, w) sums of the tiles' weights, positive
+    valid: np.ndarray  # (h, w) bool: not NoData in the source
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weights.shape[0]), int(self.weights.shape[1])
+
+    def labels(self) -> np.ndarray:
+        """(h, w) uint8 class indices, NODATA where the source is NoData. The argmax of the sums is the argmax of the
+        probabilities: each pixel's sums share one positive weight."""
+        labels = argmax_classes(self.sums).numpy()
+        labels[~self.valid] = NODATA
+        return labels
+
+    def probabilities(self) -> torch.Tensor:
+        """(K, h, w) float32 blended probabilities."""
+        return self.sums / self.weights.clamp_min(1e-12)
+
+
+def _column_chunks(width: int, tiling: Tiling, classes: int) -> list[tuple[int, int]]:
+    """Output column ranges, each a multiple of the 256-pixel block wide, with buffers under MAX_BUFFER_BYTES."""
+    per_column = 4 * (classes + 1) * tiling.tile
+    columns = max(BLOCK, (MAX_BUFFER_BYTES // per_column - 2 * tiling.tile) // BLOCK * BLOCK)
+    return [(x, min(width, x + columns)) for x in range(0, width, columns)]
+
+
+def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, *, bar: Any = None
+                   ) -> Iterator[Strip]:
+    """The blended prediction of the raster `src`, strip by strip (each strip's rows final): column chunks left to
+    right, rows top to bottom within each."""
+    from rasterio.windows import Window
+
+    bands = _image_bands(src, model)
+    starts_y = tiling.starts(src.height)
+    for x0, x1 in _column_chunks(src.width, tiling, int(model.config.num_classes)):
+        blender = _Blender(model, src, tiling, opts, bands, (x0, x1))
+        for r, top in enumerate(starts_y):
+            blender.add_row(top)
+            # Rows above the next tile row's top are final; after the last tile row, every row left.
+            end = src.height if r == len(starts_y) - 1 else starts_y[r + 1]
+            sums, weights = blender.final(end - top)  # rows top .. end
+            first, last = max(0, top), min(src.height, end)  # the rows inside the raster
+            if last > first:
+                valid = src.dataset_mask(window=Window(x0, first, x1 - x0, last - first)) > 0
+                rows = slice(first - top, last - top)
+                yield Strip(row=first, column=x0, sums=sums[:, rows], weights=weights[rows], valid=valid)
+                if bar is not None:
+                    bar.update((last - first) * (x1 - x0) / 1e6)
+            blender.advance(end - top)  # the buffer now starts at the next tile row's top
+
+
+def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
+    """argmax over dim 0 of (K, h, w) as uint8 (h, w), the first class on ties as torch.argmax: a running maximum,
+    one elementwise pass per class (torch's argmax over the outer dimension is several times slower on CPU)."""
+    best = probs[0].clone()
+    labels = torch.zeros(probs.shape[1:], dtype=torch.uint8)
+    for k in range(1, probs.shape[0]):
+        labels.masked_fill_(probs[k] > best, k)
+        torch.maximum(best, probs[k], out=best)
+    return labels
+
+
+class _BlockRows:
+    """Buffers strips of one column chunk and writes whole 256-row block rows (the rest at the end)."""
+
+    def __init__(self, dst, column: int) -> None:
+        self.dst, self.column = dst, column
+        self.top = 0
+        self.parts: list[np.ndarray] = []  # (bands, h, w) each, consecutive rows from self.top
+
+    def add(self, row: int, data: np.ndarray) -> None:
+        if not self.parts:
+            self.top = row
+        self.parts.append(data)
+        rows = sum(p.shape[1] for p in self.parts)
+        if rows >= BLOCK:
+            self._write(rows // BLOCK * BLOCK)
+
+    def _write(self, rows: int) -> None:
+        from rasterio.windows import Window
+
+        data = np.concatenate(self.parts, axis=1) if len(self.parts) > 1 else self.parts[0]
+        self.dst.write(data[:, :rows], window=Window(self.column, self.top, data.shape[2], rows))
+        self.top += rows
+        self.parts = [data[:, rows:]] if rows < data.shape[1] else []
+
+    def flush(self) -> None:
+        if self.parts:
+            self._write(sum(p.shape[1] for p in self.parts))
+
+
+def _profile(src, *, count: int, dtype: str, nodata: float) -> dict[str, Any]:
+    return {
+        "driver": "GTiff", "width": src.width, "height": src.height, "count": count, "dtype": dtype,
+        "crs": src.crs, "transform": src.transform, "nodata": nodata, "tiled": True, "blockxsize": BLOCK,
+        "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
+    }
+
+
+def _describe_classes(dst, model: nn.Module) -> None:
+    """Colour table and class names of the class band (the model's palette; band metadata class_I = name)."""
+    from ..data.palettes import model_palette
+
+    palette = model_palette(model)
+    colormap = {i: (*map(int, rgb), 255) for i, rgb in enumerate(palette.colors)}
+    colormap[NODATA] = (0, 0, 0, 0)
+    dst.write_colormap(1, colormap)
+    dst.set_band_description(1, "class")
+    values = getattr(model, "class_values", None) or ()
+    dst.update_tags(1, **{f"class_{i}": name for i, name in enumerate(model.class_names)},
+                    **{f"class_{i}_value": str(v) for i, v in enumerate(values)})
+
+
+def write_category_names(path: Path, class_names) -> Path:
+    """NAME.tif.aux.xml with GDAL's category names of band 1 (class index i is the i-th name)."""
+    pam = ET.Element("PAMDataset")
+    band = ET.SubElement(pam, "PAMRasterBand", band="1")
+    names = ET.SubElement(band, "CategoryNames")
+    for name in class_names:
+        ET.SubElement(names, "Category").text = str(name)
+    aux = path.with_name(path.name + ".aux.xml")
+    ET.ElementTree(pam).write(aux, encoding="UTF-8", xml_declaration=False)
+    return aux
+
+
+def _checked_options(model: nn.Module, options: InferenceOptions | None, inference: dict[str, Any]
+                     ) -> InferenceOptions:
+    from .options import resolve_input_size
+
+    opts = InferenceOptions.of(options, **inference)
+    if opts.window is not None or opts.crf is not None:
+        raise ValueError("--window and --crf apply to photos; a raster is tiled with --tile and --padding (and is "
+                         "not CRF-refined)")
+    if len(getattr(model, "class_names", ())) > 255:
+        raise ValueError(f"a uint8 class raster holds classes 0..254 (255 is NoData); this model has "
+                         f"{len(model.class_names)}")
+    return InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+
+
+def predict_raster(
+    model: nn.Module, path: str | os.PathLike, out_path: str | os.PathLike, *, tiling: Tiling | None = None,
+    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, **inference: Any,
+) -> RasterResult:
+    """Classify the raster at `path` into the GeoTIFF `out_path` (module docstring), tile by tile.
+
+    `tiling`: tile size, padding and tiles per call (default `Tiling()`: 512, 128, 2). `options` (or its fields as
+    keywords) as for `deeplab.predict`: `scales` / `flip` average each tile's softmax over rescaled and mirrored
+    copies, `amp`, `runtime`; `window` and `crf` do not apply. The files are written under temporary names and renamed
+    when complete. Returns the paths and the megapixels per second.
+    """
+    rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
+    tiling = tiling or Tiling()
+    opts = _checked_options(model, options, inference)
+    classes = int(model.config.num_classes)
+    out_path, started = Path(out_path), time.perf_counter()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    probs_path = out_path.with_name(out_path.stem + "_probs.tif") if probs else None
+    prepared = prepare_model(model.eval() if hasattr(model, "eval") else model, opts)
+    parts = [(out_path, out_path.with_name(f".{out_path.name}.partial"))]
+    if probs_path is not None:
+        parts.append((probs_path, probs_path.with_name(f".{probs_path.name}.partial")))
+    from tqdm import tqdm
+
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src:
+        total = src.width * src.height / 1e6
+        bar = tqdm(total=total, desc=Path(path).name, unit="Mpx", disable=not progress, dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+        try:
+            with rasterio.open(parts[0][1], "w", **_profile(src, count=1, dtype="uint8", nodata=NODATA)) as dst, \
+                    (rasterio.open(parts[1][1], "w", nbits=16, **_profile(src, count=classes, dtype="float32",
+                                                                          nodata=float("nan")))
+                     if probs_path is not None else _nothing()) as pdst:
+                _describe_classes(dst, model)
+                writers: tuple[_BlockRows, _BlockRows | None] | None = None
+                for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
+                    if writers is None or writers[0].column != strip.column:
+                        for w in writers or ():
+                            if w is not None:
+                                w.flush()
+                        writers = (_BlockRows(dst, strip.column),
+                                   _BlockRows(pdst, strip.column) if pdst is not None else None)
+                    writers[0].add(strip.row, strip.labels()[None])
+                    if writers[1] is not None:
+                        probs = strip.probabilities().numpy()
+                        probs[:, ~strip.valid] = np.nan
+                        writers[1].add(strip.row, probs)
+                for w in writers or ():
+                    if w is not None:
+                        w.flush()
+            for final, partial in parts:
+                os.replace(partial, final)
+        except BaseException:
+            for _, partial in parts:
+                partial.unlink(missing_ok=True)
+            raise
+        finally:
+            bar.close()
+    write_category_names(out_path, model.class_names)
+    return RasterResult(path=out_path, probs_path=probs_path, megapixels=total,
+                        seconds=time.perf_counter() - started, runtime=runtime_name(prepared))
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate_raster(
+    model: nn.Module, path: str | os.PathLike, labels_path: str | os.PathLike, *, tiling: Tiling | None = None,
+    progress: bool = False, options: InferenceOptions | None = None, **inference: Any,
+) -> dict[str, Any]:
+    """Scores of `model` on the raster at `path` against the label raster `labels_path` (the same size), predicted as
+    `predict_raster` does and compared strip by strip (memory as for prediction).
+
+    The label raster holds class Values when the model carries them (a model trained on an ArcGIS export: 0 and any
+    other value are ignored), else class indices (255 ignored); its own NoData and the image's NoData are ignored.
+    Returns `deeplab.inference.evaluate.evaluate`'s dict: miou, per_class_iou, pixel_accuracy, confusion_matrix, ...
+    """
+    from rasterio.windows import Window
+
+    from ..data.arcgis import class_value_lut
+    from .metrics import MetricAccumulator
+
+    rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
+    tiling = tiling or Tiling()
+    opts = _checked_options(model, options, inference)
+    classes = int(model.config.num_classes)
+    values = getattr(model, "class_values", None)
+    lut = class_value_lut(values) if values else None
+    acc = MetricAccumulator(num_classes=classes, ignore_index=NODATA)
+    prepared = prepare_model(model.eval() if hasattr(model, "eval") else model, opts)
+    from tqdm import tqdm
+
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src, _open(labels_path) as truth:
+        if (truth.width, truth.height) != (src.width, src.height):
+            raise ValueError(f"{labels_path}: {truth.width}x{truth.height} pixels, but {path} has {src.width}x"
+                             f"{src.height}; the label raster must cover the image pixel for pixel")
+        if truth.crs != src.crs or not truth.transform.almost_equals(src.transform):
+            raise ValueError(f"{labels_path}: its CRS / transform differ from {path}'s; snap the label raster to the "
+                             "image (same grid) before evaluating")
+        bar = tqdm(total=src.width * src.height / 1e6, desc=Path(path).name, unit="Mpx", disable=not progress,
+                   dynamic_ncols=True)
+        try:
+            for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
+                valid = strip.valid
+                window = Window(strip.column, strip.row, strip.shape[1], strip.shape[0])
+                stored = truth.read(1, window=window)
+                known = truth.read_masks(1, window=window) > 0
+                if lut is not None:
+                    target = lut[np.clip(stored, 0, 255).astype(np.intp)]
+                    target = np.where((stored >= 0) & (stored <= 255), target, NODATA)
+                else:
+                    target = np.where((stored >= 0) & (stored < classes), stored, NODATA)
+                target = np.where(known & valid, target, NODATA).astype(np.int64)
+                acc.update(argmax_classes(strip.sums).long()[None], torch.from_numpy(target)[None])
+        finally:
+            bar.close()
+    result = acc.compute(class_names=model.class_names)
+    result["num_images"] = 1
+    result["confusion_matrix"] = acc.confusion.tolist()
+    result["settings"] = {**opts.settings(), "tile": tiling.tile, "padding": tiling.padding,
+                          "tile_batch": tiling.batch, "output_stride": model.config.output_stride,
+                          "input_size": list(opts.input_size) if isinstance(opts.input_size, tuple) else None,
+                          "runtime": runtime_name(prepared),
+                          "threads": getattr(prepared, "threads", None) or torch.get_num_threads()}
+    return result
