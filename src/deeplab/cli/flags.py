@@ -8,7 +8,10 @@ import dataclasses
 from typing import Any
 
 from ..models.backbones import BACKBONES
-from ..models.config import OUTPUT_STRIDES, ModelConfig
+from ..models.config import HEADS, OUTPUT_STRIDES, ModelConfig
+
+# What --head accepts: the ModelConfig heads, and v3plus (the v3 head with the decoder).
+HEAD_CHOICES = (*HEADS, "v3plus")
 
 
 def _flag_parser(annotation: Any):
@@ -61,6 +64,8 @@ def add_dataclass_flags(
             text = f"{text} ({default_text})"
         if hints[f.name] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif f.name in FIELD_CHOICES:
+            parser.add_argument(flag, choices=FIELD_CHOICES[f.name], default=None, help=text)
         else:
             parser.add_argument(flag, type=_flag_parser(hints[f.name]), default=None, help=text, metavar=f.name.upper())
 
@@ -74,7 +79,9 @@ def dataclass_from_flags(cls: type, base: Any, args: Any) -> Any:
 def add_model_flags(p: argparse.ArgumentParser, *, backbone: str = "resnet101_beta") -> None:
     p.add_argument("--backbone", default=backbone, choices=sorted(BACKBONES), help="backbone network (default %(default)s)")
     p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES, help="(default %(default)s)")
-    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help="DeepLabv3+ decoder (default on)")
+    p.add_argument("--head", default=None, choices=HEAD_CHOICES, help=FIELD_HELP["head"] + " (default v3 with the decoder)")
+    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="DeepLabv3+ decoder on the v3 head (default on, off with --head v3)")
     p.add_argument("--separable", action="store_true", help="atrous separable convolution in ASPP and decoder")
     p.add_argument("--num-classes", type=int, default=21, help="(default %(default)s)")
     p.add_argument("--atrous-rates", type=int_tuple, default=None, help="override ASPP rates, e.g. 6,12,18 ('' for none)")
@@ -91,18 +98,36 @@ def int_tuple(text: str) -> tuple[int, ...]:
 
 
 def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
+    cfg = ModelConfig(
         backbone=args.backbone,
         num_classes=args.num_classes,
         output_stride=args.output_stride,
         atrous_rates=args.atrous_rates,
         multi_grid=args.multi_grid,
-        decoder=args.decoder,
+        head=args.head or "v3",
+        decoder=True if args.decoder is None else args.decoder,
         separable=args.separable,
         image_pooling=args.image_pooling,
         depth_multiplier=args.depth_multiplier,
     )
+    return apply_head_flags(cfg, head=args.head, decoder=args.decoder)
 
+
+def apply_head_flags(cfg: ModelConfig, *, head: str | None, decoder: bool | None) -> ModelConfig:
+    """`cfg` as `--head` and `--decoder` (None: not given) ask together: `--head v3` alone is DeepLabv3 (no decoder),
+    `--head v3plus` DeepLabv3+; the decoder belongs to the v3 head, so `--decoder` with v1/v2 is refused."""
+    if decoder and cfg.head != "v3":
+        raise ValueError(f"--decoder: --head {cfg.head} has no decoder (the v3+ decoder sits on --head v3); "
+                         "leave --decoder out")
+    if head == "v3plus" and decoder is False:
+        raise ValueError("--head v3plus is --head v3 with the decoder; use --head v3 for DeepLabv3 without it")
+    if head == "v3" and decoder is None:
+        return cfg.replace(decoder=False)
+    return cfg
+
+
+# argparse choices of the dataclass fields with a fixed set of values.
+FIELD_CHOICES = {"head": HEAD_CHOICES, "backbone": sorted(BACKBONES)}
 
 FIELD_HELP = {
     "dataset": "synthetic (built in, no download), voc, cityscapes, ade20k, camvid, folder",
@@ -119,6 +144,12 @@ FIELD_HELP = {
     "eval_output_stride": "validate at this output stride (e.g. 8 for a model trained at 16)",
     "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
     "backbone": "backbone network: " + ", ".join(sorted(BACKBONES)),
+    "head": "v1-largefov (DeepLab v1's LargeFOV: fc6 3x3 rate 12 at output stride 8, fc7, fc8), v2-aspp (DeepLab v2's "
+            "ASPP-L: four branches at rates 6, 12, 18, 24 at output stride 8, summed), v3 (DeepLabv3's ASPP; "
+            "--decoder adds the v3+ decoder) or v3plus (v3 with the decoder); the papers use --output-stride 8 for "
+            "v1 and v2",
+    "msc": "DeepLab v2's multi-scale training: the batch also at 0.75 and 0.5 size, logits fused by element-wise max, "
+           "the loss summed over the three scales and the fusion",
     "dataset_options": "extra dataset arguments NAME=VALUE,..., e.g. image_size=96 for synthetic",
     "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
     "val_scales": "validate with these image scales, softmax averaged, e.g. 1.5 for thin structures (deeplab eval "

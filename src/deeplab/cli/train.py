@@ -7,20 +7,23 @@ import sys
 
 from ..models.config import ModelConfig
 from ..training.config import TrainConfig
-from .flags import FIELD_HELP, add_dataclass_flags, dataclass_from_flags
+from .flags import FIELD_HELP, add_dataclass_flags, apply_head_flags, dataclass_from_flags
 
 
 def run(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
+    from ..models.model import DEPTH_MULTIPLIER_BACKBONES
     from ..training.config import SYNTHETIC_MODEL, SYNTHETIC_TRAIN, TrainConfig
     from ..training.loop import TrainingDiverged, fit
 
     dataset = args.dataset or "synthetic"
     # The synthetic dataset gets the built-in 3-minute preset; real datasets get the paper's protocol.
     base_model, base_train = (SYNTHETIC_MODEL, SYNTHETIC_TRAIN) if dataset == "synthetic" else (ModelConfig(), TrainConfig())
-    model_cfg = dataclass_from_flags(ModelConfig, base_model, args)
+    model_cfg = apply_head_flags(dataclass_from_flags(ModelConfig, base_model, args), head=args.head, decoder=args.decoder)
+    if args.depth_multiplier is None and model_cfg.backbone not in DEPTH_MULTIPLIER_BACKBONES:
+        model_cfg = model_cfg.replace(depth_multiplier=1.0)  # the synthetic preset's 0.5 is its MobileNetV2's
     train_cfg = dataclass_from_flags(TrainConfig, base_train, args)
     out = args.out or f"runs/{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     # With --resume, the flags given on the command line (not the preset's values) are the changes asked for.

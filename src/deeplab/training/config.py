@@ -84,6 +84,7 @@ class TrainConfig:
     ignore_index: int = 255
     class_weights: tuple[float, ...] | None = None
     hard_pixel_fraction: float = 1.0  # < 1: average the loss over only this fraction of hardest pixels
+    msc: bool = False  # DeepLab v2's multi-scale training: inputs at scales 1, 0.75, 0.5, max-fused, four losses
     freeze_bn: bool = False  # BN in inference mode and not trained (fine-tuning at output stride 8)
     amp: str = "off"  # "bf16" (CPU or CUDA) or "fp16" (CUDA)
     channels_last: bool = False

@@ -407,7 +407,7 @@ def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
     masks = masks.to(device, non_blocking=True)
     loss_sum, count, point_sum, point_count = step_losses(
         run.train_model, images, masks, amp=cfg.amp, channels_last=cfg.channels_last, ignore_index=cfg.ignore_index,
-        class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction,
+        class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction, msc=cfg.msc,
     )
     # Divide by the global number of counted pixels (times the world size, which DDP's gradient averaging divides
     # out): the gradient then equals one process's over the whole batch.
