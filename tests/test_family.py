@@ -132,6 +132,9 @@ def test_head_names_and_what_belongs_to_the_v3_head():
         ModelConfig(head="v2-aspp", head_conv=True)
     with pytest.raises(ValueError, match="one rate"):
         ModelConfig(head="v1-largefov", atrous_rates=(6, 12))
+    from deeplab.training.config import default_weight_decay
+
+    assert default_weight_decay("vgg16") == 5e-4  # DeepLab v1/v2's Caffe solvers
 
 
 def test_v1_and_v2_logits_layers_start_as_the_prototxts_fc8():
@@ -314,3 +317,47 @@ def test_msc_training_step_runs_the_model_at_the_v2_scales():
     assert point_sum.item() == 0
     plain, _, _, _ = step_losses(conv, images, masks)
     assert loss_sum.item() > 3 * plain.item()  # four terms of similar size
+
+
+def test_train_v2_aspp_with_msc_and_v1_largefov_from_the_command_line(tmp_path, capsys, one_thread):
+    import csv
+    import json
+
+    from deeplab.cli import main
+
+    quick = ["--dataset-options", "length=4", "--batch-size", "2", "--steps", "2", "--crop-size", "33",
+             "--precise-bn-images", "0", "--val-limit", "2", "--lr", "0.001", "--quiet"]
+    runs = {"v2": ["--head", "v2-aspp", "--backbone", "resnet18", "--msc", "--output-stride", "8"],
+            "v1": ["--head", "v1-largefov", "--backbone", "vgg11"],
+            "v3": ["--head", "v3", "--backbone", "resnet18"]}
+    for name, flags in runs.items():
+        assert main(["train", *flags, *quick, "--out", str(tmp_path / name)]) == 0
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        with open(tmp_path / name / "log.csv") as f:
+            assert all(math.isfinite(float(r["loss"])) for r in csv.DictReader(f))
+        assert cfg["model"]["head"] == {"v2": "v2-aspp", "v1": "v1-largefov", "v3": "v3"}[name]
+        assert cfg["model"]["decoder"] is False  # --head v3 alone is DeepLabv3
+        assert cfg["model"]["depth_multiplier"] == 1.0  # the synthetic preset's 0.5 is its MobileNetV2's
+    assert cfg["train"]["msc"] is False and json.loads((tmp_path / "v2" / "config.json").read_text())["train"]["msc"]
+    out = capsys.readouterr().out
+    assert "model: DeepLab v2 ASPP-L (MSC training) resnet18, output stride 8" in out
+    assert "model: DeepLab v1 LargeFOV vgg11" in out and "model: DeepLabv3 resnet18" in out
+    assert main(["train", "--head", "v1-largefov", "--decoder", *quick, "--out", str(tmp_path / "x")]) == 2
+    assert "--head v1-largefov has no decoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--head", "v4"])
+    assert "invalid choice: 'v4'" in capsys.readouterr().err
+
+
+def test_profile_prints_the_v1_and_v2_heads(capsys):
+    import json
+
+    from deeplab.cli import main
+
+    assert main(["profile", "--head", "v1-largefov", "--backbone", "vgg16", "--output-stride", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["head"], out["params"], out["paper_reference"]) == ("v1-largefov", 20_505_429, None)
+    assert main(["profile", "--head", "v2-aspp", "--backbone", "resnet101", "--output-stride", "8"]) == 0
+    text = capsys.readouterr().out
+    # ResNet-101 (42,500,160) and four 3x3 convs 2048 -> 21 with biases (4 * 387,093).
+    assert "DeepLab v2 ASPP-L resnet101, output stride 8, ASPP rates (6, 12, 18, 24)" in text and "44.05 M" in text

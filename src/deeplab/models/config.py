@@ -108,6 +108,13 @@ class ModelConfig:
                 raise ValueError("head v2-aspp needs at least one rate (one branch per rate), got atrous_rates=()")
 
     @property
+    def variant(self) -> str:
+        """The published model this head is: "DeepLab v1 LargeFOV", "DeepLab v2 ASPP-L", "DeepLabv3" or "DeepLabv3+"."""
+        if self.head == "v3":
+            return "DeepLabv3+" if self.decoder else "DeepLabv3"
+        return {"v1-largefov": "DeepLab v1 LargeFOV", "v2-aspp": "DeepLab v2 ASPP-L"}[self.head]
+
+    @property
     def rates(self) -> tuple[int, ...]:
         """The head's atrous rates in force: the explicit override or the output-stride default of the head."""
         if self.atrous_rates is not None:

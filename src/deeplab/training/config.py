@@ -81,6 +81,7 @@ class TrainConfig:
     lr_power: float = 0.9  # poly: lr * (1 - step / steps) ** power
     momentum: float = 0.9
     weight_decay: float | None = None  # None: 1e-4 for ResNet, 4e-5 for Xception and MobileNetV2 (TF's scopes)
+    # (5e-4 for VGG, DeepLab v1/v2's; 1e-4 for DenseNet)
     ignore_index: int = 255
     class_weights: tuple[float, ...] | None = None
     hard_pixel_fraction: float = 1.0  # < 1: average the loss over only this fraction of hardest pixels
@@ -199,4 +200,8 @@ SYNTHETIC_TRAIN = TrainConfig(
 
 
 def default_weight_decay(backbone: str) -> float:
+    if backbone.startswith("vgg"):
+        return 5e-4  # DeepLab v1/v2's Caffe solvers (and VGG's own ImageNet training)
+    if backbone.startswith("densenet"):
+        return 1e-4  # DenseNet's ImageNet training, as for ResNet
     return 1e-4 if backbone.startswith("resnet") else 4e-5

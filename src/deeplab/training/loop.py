@@ -265,7 +265,7 @@ def _start(
              "class_names": list(train_ds.class_names), **elastic}, indent=2))
         if report is not None:
             write_text(out / "data_report.json", json.dumps(report, indent=2))
-    say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
+    say(f"model: {model_cfg.variant}{' (MSC training)' if train_cfg.msc else ''} {model_cfg.backbone}, output stride "
         f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "") + f"; writing {out}")
