@@ -84,7 +84,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, backbone: str = "resnet101_be
                    help="DeepLabv3+ decoder on the v3 head (default on, off with --head v3)")
     p.add_argument("--separable", action="store_true", help="atrous separable convolution in ASPP and decoder")
     p.add_argument("--num-classes", type=int, default=21, help="(default %(default)s)")
-    p.add_argument("--atrous-rates", type=int_tuple, default=None, help="override ASPP rates, e.g. 6,12,18 ('' for none)")
+    p.add_argument("--atrous-rates", type=int_tuple, default=None, help="override the head's rates, e.g. 6,12,18 ('' for none)")
     p.add_argument("--multi-grid", type=int_tuple, default=None, help="unit rates of the last stage, e.g. 1,2,4")
     p.add_argument("--no-image-pooling", dest="image_pooling", action="store_false", help="drop the ASPP pooling branch")
     p.add_argument("--depth-multiplier", type=float, default=1.0, help="MobileNetV2 width (default %(default)s)")
