@@ -45,7 +45,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def _check_against_float32(cfg: ModelConfig, *, device: str, amp: str, layout: str, **loss_options) -> None:
+def _check_against_float32(cfg: ModelConfig, *, device: str, amp: str, layout: str, size: int = 49,
+                           **loss_options) -> None:
     torch.manual_seed(0)
     model = build_model(cfg).to(device).train()
     for m in model.modules():  # dropout draws differ between two steps; the comparison needs the same function
@@ -53,7 +54,7 @@ def _check_against_float32(cfg: ModelConfig, *, device: str, amp: str, layout: s
             m.p = 0.0
     if layout == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    images, masks = _batch(device, cfg.num_classes)
+    images, masks = _batch(device, cfg.num_classes, size=size)
     reference = copy.deepcopy(model)
     torch.manual_seed(1)
     loss32, grads32 = _step(reference, images, masks, amp="off", layout=layout, **loss_options)
@@ -71,7 +72,8 @@ def _check_against_float32(cfg: ModelConfig, *, device: str, amp: str, layout: s
     assert not missing, f"no gradient reached {missing[:3]}"
     assert all(g.dtype == torch.float32 for g in grads16.values()), "gradients must reach float32 parameters as float32"
     assert all(torch.isfinite(g).all() for g in grads16.values())
-    assert dtypes == [amp_dtype], f"the backbone ran in {dtypes}, not under {amp} autocast"
+    assert dtypes and set(dtypes) == {amp_dtype}, f"the backbone ran in {dtypes}, not under {amp} autocast"
+    assert len(dtypes) == (3 if loss_options.get("msc") else 1)  # MSC runs the network at three scales
     # Gradients are not compared layer by layer: the gradient of a randomly initialised network with training-mode
     # BatchNorm is chaotic at these sizes (a 1e-3 relative change of the input decorrelates the backbone's float32
     # gradient as much as bf16 rounding does). The layer that computes its own backward is compared exactly above;
@@ -113,7 +115,23 @@ def test_the_cpu_depthwise_backward_under_bf16_autocast_equals_autocast_through_
 def test_a_bf16_training_step_matches_float32_on_cpu(backbone, layout, head, one_thread):
     decoder, separable = HEADS[head]
     cfg = ModelConfig(backbone=backbone, num_classes=5, decoder=decoder, separable=separable)
-    _check_against_float32(cfg, device="cpu", amp="bf16", layout=layout)
+    # The VGG, DenseNet and ResNet-18/34/152 rows at 33x33: a third of the matrix, kept to a third of its time.
+    size = 33 if backbone.startswith(("vgg", "densenet", "resnet18", "resnet34", "resnet152")) else 49
+    _check_against_float32(cfg, device="cpu", amp="bf16", layout=layout, size=size)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backbone,head", [("vgg16", "v1-largefov"), ("vgg16_bn", "v2-aspp"), ("resnet18", "v2-aspp"),
+                                           ("densenet121", "v1-largefov")])
+def test_bf16_v1_and_v2_heads_train_on_cpu(backbone, head, layout, one_thread):
+    _check_against_float32(ModelConfig(backbone=backbone, head=head, num_classes=5), device="cpu", amp="bf16",
+                           layout=layout)
+
+
+def test_bf16_msc_training_step_on_cpu(one_thread):
+    # DeepLab v2's multi-scale training: three forward passes under autocast, the fused logits' loss in float32.
+    _check_against_float32(ModelConfig(backbone="resnet18", head="v2-aspp", num_classes=5), device="cpu", amp="bf16",
+                           layout="channels_last", msc=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

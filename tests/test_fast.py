@@ -59,7 +59,8 @@ def test_fold_conv_bn_by_hand():
 @pytest.mark.parametrize(
     "backbone, decoder, separable",
     [("resnet101", True, False), ("resnet50_beta", False, False), ("resnet50_beta", True, True),
-     ("xception65", True, True), ("mobilenet_v2", False, False), ("mobilenet_v2", True, True)],
+     ("xception65", True, True), ("mobilenet_v2", False, False), ("mobilenet_v2", True, True),
+     ("vgg16_bn", True, False), ("resnet34", True, False)],
 )
 def test_fast_path_equals_plain_model(backbone, decoder, separable):
     torch.manual_seed(0)

@@ -38,7 +38,13 @@ def test_every_configuration_returns_logits_at_input_size(backbone, output_strid
     assert tuple(model(x).shape) == (2, 7, *size)
 
 
-@pytest.mark.parametrize("backbone", ALL_BACKBONES)
+# The VGG / DenseNet / ResNet-18/34/152 family trains at an odd size with every head in tests/test_family.py and with
+# the separable head in tests/test_amp.py; one of each kind is enough here.
+FAMILY_REPEATS = {"resnet34", "resnet152", "vgg11", "vgg13", "vgg16", "vgg19", "vgg13_bn", "vgg16_bn", "vgg19_bn",
+                  "densenet161", "densenet169", "densenet201"}
+
+
+@pytest.mark.parametrize("backbone", [b for b in ALL_BACKBONES if b not in FAMILY_REPEATS])
 def test_real_forward_and_backward_at_odd_size(backbone):
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone, output_stride=16, decoder=True, num_classes=3, separable=True))
@@ -105,11 +111,19 @@ def test_resnet_shortcuts_match_each_layout():
 
 
 def test_backbone_parameter_counts_match_torchvision():
-    # torchvision's published parameter counts minus their classification heads (fc: 2048*1000+1000;
-    # MobileNetV2: classifier 1280*1000+1000 and the final 1x1 conv 320->1280 + BN, which DeepLab drops;
+    # torchvision's published parameter counts minus their classification heads (fc: 2048*1000+1000, ResNet-18/34
+    # 512*1000+1000; MobileNetV2: classifier 1280*1000+1000 and the final 1x1 conv 320->1280 + BN, which DeepLab drops;
     # MobileNetV3: classifier Linear 960->1280 / 576->1024 and Linear ->1000; its last 1x1 conv is kept, as in
-    # torchvision's DeepLabV3).
-    expected = {"resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000,
+    # torchvision's DeepLabV3; VGG: classifier fc6 25088->4096, fc7 4096->4096, fc8 4096->1000 = 123,642,856;
+    # DenseNet: Linear C->1000 on the final C channels).
+    vgg_fc = 25088 * 4096 + 4096 + 4096 * 4096 + 4096 + 4096 * 1000 + 1000
+    expected = {"resnet18": 11_689_512 - 513_000, "resnet34": 21_797_672 - 513_000, "resnet152": 60_192_808 - 2_049_000,
+                "vgg11": 132_863_336 - vgg_fc, "vgg13": 133_047_848 - vgg_fc, "vgg16": 138_357_544 - vgg_fc,
+                "vgg19": 143_667_240 - vgg_fc, "vgg11_bn": 132_868_840 - vgg_fc, "vgg13_bn": 133_053_736 - vgg_fc,
+                "vgg16_bn": 138_365_992 - vgg_fc, "vgg19_bn": 143_678_248 - vgg_fc,
+                "densenet121": 7_978_856 - 1025 * 1000, "densenet161": 28_681_000 - 2209 * 1000,
+                "densenet169": 14_149_480 - 1665 * 1000, "densenet201": 20_013_928 - 1921 * 1000,
+                "resnet50": 25_557_032 - 2_049_000, "resnet101": 44_549_160 - 2_049_000,
                 "mobilenet_v2": 3_504_872 - 1_281_000 - 320 * 1280 - 2 * 1280,
                 "mobilenet_v3_large": 5_483_032 - (960 * 1280 + 1280) - (1280 * 1000 + 1000),
                 "mobilenet_v3_small": 2_542_856 - (576 * 1024 + 1024) - (1024 * 1000 + 1000)}
@@ -292,8 +306,8 @@ def test_output_stride_switch_keeps_weights_and_doubles_rates():
 
 
 def test_bad_configurations_name_the_value_and_the_choices():
-    with pytest.raises(ValueError, match="unknown backbone 'resnet152'.*choose from"):
-        build_model(ModelConfig(backbone="resnet152"))
+    with pytest.raises(ValueError, match="unknown backbone 'resnet200'.*choose from"):
+        build_model(ModelConfig(backbone="resnet200"))
     with pytest.raises(ValueError, match="output_stride must be one of"):
         ModelConfig(output_stride=4)
     with pytest.raises(ValueError, match="multi_grid needs 3"):
@@ -311,6 +325,8 @@ def test_bad_configurations_name_the_value_and_the_choices():
         ("mobilenet_v3_large", {}, (65, 97), (129, 64)),
         ("mobilenet_edgetpu", {}, (65, 97), (129, 64)),
         ("xception41", {"output_stride": 16}, (65, 65), (49, 81)),
+        ("densenet121", {"output_stride": 8}, (65, 65), (49, 81)),  # stride-1 transition pools, rate 2
+        ("vgg11_bn", {"output_stride": 8, "head": "v1-largefov"}, (65, 97), (129, 64)),
     ],
 )
 def test_onnx_export_with_dynamic_height_and_width(backbone, extra, export_size, check_size):

@@ -82,7 +82,7 @@ def test_cli_profile_paper_table(capsys):
 
 def test_cli_rejects_unknown_backbone(capsys):
     with pytest.raises(SystemExit):
-        main(["profile", "--backbone", "vgg16"])
+        main(["profile", "--backbone", "vgg17"])
     assert "invalid choice" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""deeplab: DeepLabv3 and DeepLabv3+ semantic segmentation in PyTorch, faithful to the papers."""
+"""deeplab: DeepLab v1, v2, v3 and v3+ semantic segmentation in PyTorch, faithful to the papers."""
 
 from .deploy.fast import retain_freed_memory
 from .deploy.runtimes import optimize_for_inference

@@ -8,7 +8,10 @@ import dataclasses
 from typing import Any
 
 from ..models.backbones import BACKBONES
-from ..models.config import OUTPUT_STRIDES, ModelConfig
+from ..models.config import HEADS, OUTPUT_STRIDES, ModelConfig
+
+# What --head accepts: the ModelConfig heads, and v3plus (the v3 head with the decoder).
+HEAD_CHOICES = (*HEADS, "v3plus")
 
 
 def _flag_parser(annotation: Any):
@@ -116,7 +119,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, backbone: str = "resnet101_be
     p.add_argument("--backbone", default=backbone, choices=sorted(BACKBONES), help=f"{h['backbone']} (default %(default)s)")
     p.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES,
                    help=f"{h['output_stride']} (default %(default)s)")
-    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True, help=f"{h['decoder']} (default on)")
+    p.add_argument("--head", default=None, choices=HEAD_CHOICES, help=f"{h['head']} (default v3 with the decoder)")
+    p.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="the DeepLabv3+ decoder on the v3 head (default on, off with --head v3)")
     p.add_argument("--separable", action="store_true", help=h["separable"])
     p.add_argument("--num-classes", type=number(int, 1, "a positive number of classes"), default=21,
                    help="number of classes (default %(default)s)")
@@ -139,17 +144,32 @@ def int_tuple(text: str) -> tuple[int, ...]:
 
 
 def model_config_from_flags(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
+    cfg = ModelConfig(
         backbone=args.backbone,
         num_classes=args.num_classes,
         output_stride=args.output_stride,
         atrous_rates=args.atrous_rates,
         multi_grid=args.multi_grid,
-        decoder=args.decoder,
+        head=args.head or "v3",
+        decoder=True if args.decoder is None else args.decoder,
         separable=args.separable,
         image_pooling=args.image_pooling,
         depth_multiplier=args.depth_multiplier,
     )
+    return apply_head_flags(cfg, head=args.head, decoder=args.decoder)
+
+
+def apply_head_flags(cfg: ModelConfig, *, head: str | None, decoder: bool | None) -> ModelConfig:
+    """`cfg` as `--head` and `--decoder` (None: not given) ask together: `--head v3` alone is DeepLabv3 (no decoder),
+    `--head v3plus` DeepLabv3+; the decoder belongs to the v3 head, so `--decoder` with v1/v2 is refused."""
+    if decoder and cfg.head != "v3":
+        raise ValueError(f"--decoder: --head {cfg.head} has no decoder (the v3+ decoder sits on --head v3); "
+                         "leave --decoder out")
+    if head == "v3plus" and decoder is False:
+        raise ValueError("--head v3plus is --head v3 with the decoder; use --head v3 for DeepLabv3 without it")
+    if head == "v3" and decoder is None:
+        return cfg.replace(decoder=False)
+    return cfg
 
 
 FIELD_HELP = {
@@ -209,6 +229,12 @@ FIELD_HELP = {
     "compile": "torch.compile the model for training (the first steps compile; later ones run faster on GPUs)",
     "val_every": "validate every N steps (0: only at the end)",
     "val_limit": "validate on the first N validation images only (default: all)",
+    "head": "v1-largefov (DeepLab v1's LargeFOV: fc6 3x3 rate 12 at output stride 8, fc7, fc8), v2-aspp (DeepLab v2's "
+            "ASPP-L: four branches at rates 6, 12, 18, 24 at output stride 8, summed), v3 (DeepLabv3's ASPP; "
+            "--decoder adds the v3+ decoder) or v3plus (v3 with the decoder); the papers use --output-stride 8 for "
+            "v1 and v2",
+    "msc": "DeepLab v2's multi-scale training: the batch also at 0.75 and 0.5 size, logits fused by element-wise max, "
+           "the loss summed over the three scales and the fusion",
     "val_scales": "validate with these image scales, softmax averaged, e.g. 1.5 for thin structures (deeplab eval "
                   "of the checkpoint uses them too)",
     "val_flip": "validate with the mirrored image averaged in (deeplab eval of the checkpoint does too)",
@@ -251,7 +277,7 @@ def field_choices() -> dict[str, tuple]:
     from ..data import DATASETS
     from ..training.config import AMP_CHOICES, LOSSES
 
-    return {"backbone": tuple(sorted(BACKBONES)), "output_stride": OUTPUT_STRIDES,
+    return {"backbone": tuple(sorted(BACKBONES)), "head": HEAD_CHOICES, "output_stride": OUTPUT_STRIDES,
             "eval_output_stride": OUTPUT_STRIDES, "amp": AMP_CHOICES, "dataset": tuple(sorted(DATASETS)),
             "mask_mode": ("auto", "index", "color"), "loss": LOSSES}
 

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
             ]
         print(json.dumps(out))
         return 0
-    variant = "DeepLabv3+" if cfg.decoder else "DeepLabv3"
-    print(f"{variant} {cfg.backbone}, output stride {cfg.output_stride}, ASPP rates {cfg.rates}"
+    head_rates = "fc6 rate" if cfg.head == "v1-largefov" else "ASPP rates"
+    print(f"{cfg.variant} {cfg.backbone}, output stride {cfg.output_stride}, {head_rates} {cfg.rates}"
           f"{', separable' if cfg.separable else ''}, {args.size}x{args.size}, {cfg.num_classes} classes")
     print(f"  parameters                {prof.params / 1e6:8.2f} M")
     print(f"  multiply-adds (performed) {_billions(prof.multiply_adds)}")

@@ -7,7 +7,7 @@ import sys
 
 from ..models.config import ModelConfig
 from ..training.config import TrainConfig, presets
-from .flags import FIELD_HELP, add_dataclass_flags, dataclass_from_flags, field_choices
+from .flags import FIELD_HELP, add_dataclass_flags, apply_head_flags, dataclass_from_flags, field_choices
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
     # The synthetic dataset gets the built-in 3-minute preset (following --backbone where it names another);
     # real datasets get the paper's protocol.
     base_model, base_train = presets(dataset, args.backbone)
-    model_cfg = dataclass_from_flags(ModelConfig, base_model, args)
+    model_cfg = apply_head_flags(dataclass_from_flags(ModelConfig, base_model, args), head=args.head,
+                                 decoder=args.decoder)
     train_cfg = dataclass_from_flags(TrainConfig, base_train, args)
     out = args.out or f"runs/{dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     # With --resume, the flags given on the command line (not the preset's values) are the changes asked for.

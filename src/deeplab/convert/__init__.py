@@ -35,6 +35,7 @@ def convert_file(
     num_classes: int | None = None,
     output_stride: int = 16,
     decoder: bool = True,
+    head: str = "v3",
     class_names: Sequence[str] | None = None,
     activation_rounding: bool = True,
 ) -> DeepLab:
@@ -43,9 +44,10 @@ def convert_file(
     - an official TF DeepLab `.tflite` (float or quantized): the whole model, architecture read from the file; a
       uint8 file's activation rounding too unless `activation_rounding=False` (deeplab.models.activation_rounding);
     - torchvision's `deeplabv3_resnet50/101` or `deeplabv3_mobilenet_v3_large` state dict: the whole model;
-    - an ImageNet backbone (torchvision / timm ResNet-50/101, timm aligned Xception-41/65/71, torchvision
-      MobileNetV3-Large/Small): a DeepLab with that backbone and freshly initialised heads; `backbone=` names which
-      one, `num_classes=` the classes.
+    - an ImageNet backbone (torchvision / timm ResNet-18/34/50/101/152, torchvision VGG-11/13/16/19 with and without
+      BN, torchvision DenseNet-121/161/169/201, timm aligned Xception-41/65/71, torchvision MobileNetV3-Large/Small):
+      a DeepLab with that backbone and a freshly initialised `head` (v1-largefov, v2-aspp, v3; `decoder` for v3+);
+      `backbone=` names which one, `num_classes=` the classes.
 
     torchvision segmentation models with other heads (`lraspp_mobilenet_v3_large`, `fcn_resnet50/101`) are refused
     with one line saying so.
@@ -58,6 +60,7 @@ def convert_file(
 
         return load_tflite(path, class_names=class_names, activation_rounding=activation_rounding)
     from .torch_weights import (
+        BACKBONE_LAYOUTS,
         backbone_state_dict,
         load_torchvision_deeplabv3,
         read_state_dict,
@@ -75,13 +78,12 @@ def convert_file(
         return model
     if backbone is None:
         raise CheckpointError(
-            f"{source}: not a full DeepLab model; if it holds ImageNet backbone weights, pass --backbone "
-            "(resnet50, resnet101, xception41, xception65, xception71, mobilenet_v3_large or mobilenet_v3_small) to "
-            "build a DeepLab on them"
+            f"{source}: not a full DeepLab model; if it holds ImageNet backbone weights, pass --backbone (one of "
+            f"{', '.join(sorted(BACKBONE_LAYOUTS))}) to build a DeepLab on them"
         )
     weights = backbone_state_dict(state, backbone=backbone)
     classes = num_classes or (len(class_names) if class_names else 21)
-    cfg = ModelConfig(backbone=backbone, num_classes=classes, output_stride=output_stride, decoder=decoder)
+    cfg = ModelConfig(backbone=backbone, num_classes=classes, output_stride=output_stride, head=head, decoder=decoder)
     # timm's aligned Xception weights expect TF's (x - 127.5) / 127.5; the ResNets ImageNet mean/std.
     tf_style = backbone.startswith("xception")
     pre = Preprocessing(mean=TF_MEAN if tf_style else IMAGENET_MEAN, std=TF_STD if tf_style else IMAGENET_STD)

@@ -9,7 +9,9 @@ Names are matched one for one, from a rename table per source layout; anything l
 shape that differs, gives ONE `CheckpointError` naming the file and listing every unmatched key on both sides.
 The only keys dropped on purpose are the classification heads the segmentation model has no use for:
 
-- torchvision / timm ResNet-50/101: `fc.weight`, `fc.bias`.
+- torchvision / timm ResNet-18/34/50/101/152: `fc.weight`, `fc.bias`.
+- torchvision VGG-11/13/16/19 (with and without BN) and DenseNet-121/161/169/201: `classifier.*` (VGG's ImageNet
+  fc6-fc8, DenseNet's Linear).
 - timm aligned Xception-41/65/71: `head.fc.weight`, `head.fc.bias`. timm's Xception has no layers past the exit flow
   (no conv3/conv4 as in the original Xception), so nothing else is dropped.
 - torchvision `deeplabv3_resnet50/101`: `aux_classifier.*` (the FCN head on layer3, used only for the training
@@ -198,11 +200,26 @@ def _timm_xception_name(key: str) -> str:
     return f"blocks.{block}.stack.conv{int(k) + 1}.{layer}_{suffix}.{rest}"
 
 
+_DENSE_LAYER = re.compile(r"^(.*\.denselayer\d+\.)(norm|conv)([12])\.(.+)$")
+
+
+def _densenet_dotted_name(key: str) -> str:
+    """Our DenseNet key -> the dotted name of torchvision's first DenseNet files (`denselayerJ.norm.1.weight` for
+    `denselayerJ.norm1.weight`), which torchvision's own loader renames the same way."""
+    m = _DENSE_LAYER.match(key)
+    return key if m is None else f"{m.group(1)}{m.group(2)}.{m.group(3)}.{m.group(4)}"
+
+
 # Per backbone: (description of the file layout, our key -> file key, file-key prefixes dropped on purpose).
-# torchvision's and timm's plain `resnet50`/`resnet101` share torchvision's names, which ours use as they are.
-# An Xception file may also carry our own names (a saved `model.backbone.state_dict()`).
+# torchvision's and timm's plain ResNets share torchvision's names, which ours use as they are; so do torchvision's
+# VGG and DenseNet `features`. An Xception file may also carry our own names (a saved `model.backbone.state_dict()`).
 _Layout = tuple[str, Callable[[str], str], tuple[str, ...]]
 _RESNET_LAYOUTS: list[_Layout] = [("torchvision/timm ResNet names", _same_name, ("fc.",))]
+_VGG_LAYOUTS: list[_Layout] = [("torchvision VGG names", _same_name, ("classifier.",))]
+_DENSENET_LAYOUTS: list[_Layout] = [
+    ("torchvision DenseNet names", _same_name, ("classifier.",)),
+    ("torchvision DenseNet dotted names (norm.1, conv.1, ...)", _densenet_dotted_name, ("classifier.",)),
+]
 _XCEPTION_LAYOUTS: list[_Layout] = [
     ("timm xception_aligned names", _timm_xception_name, ("head.",)),
     ("deeplab Xception names", _same_name, ()),
@@ -212,8 +229,9 @@ _MOBILENET_V3_LAYOUTS: list[_Layout] = [("torchvision MobileNetV3 names", _same_
 BACKBONE_LAYOUTS: dict[str, list[_Layout]] = {
     "mobilenet_v3_large": _MOBILENET_V3_LAYOUTS,
     "mobilenet_v3_small": _MOBILENET_V3_LAYOUTS,
-    "resnet50": _RESNET_LAYOUTS,
-    "resnet101": _RESNET_LAYOUTS,
+    **{f"resnet{d}": _RESNET_LAYOUTS for d in (18, 34, 50, 101, 152)},
+    **{f"vgg{d}{bn}": _VGG_LAYOUTS for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    **{f"densenet{d}": _DENSENET_LAYOUTS for d in (121, 161, 169, 201)},
     "xception41": _XCEPTION_LAYOUTS,
     "xception65": _XCEPTION_LAYOUTS,
     "xception71": _XCEPTION_LAYOUTS,
@@ -226,10 +244,14 @@ def backbone_state_dict(src: StateDictSource, *, backbone: str) -> dict[str, Ten
     Load them with `model.backbone.load_state_dict(backbone_state_dict(FILE, backbone=model.config.backbone))`;
     strides and dilations hold no parameters, so the weights fit every output stride and multi-grid.
 
-    - `resnet50`, `resnet101`: torchvision's ImageNet ResNets and timm's plain `resnet50`/`resnet101` (the same
-      names: conv1, bn1, layer1.0.conv1, ..., layer1.0.downsample.0/1). `fc.*` is dropped. timm's deep-stem
-      variants (`resnet50c/d/s/t`, keys `conv1.0.weight` ...) are refused: their 3-conv stem and average-pool
-      shortcuts have no counterpart here.
+    - `resnet18`, `resnet34`, `resnet50`, `resnet101`, `resnet152`: torchvision's ImageNet ResNets and timm's plain
+      ones (the same names: conv1, bn1, layer1.0.conv1, ..., layer1.0.downsample.0/1). `fc.*` is dropped. timm's
+      deep-stem variants (`resnet50c/d/s/t`, keys `conv1.0.weight` ...) are refused: their 3-conv stem and
+      average-pool shortcuts have no counterpart here.
+    - `vgg11` ... `vgg19_bn`: torchvision's ImageNet VGGs (`features.N.*`, the same names as ours); `classifier.*`
+      (ImageNet's fc6-fc8) is dropped. A VGG of another depth, or with/without BN, is named in the error.
+    - `densenet121/161/169/201`: torchvision's ImageNet DenseNets (`features.*`), also with the dotted names of its
+      first files (`denselayer1.norm.1.weight` for `norm1.weight`); `classifier.*` is dropped.
     - `xception41`, `xception65`, `xception71`: timm's aligned Xception (`timm/models/xception_aligned.py`,
       ImageNet weights converted from TF DeepLab). The structures agree module for module: timm's
       `start_with_relu=True` modules (ReLU before each separable conv, none inside) are our
@@ -276,22 +298,42 @@ def _refuse_known_variants(state: Mapping[str, Tensor], *, backbone: str, source
             f" deeplab's {backbone} is TF's post-BN aligned Xception. Use timm's xception41/65/71 weights"
         )
     # A sibling of another depth or size shares every name up to where it ends: say which one the file is.
-    for family, pattern, by_count, unit in _SIBLINGS:
+    for family, pattern, first, by_count, unit in _SIBLINGS:
         if not backbone.startswith(family):
             continue
         indices = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
-        other = by_count.get(max(indices) + 1) if indices else None
+        count = max(indices) + 1 - first if indices else 0
+        other = by_count.get(count)
         if other is not None and other != backbone:
             raise CheckpointError(
-                f"{source}: looks like {other} ({max(indices) + 1} {unit}), not {backbone}; pass --backbone {other}"
+                f"{source}: looks like {other} ({count} {unit}), not {backbone}; pass --backbone {other}"
             )
 
 
-# (backbone name prefix, file-key pattern counting units, unit count -> backbone, what a unit is)
+    if backbone.startswith("vgg"):
+        other = _torchvision_vgg_name(state)
+        if other is not None and other != backbone:
+            raise CheckpointError(f"{source}: looks like torchvision's {other}, not {backbone}; pass --backbone {other}")
+
+
+# (backbone name prefix, file-key pattern numbering units, the first unit's number, unit count -> backbone, what a
+# unit is)
 _SIBLINGS = (
-    ("xception", r"^blocks\.(\d+)\.", {13: "xception41", 21: "xception65", 23: "xception71"}, "Xception modules"),
-    ("mobilenet_v3", r"^features\.(\d+)\.", {17: "mobilenet_v3_large", 13: "mobilenet_v3_small"}, "feature layers"),
+    ("xception", r"^blocks\.(\d+)\.", 0, {13: "xception41", 21: "xception65", 23: "xception71"}, "Xception modules"),
+    ("mobilenet_v3", r"^features\.(\d+)\.", 0, {17: "mobilenet_v3_large", 13: "mobilenet_v3_small"}, "feature layers"),
+    ("densenet", r"^features\.denseblock3\.denselayer(\d+)\.", 1,
+     {24: "densenet121", 36: "densenet161", 32: "densenet169", 48: "densenet201"}, "layers in dense block 3"),
 )
+# torchvision's VGG `features`: (index of the last conv + 1, with BN) -> name.
+_TORCHVISION_VGGS = {(19, False): "vgg11", (23, False): "vgg13", (29, False): "vgg16", (35, False): "vgg19",
+                     (26, True): "vgg11_bn", (32, True): "vgg13_bn", (41, True): "vgg16_bn", (50, True): "vgg19_bn"}
+
+
+def _torchvision_vgg_name(state: Mapping[str, Tensor]) -> str | None:
+    """Which torchvision VGG a file's `features.N.weight` keys are, or None."""
+    convs = [int(m.group(1)) for k, v in state.items() if (m := re.match(r"^features\.(\d+)\.weight$", k)) and v.ndim == 4]
+    with_bn = any(re.match(r"^features\.\d+\.running_mean$", k) for k in state)
+    return _TORCHVISION_VGGS.get((max(convs) + 1, with_bn)) if convs else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ weights and fused activations.
   the weights.
 - **Fused activations and residual sums.** On the prepacked path oneDNN applies a ReLU (ReLU6) that directly follows
   a convolution as it writes the output, instead of a second pass over the map (`fuse_activations`): in every
-  Sequential, in Xception's ReLU before a separable conv, and in ResNet bottlenecks, whose third conv also adds the
+  Sequential, in Xception's ReLU before a separable conv, and in ResNet units, whose last conv also adds the
   shortcut. Never into the convs that produce the decoder's low-level feature, which is read before its ReLU.
   Bit-identical to the separate ops.
 
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import _python_dispatch
 
-from ..models.backbones.resnet import Bottleneck, ResNet
+from ..models.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from ..models.backbones.xception import Xception
 from ..models.heads import ASPP
 from ..models.layers import DepthwiseConv2d, depthwise_shifted, runs_shifted
@@ -83,11 +83,15 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def fold_batchnorm(model: nn.Module) -> int:
-    """Fold, in place, every BatchNorm2d that directly follows a Conv2d (see `_PAIRS`); returns how many."""
+    """Fold, in place, every BatchNorm2d that directly follows a Conv2d (see `_PAIRS`, and any two neighbours in a
+    Sequential, as torchvision's VGG `features` and DenseNet layers have them); returns how many."""
     folded = 0
     for module in list(model.modules()):
         children = dict(module.named_children())
-        for conv_name, bn_name in _PAIRS:
+        pairs = list(_PAIRS)
+        if isinstance(module, nn.Sequential):
+            pairs += [pair for pair in zip(children, list(children)[1:]) if pair not in _PAIRS]
+        for conv_name, bn_name in pairs:
             conv, bn = children.get(conv_name), children.get(bn_name)
             if type(conv) in (nn.Conv2d, DepthwiseConv2d, TapSkippingConv2d) and type(bn) is nn.BatchNorm2d:
                 folded_conv = fold_conv_bn(conv, bn)
@@ -337,22 +341,36 @@ class FusedBottleneck(Bottleneck):
         return self.conv3(self.conv2(self.conv1(x)), residual=self.skip(x))
 
 
+class FusedBasicBlock(BasicBlock):
+    """ResNet-18/34's unit with its ReLUs and residual addition inside its convolutions (as `FusedBottleneck`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = x if self.downsample is None else self.downsample(x)
+        return self.conv2(self.conv1(x), residual=skip)
+
+
 def _fuse_bottlenecks(backbone: ResNet) -> int:
-    """Every folded bottleneck but the one whose residual branch is the low-level tap (read before the addition)."""
+    """Every folded bottleneck (or basic block) but the one whose residual branch is the low-level tap (read before
+    the addition)."""
     fused = 0
     for name in ("layer1", "layer2", "layer3", "layer4"):
         for index, unit in enumerate(getattr(backbone, name)):
-            convs = (unit.conv1, unit.conv2, unit.conv3)
+            if type(unit) is Bottleneck:
+                convs, bns, kind = (unit.conv1, unit.conv2, unit.conv3), (unit.bn1, unit.bn2, unit.bn3), FusedBottleneck
+            elif type(unit) is BasicBlock:
+                convs, bns, kind = (unit.conv1, unit.conv2), (unit.bn1, unit.bn2), FusedBasicBlock
+            else:
+                continue
             if (
-                type(unit) is Bottleneck and not (name == "layer1" and index == backbone.low_level_unit)
-                and all(type(bn) is nn.Identity for bn in (unit.bn1, unit.bn2, unit.bn3))
+                not (name == "layer1" and index == backbone.low_level_unit)
+                and all(type(bn) is nn.Identity for bn in bns)
                 and all(isinstance(c, PackedConv2d) and c.activation == "none" for c in convs)
                 and type(unit.relu) is nn.ReLU
             ):
                 for conv in convs:
                     conv.activation = "relu"
-                unit.__class__ = FusedBottleneck
-                fused += 3
+                unit.__class__ = kind
+                fused += len(convs)
     return fused
 
 

@@ -9,12 +9,24 @@ from typing import Any
 # The DeepLabv3 paper's ASPP rates at output stride 16; every other stride scales them (derived in one place).
 ASPP_RATES_AT_OS16 = (6, 12, 18)
 OUTPUT_STRIDES = (8, 16, 32)
+# The heads of the DeepLab family (docs/family.md): DeepLab v1's LargeFOV, v2's ASPP-L, v3's ASPP (on which
+# `decoder` adds the v3+ decoder). "v3plus" is accepted as a name for head "v3" with the decoder.
+HEADS = ("v1-largefov", "v2-aspp", "v3")
+# v1 and v2 were published at output stride 8: LargeFOV's fc6 at rate 12, ASPP-L's four branches at 6, 12, 18, 24.
+LARGEFOV_RATE_AT_OS8 = 12
+ASPP_L_RATES_AT_OS8 = (6, 12, 18, 24)
 
 
-def default_atrous_rates(output_stride: int) -> tuple[int, ...]:
-    """ASPP rates that follow the output stride: (6, 12, 18) at 16, doubled at 8, halved at 32."""
+def default_atrous_rates(output_stride: int, *, head: str = "v3") -> tuple[int, ...]:
+    """Rates that follow the output stride. v3's ASPP: (6, 12, 18) at 16, doubled at 8, halved at 32. v1's fc6 (12)
+    and v2's ASPP-L (6, 12, 18, 24) are the papers' rates at 8, halved at 16 and quartered at 32 (rounded down, at
+    least 1: ASPP-L at 32 is (1, 3, 4, 6))."""
     if output_stride not in OUTPUT_STRIDES:
         raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride!r}")
+    if head == "v1-largefov":
+        return (max(1, LARGEFOV_RATE_AT_OS8 * 8 // output_stride),)
+    if head == "v2-aspp":
+        return tuple(max(1, r * 8 // output_stride) for r in ASPP_L_RATES_AT_OS8)
     return tuple(r * 16 // output_stride for r in ASPP_RATES_AT_OS16)
 
 
@@ -55,7 +67,11 @@ class ModelConfig:
     output_stride: int = 16  # 8, 16 or 32; backbone strides past this become dilations
     atrous_rates: tuple[int, ...] | None = None  # None: derived from output_stride; () keeps only the 1x1 branch
     multi_grid: tuple[int, ...] | None = None  # unit rates of the last stage; None: the backbone's default
-    decoder: bool = True  # DeepLabv3+ decoder; False gives DeepLabv3
+    # The head on the backbone: "v1-largefov", "v2-aspp" or "v3" (ASPP with image pooling; "v3plus" is "v3" with the
+    # decoder). The fields from `decoder` to `dropout` below belong to the v3 head; v1/v2 record decoder and
+    # separable as False.
+    head: str = "v3"
+    decoder: bool = True  # DeepLabv3+ decoder on the v3 head; False gives DeepLabv3
     separable: bool = False  # atrous separable convolution in ASPP and decoder (the paper's Xception setting)
     image_pooling: bool = True  # the ASPP image-level branch (the paper drops it for Cityscapes)
     aspp_channels: int = 256
@@ -73,6 +89,7 @@ class ModelConfig:
     in_channels: int = 3  # bands of the input image: 3 for RGB, 4 or more for multispectral imagery
 
     def __post_init__(self) -> None:
+        self._check_head()
         if self.output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {self.output_stride!r} (--output-stride)")
         check_ranges(self, MODEL_RANGES)
@@ -82,10 +99,40 @@ class ModelConfig:
             if value is not None:
                 object.__setattr__(self, name, tuple(int(v) for v in value))
 
+    def _check_head(self) -> None:
+        if self.head == "v3plus":  # the v3 head with the decoder, under the name the papers give the model
+            object.__setattr__(self, "head", "v3")
+            object.__setattr__(self, "decoder", True)
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS} (or v3plus), got {self.head!r}")
+        if self.head == "v3":
+            return
+        # v1's and v2's heads end in their own logits layers: there is nothing for a decoder or a head conv to read,
+        # and their convolutions are plain (the papers'). decoder and separable default to the v3+ setting, so they
+        # are recorded False here rather than refused; head_conv (default False) is refused.
+        object.__setattr__(self, "decoder", False)
+        object.__setattr__(self, "separable", False)
+        if self.head_conv:
+            raise ValueError(f"head_conv belongs to the v3 head; head {self.head!r} has none")
+        if self.atrous_rates is not None:
+            if self.head == "v1-largefov" and len(self.atrous_rates) != 1:
+                raise ValueError(f"head v1-largefov takes one rate (fc6's dilation), got atrous_rates={self.atrous_rates!r}")
+            if self.head == "v2-aspp" and not self.atrous_rates:
+                raise ValueError("head v2-aspp needs at least one rate (one branch per rate), got atrous_rates=()")
+
+    @property
+    def variant(self) -> str:
+        """The published model this head is: "DeepLab v1 LargeFOV", "DeepLab v2 ASPP-L", "DeepLabv3" or "DeepLabv3+"."""
+        if self.head == "v3":
+            return "DeepLabv3+" if self.decoder else "DeepLabv3"
+        return {"v1-largefov": "DeepLab v1 LargeFOV", "v2-aspp": "DeepLab v2 ASPP-L"}[self.head]
+
     @property
     def rates(self) -> tuple[int, ...]:
-        """The ASPP atrous rates in force: the explicit override or the output-stride default."""
-        return self.atrous_rates if self.atrous_rates is not None else default_atrous_rates(self.output_stride)
+        """The head's atrous rates in force: the explicit override or the output-stride default of the head."""
+        if self.atrous_rates is not None:
+            return self.atrous_rates
+        return default_atrous_rates(self.output_stride, head=self.head)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -151,9 +198,12 @@ class Preprocessing:
 
 
 __all__ = [
+    "ASPP_L_RATES_AT_OS8",
     "ASPP_RATES_AT_OS16",
+    "HEADS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "LARGEFOV_RATE_AT_OS8",
     "ModelConfig",
     "OUTPUT_STRIDES",
     "Preprocessing",

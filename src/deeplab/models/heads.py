@@ -1,7 +1,11 @@
-"""DeepLab's heads: ASPP with image-level pooling (v3) and the v3+ decoder."""
+"""DeepLab's heads: v1's LargeFOV, v2's ASPP-L, ASPP with image-level pooling (v3) and the v3+ decoder.
+
+Which published model each matches, and where its description comes from, is in docs/family.md.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -104,3 +108,68 @@ class Decoder(nn.Module):
         low = self.project(low_level)  # (N, 48, H/4, W/4)
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=self.align_corners)
         return self.fuse(torch.cat([x, low], dim=1))  # (N, 256, H/4, W/4)
+
+
+# DeepLab v1/v2's fc6/fc7 width (1024 of VGG's 4096 filters: the v1 paper's LargeFOV) and their dropout.
+FC_CHANNELS = 1024
+FC_DROPOUT = 0.5
+
+
+def fc_layers(in_channels: int, *, rate: int) -> OrderedDict[str, nn.Module]:
+    """fc6 (3x3, dilation `rate`, 1024 channels) + ReLU + dropout 0.5, fc7 (1x1, 1024) + ReLU + dropout 0.5: DeepLab v1/v2's
+    convolutionalised VGG-16 fully connected layers, with biases and no BatchNorm, as in their Caffe prototxts."""
+    return OrderedDict(
+        fc6=nn.Conv2d(in_channels, FC_CHANNELS, 3, padding=rate, dilation=rate),
+        relu6=nn.ReLU(inplace=True),
+        drop6=nn.Dropout(FC_DROPOUT),
+        fc7=nn.Conv2d(FC_CHANNELS, FC_CHANNELS, 1),
+        relu7=nn.ReLU(inplace=True),
+        drop7=nn.Dropout(FC_DROPOUT),
+    )
+
+
+class LargeFOV(nn.Sequential):
+    """DeepLab v1's LargeFOV head up to fc7 (the v1 paper, Table 2: "DeepLab-LargeFOV", kernel 3x3, input stride 12,
+    1024 channels): fc6, fc7 of `fc_layers`. Its fc8, the 1x1 conv to the classes, is `DeepLab.classifier`.
+
+    On VGG-16 at output stride 8 (rate 12) this is the published DeepLab-LargeFOV: 20.5 M parameters with 21 classes.
+    """
+
+    def __init__(self, in_channels: int, *, rate: int = 12) -> None:
+        super().__init__(fc_layers(in_channels, rate=rate))
+        self.rate = int(rate)
+
+
+class ASPPL(nn.Module):
+    """DeepLab v2's ASPP-L (the v2 paper, §3.3 and Fig. 4): one branch per rate (6, 12, 18, 24 at output stride 8), each
+    ending in its own logits, summed.
+
+    - `fc=True` (DeepLab-ASPP on VGG-16): each branch is fc6 (3x3 at its rate, 1024) -> fc7 (1x1, 1024) -> fc8 (1x1,
+      classes), with ReLU and dropout 0.5 after fc6 and fc7 (`fc_layers`).
+    - `fc=False` (DeepLab v2 on ResNet-101): each branch is a single 3x3 conv at its rate from the backbone's output
+      straight to the classes, with a bias, no BatchNorm, no dropout (`conv`; Caffe's `fc1_voc12_c0..c3`).
+
+    The logits layers (`logits_layers`) start as the prototxts' fc8: Gaussian weights of std 0.01, zero bias.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, rates: Sequence[int] = (6, 12, 18, 24), fc: bool = True) -> None:
+        super().__init__()
+        self.rates = tuple(int(r) for r in rates)
+        branches = []
+        for r in self.rates:
+            if fc:
+                layers = fc_layers(in_channels, rate=r)
+                layers["fc8"] = nn.Conv2d(FC_CHANNELS, num_classes, 1)
+            else:
+                layers = OrderedDict(conv=nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r))
+            branches.append(nn.Sequential(layers))
+        self.branches = nn.ModuleList(branches)
+
+    def logits_layers(self) -> list[nn.Conv2d]:
+        return [branch[-1] for branch in self.branches]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)  # (N, K, H/os, W/os)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out

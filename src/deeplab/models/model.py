@@ -11,13 +11,17 @@ from torch import nn
 from . import pointrend
 from .backbones import BACKBONES, Backbone
 from .config import ModelConfig, Preprocessing
-from .heads import ASPP, Decoder
+from .heads import ASPP, ASPPL, FC_CHANNELS, Decoder, LargeFOV
 from .layers import conv_bn
 from .pointrend import PointHead
 
 
 class DeepLab(nn.Module):
-    """DeepLabv3 (backbone + ASPP) or DeepLabv3+ (the same, plus the decoder) returning logits at input size.
+    """DeepLab v1 (backbone + LargeFOV), v2 (backbone + ASPP-L), v3 (backbone + ASPP) or v3+ (v3 plus the decoder)
+    returning logits at input size.
+
+    `aspp` is the head on the backbone's output (`ASPP`, `LargeFOV` or `ASPPL`) and `classifier` the 1x1 conv to the
+    classes after it (v1's fc8); ASPP-L's branches end in their own logits layers, so its classifier is an identity.
 
     No loss, softmax or argmax inside: `forward` maps a normalised (N, C, H, W) batch (C = `config.in_channels`, 3 for
     RGB) to (N, num_classes, H, W). The model carries its `config`, `class_names` and `preprocessing`, so a checkpoint
@@ -30,9 +34,9 @@ class DeepLab(nn.Module):
         *,
         config: ModelConfig,
         backbone: Backbone,
-        aspp: ASPP,
+        aspp: nn.Module,
         decoder: Decoder | None,
-        classifier: nn.Conv2d,
+        classifier: nn.Module,
         class_names: Sequence[str],
         preprocessing: Preprocessing,
         head_conv: nn.Module | None = None,
@@ -60,7 +64,7 @@ class DeepLab(nn.Module):
         """Logits (N, K, H, W). With PointRend in training mode, a dict: `logits` (the coarse prediction at input
         size), `point_logits` (N, K, P) and `point_coords` (N, P, 2) for the point loss (`deeplab.models.pointrend`)."""
         features = self.backbone(x)
-        y = self.aspp(features["out"])  # (N, 256, H/os, W/os)
+        y = self.aspp(features["out"])  # (N, 256, H/os, W/os); LargeFOV (N, 1024, ...), ASPP-L the logits
         if self.decoder is not None:
             y = self.decoder(y, features["low_level"])  # (N, 256, H/4, W/4)
         if self.head_conv is not None:
@@ -85,7 +89,7 @@ class DeepLab(nn.Module):
     def with_output_stride(self, output_stride: int) -> "DeepLab":
         """The same weights at another output stride (the paper's train-at-16, evaluate-at-8 protocol).
 
-        The backbone is re-dilated and the ASPP rates rescaled (an explicit override scales with them); no weight
+        The backbone is re-dilated and the head's rates rescaled (an explicit override scales with them); no weight
         changes, since strides and dilations hold no parameters.
         """
         cfg = self.config
@@ -144,6 +148,36 @@ def build_model(
         raise ValueError(f"the preprocessing has a mean and std for {preprocessing.bands} bands but the model reads "
                          f"{cfg.in_channels} (in_channels); give one per band")
     backbone = build_backbone(cfg)
+    if cfg.head == "v3":
+        aspp, decoder, head_conv, classifier = _v3_head(cfg, backbone)
+    elif cfg.head == "v1-largefov":
+        aspp, decoder, head_conv = LargeFOV(backbone.channels["out"], rate=cfg.rates[0]), None, None
+        classifier = nn.Conv2d(FC_CHANNELS, cfg.num_classes, 1)  # fc8
+    else:
+        # VGG gets the v2 paper's VGG-16 branches (fc6, fc7, fc8); every other backbone its ResNet-101 branches.
+        fc = cfg.backbone.startswith("vgg")
+        aspp = ASPPL(backbone.channels["out"], cfg.num_classes, rates=cfg.rates, fc=fc)
+        decoder, head_conv, classifier = None, None, nn.Identity()
+    point_head = PointHead(backbone.channels["low_level"], cfg.num_classes) if cfg.pointrend else None
+    model = DeepLab(
+        config=cfg,
+        backbone=backbone,
+        aspp=aspp,
+        decoder=decoder,
+        classifier=classifier,
+        class_names=class_names,
+        preprocessing=preprocessing,
+        head_conv=head_conv,
+        point_head=point_head,
+        class_colors=class_colors,
+        class_values=class_values,
+    )
+    _initialize(model, bn_momentum=cfg.bn_momentum)
+    return model
+
+
+def _v3_head(cfg: ModelConfig, backbone: Backbone) -> tuple[ASPP, Decoder | None, nn.Module | None, nn.Conv2d]:
+    """ASPP, the decoder (v3+), torchvision's extra 3x3 conv (`head_conv`) and the 1x1 classifier."""
     aspp = ASPP(
         backbone.channels["out"],
         cfg.aspp_channels,
@@ -164,23 +198,7 @@ def build_model(
         )
     head_channels = cfg.decoder_channels if cfg.decoder else cfg.aspp_channels
     head_conv = conv_bn(head_channels, head_channels, kernel_size=3) if cfg.head_conv else None
-    classifier = nn.Conv2d(head_channels, cfg.num_classes, 1)
-    point_head = PointHead(backbone.channels["low_level"], cfg.num_classes) if cfg.pointrend else None
-    model = DeepLab(
-        config=cfg,
-        backbone=backbone,
-        aspp=aspp,
-        decoder=decoder,
-        classifier=classifier,
-        class_names=class_names,
-        preprocessing=preprocessing,
-        head_conv=head_conv,
-        point_head=point_head,
-        class_colors=class_colors,
-        class_values=class_values,
-    )
-    _initialize(model, bn_momentum=cfg.bn_momentum)
-    return model
+    return aspp, decoder, head_conv, nn.Conv2d(head_channels, cfg.num_classes, 1)
 
 
 def _initialize(model: nn.Module, *, bn_momentum: float) -> None:
@@ -200,7 +218,15 @@ def _initialize(model: nn.Module, *, bn_momentum: float) -> None:
     # TF's get_branch_logits: the logits layer starts from truncated_normal(stddev=0.01), so the first loss is
     # about log(num_classes) instead of the several nats a He-initialised classifier gives.
     classifier = getattr(model, "classifier", None)
-    if isinstance(classifier, nn.Conv2d) and classifier.weight.device.type != "meta":
+    aspp = getattr(model, "aspp", None)
+    if isinstance(aspp, (LargeFOV, ASPPL)):
+        # DeepLab v1/v2's Caffe prototxts: fc8 (and v2's ResNet branches) from a Gaussian of std 0.01, zero bias.
+        logits = aspp.logits_layers() if isinstance(aspp, ASPPL) else [classifier]
+        for conv in logits:
+            if conv.weight.device.type != "meta":
+                nn.init.normal_(conv.weight, std=0.01)
+                nn.init.zeros_(conv.bias)
+    elif isinstance(classifier, nn.Conv2d) and classifier.weight.device.type != "meta":
         nn.init.trunc_normal_(classifier.weight, std=0.01, a=-0.02, b=0.02)
         nn.init.zeros_(classifier.bias)
 

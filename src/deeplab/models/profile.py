@@ -112,6 +112,7 @@ def layer_costs(model: nn.Module, *, size: tuple[int, int] = (513, 513), batch: 
 class Profile:
     backbone: str
     output_stride: int
+    head: str
     decoder: bool
     separable: bool
     size: tuple[int, int]
@@ -136,10 +137,11 @@ def profile_model(cfg: ModelConfig, *, size: tuple[int, int] = (513, 513)) -> tu
         model = build_model(cfg)
     costs = layer_costs(model, size=size)
     key = (_paper_backbone(cfg.backbone), cfg.output_stride, cfg.decoder, cfg.separable)
-    paper = PAPER_MULTIPLY_ADDS.get(key) if size == (513, 513) and cfg.num_classes == 21 else None
+    paper = PAPER_MULTIPLY_ADDS.get(key) if size == (513, 513) and cfg.num_classes == 21 and cfg.head == "v3" else None
     result = Profile(
         backbone=cfg.backbone,
         output_stride=cfg.output_stride,
+        head=cfg.head,
         decoder=cfg.decoder,
         separable=cfg.separable,
         size=tuple(size),

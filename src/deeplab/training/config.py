@@ -95,11 +95,13 @@ class TrainConfig:
     lr_power: float = 0.9  # poly: lr * (1 - step / steps) ** power
     momentum: float = 0.9
     weight_decay: float | None = None  # None: 1e-4 for ResNet, 4e-5 for Xception and MobileNetV2 (TF's scopes)
+    # (5e-4 for VGG, DeepLab v1/v2's; 1e-4 for DenseNet)
     ignore_index: int = 255
     class_weights: tuple[float, ...] | str | None = None  # per class, or "auto": from the data report's pixel shares
     loss: str = "ce"  # one of LOSSES
     focal_gamma: float = 2.0  # the focal loss's gamma (Lin et al.'s best, 2)
     hard_pixel_fraction: float = 1.0  # < 1: average the loss over only this fraction of hardest pixels
+    msc: bool = False  # DeepLab v2's multi-scale training: inputs at scales 1, 0.75, 0.5, max-fused, four losses
     freeze_bn: bool = False  # BN in inference mode and not trained (fine-tuning at output stride 8)
     # Mixed precision: "auto" is bf16 autocast on a CUDA GPU with bf16 (fp16 with a gradient scaler on one without)
     # and off on CPU; "off", "bf16" (CPU or CUDA) or "fp16" (CUDA) force it. Resolved when the run starts.
@@ -243,7 +245,12 @@ SYNTHETIC_TRAIN = TrainConfig(
 
 
 def default_weight_decay(backbone: str) -> float:
-    """TF DeepLab's weight decay by network scope: 1e-4 for ResNet, 4e-5 for Xception and the MobileNets."""
+    """The weight decay each network was trained with: TF DeepLab's 1e-4 for ResNet and 4e-5 for Xception and the
+    MobileNets, DeepLab v1/v2's 5e-4 for VGG, DenseNet's own 1e-4."""
+    if backbone.startswith("vgg"):
+        return 5e-4  # DeepLab v1/v2's Caffe solvers (and VGG's own ImageNet training)
+    if backbone.startswith("densenet"):
+        return 1e-4  # DenseNet's ImageNet training, as for ResNet
     return 1e-4 if backbone.startswith("resnet") else 4e-5
 
 

@@ -270,7 +270,7 @@ def _start(
              "class_names": list(train_ds.class_names), **elastic}, indent=2))
         if report is not None:
             write_text(out / "data_report.json", json.dumps(report, indent=2))
-    say(f"model: {'DeepLabv3+' if model_cfg.decoder else 'DeepLabv3'} {model_cfg.backbone}, output stride "
+    say(f"model: {model_cfg.variant}{' (MSC training)' if train_cfg.msc else ''} {model_cfg.backbone}, output stride "
         f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
@@ -492,7 +492,7 @@ def _train_step(run: _Run, images: torch.Tensor, masks: torch.Tensor) -> float:
     loss_sum, count, point_sum, point_count = step_losses(
         run.train_model, images, masks, amp=cfg.amp, channels_last=cfg.channels_last, ignore_index=cfg.ignore_index,
         class_weights=run.class_weights, hard_pixel_fraction=cfg.hard_pixel_fraction, loss=cfg.loss,
-        focal_gamma=cfg.focal_gamma,
+        focal_gamma=cfg.focal_gamma, msc=cfg.msc,
     )
     # Divide by the global number of counted pixels (times the world size, which DDP's gradient averaging divides
     # out): the gradient then equals one process's over the whole batch.

@@ -1,12 +1,15 @@
-"""ResNet-50/101 v1 in two layouts, built for an output stride of 8, 16 or 32.
+"""ResNet v1 in two layouts, built for an output stride of 8, 16 or 32.
 
-- torchvision's (`resnet50`, `resnet101`): 7x7 stem, each stage's stride on its *first* unit, a strided 1x1
-  projection shortcut there. Parameter names match torchvision's, so its ImageNet state dicts load as they are.
+- torchvision's (`resnet18`, `resnet34`, `resnet50`, `resnet101`, `resnet152`): 7x7 stem, each stage's stride on its
+  *first* unit, a strided 1x1 projection shortcut there. Parameter names match torchvision's, so its ImageNet state
+  dicts load as they are. ResNet-18/34 are made of torchvision's `BasicBlock` (two 3x3 convs), the others of
+  bottlenecks.
 - TF DeepLab's resnet_v1_beta (`resnet50_beta`, `resnet101_beta`): a stem of three 3x3 convs (64-64-128) and each
   block's stride on its *last* unit, whose shortcut is then a parameter-free subsampling. This is the network of
   the DeepLabv3/v3+ papers: their multiply-add figures and TF checkpoints line up with it.
 
-Both apply multi-grid (DeepLabv3 §3.2) to the last stage: its units' dilations are multiplied by (1, 2, 4).
+Both apply multi-grid (DeepLabv3 §3.2) to the last stage: its units' dilations are multiplied by (1, 2, 4); ResNet-18,
+whose last stage has two units, by (1, 2).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from torch import nn
 from ..layers import conv_bn, recomputed
 from .common import Backbone, atrous_plan, check_multi_grid
 
-BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+BASIC_DEPTHS = (18, 34)  # BasicBlock networks (expansion 1); the others are bottleneck networks (expansion 4)
+BETA_DEPTHS = (50, 101)
 DEFAULT_MULTI_GRID = (1, 2, 4)
 
 
@@ -72,6 +77,42 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+class BasicBlock(nn.Module):
+    """ResNet-18/34's unit, torchvision's `BasicBlock` and parameter names: 3x3 conv (strided) + BN + ReLU, 3x3 conv +
+    BN, the shortcut added, ReLU.
+
+    torchvision refuses dilation in this block. Here both convs are dilated, as Dilated Residual Networks (Yu et al.,
+    2017) do: `dilation` for conv1, `dilation_after` for conv2. In a unit whose stride was removed, conv1 keeps the
+    previous rate (it ran before the stride) and conv2 gets the rate of the units after it (it ran after the
+    stride), so the dilated network computes the strided network's responses at the strided positions.
+    """
+
+    def __init__(
+        self, in_channels: int, width: int, *, stride: int = 1, dilation: int = 1, dilation_after: int | None = None,
+        shortcut: str = "identity",
+    ) -> None:
+        super().__init__()
+        after = dilation if dilation_after is None else dilation_after
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=after, dilation=after, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        if shortcut == "conv":
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, width, 1, stride=stride, bias=False), nn.BatchNorm2d(width)
+            )
+        elif shortcut == "identity":
+            self.downsample = None
+        else:
+            raise ValueError(f"unknown shortcut {shortcut!r} for a BasicBlock; choose from 'identity', 'conv'")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
+
+
 def _stem_torchvision(in_channels: int = 3) -> nn.ModuleDict:
     return nn.ModuleDict(
         {
@@ -84,10 +125,11 @@ def _stem_torchvision(in_channels: int = 3) -> nn.ModuleDict:
 
 
 class ResNet(Backbone):
-    """ResNet-50/101 returning the stride-4 feature and the output-stride feature.
+    """ResNet-18/34/50/101/152 returning the stride-4 feature and the output-stride feature.
 
-    Low-level feature: torchvision layout, the output of `layer1` (stride 4, 256 ch); beta layout, TF's decoder
-    end point `block1/unit_2/bottleneck_v1/conv3` (the residual branch of the last stride-4 unit before the add).
+    Low-level feature: torchvision layout, the output of `layer1` (stride 4; 64 channels for ResNet-18/34, 256 for
+    the bottleneck networks); beta layout, TF's decoder end point `block1/unit_2/bottleneck_v1/conv3` (the residual
+    branch of the last stride-4 unit before the add).
     """
 
     def __init__(
@@ -102,6 +144,9 @@ class ResNet(Backbone):
         super().__init__()
         if depth not in BLOCKS:
             raise ValueError(f"ResNet depth must be one of {sorted(BLOCKS)}, got {depth!r}")
+        if beta and depth not in BETA_DEPTHS:
+            raise ValueError(f"TF's resnet_v1_beta layout exists for depths {BETA_DEPTHS}, got {depth!r}")
+        expansion = 1 if depth in BASIC_DEPTHS else 4
         name = f"resnet{depth}{'_beta' if beta else ''}"
         grid = check_multi_grid(multi_grid, expected=BLOCKS[depth][3], backbone=name)
         self.beta = beta
@@ -136,24 +181,31 @@ class ResNet(Backbone):
         k = 0
         for stage, n in enumerate(BLOCKS[depth]):
             width = 64 * 2**stage
-            units = []
+            units: list[nn.Module] = []
             for i in range(n):
                 stride, dilation = plan[k]
                 k += 1
+                strided = unit_strides[stage][i] == 2  # nominally; at this output stride it may be dilated
+                # The rate after this unit's (removed) stride: what a BasicBlock's second conv runs at.
+                after = dilation * 2 if strided and stride == 1 else dilation
                 if stage == 3:
                     dilation *= grid[i]  # multi-grid: unit rates (1, 2, 4) times the stage's rate
-                strided = unit_strides[stage][i] == 2  # nominally; at this output stride it may be dilated
-                if in_channels != width * 4 or (strided and not beta):
+                    after *= grid[i]
+                if in_channels != width * expansion or (strided and not beta):
                     shortcut = "conv"  # torchvision projects at every strided unit
                 else:
                     shortcut = "subsample" if strided else "identity"
-                units.append(Bottleneck(in_channels, width, stride=stride, dilation=dilation, shortcut=shortcut))
-                in_channels = width * 4
+                if expansion == 1:
+                    units.append(BasicBlock(in_channels, width, stride=stride, dilation=dilation, dilation_after=after,
+                                            shortcut=shortcut))
+                else:
+                    units.append(Bottleneck(in_channels, width, stride=stride, dilation=dilation, shortcut=shortcut))
+                in_channels = width * expansion
             layers.append(nn.Sequential(*units))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         # Beta taps the residual branch of block1's second unit; torchvision layout taps layer1's output.
         self.low_level_unit = BLOCKS[depth][0] - 2 if beta else None
-        self.channels = {"low_level": 256, "out": 2048}
+        self.channels = {"low_level": 64 * expansion, "out": 512 * expansion}
         self.reductions = {"low_level": 4, "out": output_stride}
 
     # True: in training, the stem, layer1 and layer2 are recomputed in the backward pass instead of kept (see
@@ -189,6 +241,18 @@ class ResNet(Backbone):
         return low_level, self.layer2(x)
 
 
+def resnet18(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID[:2], in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=18, beta=False, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
+
+
+def resnet34(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=34, beta=False, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
+
+
 def resnet50(
     *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
 ) -> ResNet:
@@ -199,6 +263,12 @@ def resnet101(
     *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
 ) -> ResNet:
     return ResNet(depth=101, beta=False, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
+
+
+def resnet152(
+    *, output_stride: int = 16, multi_grid: Sequence[int] = DEFAULT_MULTI_GRID, in_channels: int = 3
+) -> ResNet:
+    return ResNet(depth=152, beta=False, output_stride=output_stride, multi_grid=multi_grid, in_channels=in_channels)
 
 
 def resnet50_beta(
