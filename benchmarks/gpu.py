@@ -82,6 +82,9 @@ def train_step_once(args: argparse.Namespace) -> dict:
         retain_freed_memory()
     torch.manual_seed(0)
     model = _model(args.library).to(device).train()
+    for module in model.modules():  # as `deeplab train` sets them (--recompute, its default, or --no-recompute)
+        if hasattr(type(module), "recompute"):
+            module.recompute = args.recompute
     memory = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory)
     step_model = torch.compile(model) if compiled else model
@@ -102,6 +105,7 @@ def train_step_once(args: argparse.Namespace) -> dict:
         if i >= 3:  # warm-up: allocator, cuDNN autotuning, compilation
             times.append(time.perf_counter() - t0)
     return {"kind": "train_step", "library": args.library, "variant": args.variant, "device": str(device),
+            "recompute": args.recompute if args.library == "deeplab" else None,
             "batch": args.batch, "size": args.size, "images_per_s": round(args.batch / statistics.median(times), 2),
             "peak_mib": round(_peak_mib(device), 1)}
 
@@ -203,6 +207,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--rounds", type=int, default=2, help="rounds; each measures every library and variant once")
     p.add_argument("--cli", action=argparse.BooleanOptionalAction, default=True, help="also the CLI end to end")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                   help="ours recomputes its early backbone stages in the backward pass, as deeplab train does by default")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: deeplab.retain_freed_memory() in both libraries' processes, as the deeplab command does")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: the test suite's check on CPU")

@@ -47,3 +47,19 @@ def test_raster_memory_prints_speed_and_peak_memory_of_a_geotiff_prediction():
     assert result["raster"] == "300x300 RGB uint8" and result["padding"] == 32
     assert 0 < result["megapixels_per_second"] and 100 < result["peak_rss_mib"] < 4000
     assert abs(result["megapixels_per_second"] - 0.09 / result["predict_seconds"]) < 0.01
+
+
+def test_gpu_benchmark_runs_each_measurement_in_its_own_process_and_prints_a_table():
+    # The CPU smoke run of benchmarks/gpu.py (what a GPU machine runs in full): a train step and inference of ours,
+    # each in a process of its own, peak memory per process, and the Markdown table.
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--device", "cpu", "--variants", "fp32-cl",
+         "--libraries", "deeplab", "--no-cli"],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    train = [r for r in rows if r.get("kind") == "train_step"]
+    assert len(train) == 1 and train[0]["variant"] == "fp32-cl" and train[0]["recompute"] is True
+    assert train[0]["images_per_s"] > 0 and train[0]["peak_mib"] > 0
+    assert sorted(r["batch"] for r in rows if r.get("kind") == "inference") == [1, 2]
+    assert "| train_step | fp32-cl | 2 |" in out

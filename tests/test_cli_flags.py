@@ -128,7 +128,7 @@ def test_resuming_a_last_pt_that_holds_weights_only_is_one_line_naming_the_way_o
 
 def test_auto_choices_are_made_for_the_device(monkeypatch):
     cpu = resolve_for_device(TrainConfig(), torch.device("cpu"))
-    assert (cpu.amp, cpu.channels_last, cpu.workers) == ("off", False, 0)
+    assert (cpu.amp, cpu.channels_last, cpu.workers) == ("off", True, 0)
     kept = resolve_for_device(TrainConfig(amp="bf16", channels_last=True, workers=3), torch.device("cpu"))
     assert (kept.amp, kept.channels_last, kept.workers) == ("bf16", True, 3)
     with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):

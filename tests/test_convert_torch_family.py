@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_convert_torch import Layout, _bn, _bn_f, assert_same, placeholder_weights, random_weights
+from test_convert_torch import (
+    Layout,
+    _bn,
+    _bn_f,
+    assert_same,
+    placeholder_weights,
+    random_weights,
+)
 
 from deeplab import CheckpointError
 from deeplab.cli import main

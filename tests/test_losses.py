@@ -13,7 +13,12 @@ import torch.nn.functional as F
 
 from deeplab.data.report import median_frequency_weights
 from deeplab.training.config import SYNTHETIC_CLASS_WEIGHTS, TrainConfig
-from deeplab.training.losses import dice_loss, lovasz_softmax_loss, pixel_loss, step_losses
+from deeplab.training.losses import (
+    dice_loss,
+    lovasz_softmax_loss,
+    pixel_loss,
+    step_losses,
+)
 
 IGNORE = 255
 

@@ -26,7 +26,12 @@ from deeplab.models.config import Preprocessing
 rasterio = pytest.importorskip("rasterio", reason="rasters need rasterio: pip install 'deeplab[geo]'")
 from rasterio.transform import Affine  # noqa: E402
 
-from deeplab.inference.raster import Tiling, evaluate_raster, predict_raster, tile_weight  # noqa: E402
+from deeplab.inference.raster import (  # noqa: E402
+    Tiling,
+    evaluate_raster,
+    predict_raster,
+    tile_weight,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VOC_TFLITE = SHARED / "models" / "deeplabv3-mnv2-dm05-voc" / "deeplabv3_257_mv_gpu.tflite"

@@ -20,8 +20,9 @@ import torch
 import deeplab
 from deeplab import ModelConfig
 from deeplab.data import SyntheticShapes
+from deeplab.training.batches import epoch_batches
 from deeplab.training.config import TrainConfig
-from deeplab.training.loop import TrainingDiverged, epoch_batches, fit, poly_lr
+from deeplab.training.loop import TrainingDiverged, fit, poly_lr
 from deeplab.training.losses import pixel_loss
 
 TINY_MODEL = ModelConfig(

@@ -7,7 +7,13 @@ import sys
 
 from ..models.config import ModelConfig
 from ..training.config import TrainConfig, presets
-from .flags import FIELD_HELP, add_dataclass_flags, apply_head_flags, dataclass_from_flags, field_choices
+from .flags import (
+    FIELD_HELP,
+    add_dataclass_flags,
+    apply_head_flags,
+    dataclass_from_flags,
+    field_choices,
+)
 
 
 def run(args: argparse.Namespace) -> int:

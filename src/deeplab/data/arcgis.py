@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from .bands import image_header, read_bands
-from .base import IGNORE_INDEX, DatasetError, SegmentationDataset, Transform, held_out_stems, make_lut
+from .base import (
+    IGNORE_INDEX,
+    DatasetError,
+    SegmentationDataset,
+    Transform,
+    held_out_stems,
+    make_lut,
+)
 from .palettes import Palette, default_palette
 
 STATS_FILE = "esri_accumulated_stats.json"

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import palettes
+from .arcgis import ClassifiedTiles
 from .base import (
     IGNORE_INDEX,
     DatasetError,
@@ -34,7 +35,6 @@ from .palettes import (
     colors_to_index,
     default_palette,
 )
-from .arcgis import ClassifiedTiles
 from .synthetic import SyntheticShapes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")

@@ -28,8 +28,9 @@ from ..models.checkpoint import (
     load_state_dict_strict,
     read_checkpoint,
 )
-from ..models.config import ModelConfig, Preprocessing
+from ..models.config import ModelConfig
 from ..models.model import DeepLab
+from .batches import EpochSamples, RunBatches, build_datasets
 from .config import TrainConfig, default_weight_decay, train_config_of
 from .distributed import all_reduce_sum, convert_sync_batchnorm, init_distributed
 from .losses import step_losses
@@ -53,13 +54,6 @@ def poly_lr(base_lr: float, step: int, total_steps: int, power: float = 0.9) -> 
     return base_lr * (1.0 - min(step, total_steps) / total_steps) ** power
 
 
-def epoch_batches(num_samples: int, batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
-    """The global batches of one epoch: a permutation seeded by (seed, epoch), cut into full batches."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_samples, generator=g).tolist()
-    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(num_samples // batch_size)]
-
-
 def _set_bn_frozen(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -81,26 +75,6 @@ def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def build_datasets(train_cfg: TrainConfig, preprocessing: Preprocessing):
-    from ..data import EvalTransform, TrainTransform, build_dataset
-
-    train_tf = TrainTransform(
-        crop_size=(train_cfg.crop_size, train_cfg.crop_size),
-        scale_range=(train_cfg.min_scale, train_cfg.max_scale),
-        scale_step=train_cfg.scale_step,
-        mean=preprocessing.mean,
-        std=preprocessing.std,
-        ignore_index=train_cfg.ignore_index,
-        flip=train_cfg.flip,
-    )
-    eval_tf = EvalTransform(mean=preprocessing.mean, std=preprocessing.std, ignore_index=train_cfg.ignore_index)
-    common = dict(root=train_cfg.data_root, seed=train_cfg.seed, skip_bad=train_cfg.skip_bad,
-                  **train_cfg.dataset_kwargs())
-    train_ds = build_dataset(train_cfg.dataset, split=train_cfg.train_split, transform=train_tf, **common)
-    val_ds = build_dataset(train_cfg.dataset, split=train_cfg.val_split, transform=eval_tf, **common)
-    return train_ds, val_ds
 
 
 @dataclass
@@ -293,20 +267,18 @@ def _start(
 def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """`cfg` with its automatic choices made for `device`: amp "auto" is bf16 autocast on a CUDA GPU that has bf16
     (fp16 with a gradient scaler on one without) and off on CPU, where bf16 autocast pays only on CPUs with bf16
-    instructions (docs/performance.md); channels_last None is on for CUDA (cuDNN's tensor-core kernels are NHWC);
-    workers None is 0 on CPU (loading competes with the training threads for the cores) and, on CUDA, the CPU cores
+    instructions (docs/performance.md); workers None is 0 on CPU (loading competes with the training threads for the cores) and, on CUDA, the CPU cores
     of this process's share of the machine, at most 8."""
     amp = cfg.amp
     if amp == "auto":
         amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (--device cuda); on CPU use --amp bf16 or --amp off")
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
     workers = cfg.workers
     if workers is None:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
         workers = 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 1) // local - 1))
-    return replace(cfg, amp=amp, channels_last=channels_last, workers=workers)
+    return replace(cfg, amp=amp, workers=workers)
 
 
 def _how(cfg: TrainConfig, *, recomputes: bool = False) -> str:
@@ -384,55 +356,15 @@ def _check_data(train_cfg: TrainConfig, train_ds, val_ds, *, say: Callable[[str]
     return report
 
 
-class _EpochSamples(torch.utils.data.Dataset):
-    """The training set addressed by (epoch, index) packed as one key, epoch * len + index, so one DataLoader (with
-    persistent workers) serves the whole run while each sample's augmentation stays seeded by (seed, epoch, index)
-    inside the dataset, in whichever worker loads it."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: int):
-        epoch, index = divmod(key, len(self.dataset))
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
-
-
-class _RunBatches:
-    """This process's share of every global batch from `step` to `steps`: epoch by epoch, each a permutation seeded
-    by (seed, epoch) (`epoch_batches`), as keys of `_EpochSamples`."""
-
-    def __init__(self, *, size: int, batch_size: int, seed: int, step: int, steps: int, rank: int, per_rank: int):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.step, self.steps, self.rank, self.per_rank = step, steps, rank, per_rank
-
-    def __len__(self) -> int:
-        return self.steps - self.step
-
-    def __iter__(self):
-        per_epoch = self.size // self.batch_size
-        step = self.step
-        while step < self.steps:
-            epoch, first = divmod(step, per_epoch)
-            for batch in epoch_batches(self.size, self.batch_size, seed=self.seed, epoch=epoch)[first:]:
-                if step >= self.steps:
-                    return
-                yield [epoch * self.size + i for i in batch[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]]
-                step += 1
-
-
 def _loader(run: _Run) -> torch.utils.data.DataLoader:
     """One DataLoader for the rest of the run. With workers: persistent (no start-up per epoch), 4 batches
     prefetched per worker, and on CUDA pinned memory, so the copy to the GPU overlaps the step."""
     cfg = run.train_cfg
-    batches = _RunBatches(size=len(run.train_ds), batch_size=cfg.batch_size, seed=cfg.seed, step=run.step,
+    batches = RunBatches(size=len(run.train_ds), batch_size=cfg.batch_size, seed=cfg.seed, step=run.step,
                           steps=cfg.steps, rank=run.dist.rank, per_rank=run.per_rank)
     workers = {"persistent_workers": True, "prefetch_factor": 4} if cfg.workers else {}
     return torch.utils.data.DataLoader(
-        _EpochSamples(run.train_ds), batch_sampler=batches, num_workers=cfg.workers,
+        EpochSamples(run.train_ds), batch_sampler=batches, num_workers=cfg.workers,
         pin_memory=run.device.type == "cuda", **workers,
         # Its own generator: a DataLoader otherwise draws its worker seed from torch's global RNG, and that draw
         # would shift the dropout masks of a resumed run.

@@ -6,7 +6,16 @@ from .densenet import DenseNet, densenet121, densenet161, densenet169, densenet2
 from .mobilenet_edgetpu import MobileNetEdgeTPU, mobilenet_edgetpu
 from .mobilenet_v2 import MobileNetV2, mobilenet_v2
 from .mobilenet_v3 import MobileNetV3, mobilenet_v3_large, mobilenet_v3_small
-from .resnet import ResNet, resnet18, resnet34, resnet50, resnet50_beta, resnet101, resnet101_beta, resnet152
+from .resnet import (
+    ResNet,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet50_beta,
+    resnet101,
+    resnet101_beta,
+    resnet152,
+)
 from .vgg import VGG, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, vgg19, vgg19_bn
 from .xception import Xception, xception41, xception65, xception71
 
