@@ -170,3 +170,17 @@ def test_a_checkpoint_with_an_edited_field_is_one_line_naming_the_file(tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_INPUT and len(err) == 1 and "Traceback" not in err[0] and "bug" not in err[0], err
     assert "edited.pt" in err[0]
+
+
+def test_resuming_a_last_pt_whose_optimizer_state_does_not_fit_is_one_line(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "run"), *QUICK]) == 0
+    capsys.readouterr()
+    last = tmp_path / "run" / "last.pt"
+    data = torch.load(last, weights_only=True)
+    data["optimizer"]["param_groups"] = data["optimizer"]["param_groups"][:1]  # another run's optimizer
+    data["step"] = 0
+    torch.save(data, last)
+    code = main(["train", "--out", str(tmp_path / "run"), "--resume", "--steps", "2", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INPUT and len(err) == 1 and "Traceback" not in err[0] and "bug" not in err[0], err
+    assert "last.pt" in err[0] and "optimizer" in err[0]

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import (
+    CheckpointError,
     atomic_save,
     checkpoint_dict,
     configs_of,
@@ -229,11 +230,10 @@ def _start(
 
     step, best_miou, last_metrics = 0, -1.0, {}
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        _restore_training_state(optimizer, resume_state, source=str(out / "last.pt"))
         step = int(resume_state["step"])
-        best_miou = float(resume_state.get("best_miou", -1.0))
-        last_metrics = resume_state.get("metrics", {})
-        torch.set_rng_state(resume_state["rng_state"])
+        best_miou = float(resume_state.get("best_miou") or -1.0)
+        last_metrics = resume_state.get("metrics") or {}
         say(f"resumed {out / 'last.pt'} at step {step}")
     main = dist_info.is_main
     if main:
@@ -262,6 +262,18 @@ def _start(
         writer=tensorboard_writer(out / "tensorboard") if main else None, report=report,
         step=step, best_miou=best_miou, last_metrics=last_metrics, lr=train_cfg.lr,
     )
+
+
+def _restore_training_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], *, source: str) -> None:
+    """The optimizer's state and torch's RNG from a run's last.pt, refused in one line naming the file when they do
+    not fit this run (an edited file, or another run's)."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_state"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{source}: its optimizer or RNG state does not fit this run ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:160]}); resume from an intact last.pt, or start a "
+                              f"new run from its weights: deeplab train --init-checkpoint {source} --out NEW_FOLDER") from None
 
 
 def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
