@@ -7,7 +7,12 @@ One script for the checks a GPU machine runs (docs/performance.md keeps the tabl
    channels_last, and ours under `torch.compile`: images/s and peak memory (CUDA: max allocated; CPU: peak RSS).
    Each measurement runs in a process of its own (peak memory is per process), ours and smp alternating, in rounds.
 2. Inference images/s at batch 1 and 16: our fast path (`optimize_for_inference(runtime="torch")`) against smp eager.
-3. The CLI on the device: `deeplab train` (its start-up line and img/s), `eval`, `predict`, `export`.
+3. The CLI on the device: `deeplab train` (its start-up line; on CUDA also `--amp fp16`), `eval`, `predict`,
+   `export`.
+4. With `--camvid`: README's CamVid recipe, run as written there but on the device: wall time, val mIoU (scale 1.5 +
+   flip, as the README evaluates), the command's img/s (median of log.csv) against the pure train step of the same
+   model at the same batch and crop, and the CPU recipe's figure to compare with. It reads CamVid and the official
+   EdgeTPU-slim Cityscapes TFLite file from ../shared (`--shared DIR`).
 
 smp cannot be a dependency; install it beside the venv without letting pip touch torch:
 
@@ -16,7 +21,9 @@ smp cannot be a dependency; install it beside the venv without letting pip touch
         fsspec packaging
     PYTHONPATH=/tmp/smpdeps python benchmarks/gpu.py --device cuda
 
-Without smp the smp rows are skipped. `--smoke` runs everything at a tiny size (what the test suite does on CPU).
+Budget on an H200: the default run (2 rounds, CLI) takes some minutes; run `--camvid --rounds 0 --no-cli` as a
+second call when one call is limited to 10 minutes. Without smp the smp rows are skipped. `--smoke` runs everything
+at a tiny size (what the test suite does on CPU).
 Prints one JSON line per measurement and a Markdown table at the end.
 """
 
@@ -25,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,6 +67,10 @@ def _model(library: str, *, num_classes: int = 21) -> torch.nn.Module:
         return smp.DeepLabV3Plus("resnet101", encoder_weights=None, encoder_output_stride=16, classes=num_classes)
     from deeplab import ModelConfig, build_model
 
+    if library == "deeplab-camvid":  # README's CamVid recipe's model (the official EdgeTPU-slim layout)
+        return build_model(ModelConfig(
+            backbone="mobilenet_edgetpu", depth_multiplier=0.75, output_stride=16, atrous_rates=(), aspp_channels=128,
+            decoder=True, separable=True, align_corners=True, num_classes=11))
     return build_model(ModelConfig(backbone="resnet101", output_stride=16, separable=True, num_classes=num_classes))
 
 
@@ -90,7 +103,7 @@ def train_step_once(args: argparse.Namespace) -> dict:
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=memory)
-    y = torch.randint(0, 21, (args.batch, args.size, args.size), device=device)
+    y = torch.randint(0, 11 if args.library == "deeplab-camvid" else 21, (args.batch, args.size, args.size), device=device)
     times = []
     for i in range(args.steps + 3):
         _sync(device)
@@ -105,7 +118,7 @@ def train_step_once(args: argparse.Namespace) -> dict:
         if i >= 3:  # warm-up: allocator, cuDNN autotuning, compilation
             times.append(time.perf_counter() - t0)
     return {"kind": "train_step", "library": args.library, "variant": args.variant, "device": str(device),
-            "recompute": args.recompute if args.library == "deeplab" else None,
+            "recompute": args.recompute if args.library.startswith("deeplab") else None,
             "batch": args.batch, "size": args.size, "images_per_s": round(args.batch / statistics.median(times), 2),
             "peak_mib": round(_peak_mib(device), 1)}
 
@@ -142,7 +155,7 @@ def _child(args: argparse.Namespace, **changes) -> dict | None:
     """Run one measurement in a fresh process; its JSON line, or None (printed) when it failed."""
     argv = [sys.executable, __file__, "--one"]
     for key, value in {**vars(args), **changes}.items():
-        if key in ("one", "smoke", "rounds", "variants", "cli", "libraries") or value is None:
+        if key in ("one", "smoke", "rounds", "variants", "cli", "libraries", "camvid", "shared") or value is None:
             continue
         flag = f"--{key.replace('_', '-')}"
         argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
@@ -170,6 +183,9 @@ def cli_end_to_end(device: str, *, smoke: bool) -> list[dict]:
             "export": ["export", "--checkpoint", str(run / "best.pt"), "--format", "onnx", "--out",
                        str(Path(tmp) / "m.onnx")],
         }
+        if device.startswith("cuda"):  # bf16 is the CUDA default (where the GPU has it); fp16 is the other choice
+            commands["train-fp16"] = [*commands["train"][:4], str(Path(tmp) / "run-fp16"), *commands["train"][5:],
+                                      "--amp", "fp16"]
         for name, argv in commands.items():
             t0 = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "deeplab", *argv], capture_output=True, text=True)
@@ -182,6 +198,72 @@ def cli_end_to_end(device: str, *, smoke: bool) -> list[dict]:
                          "error": (done.stderr.strip().splitlines() or [""])[-1][:200] if done.returncode else ""})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def readme_camvid_recipe() -> list[str]:
+    """The arguments of README's CamVid `deeplab train` command, as written there (environment and `deeplab` dropped)."""
+    text = (ROOT / "README.md").read_text()
+    match = re.search(r"^(?:\S+=\S+ )*deeplab train --dataset camvid(?:.*\\\n)*.*$", text, flags=re.M)
+    if match is None:
+        raise SystemExit("README.md has no `deeplab train --dataset camvid` command")
+    words = shlex.split(match.group(0).replace("\\\n", " "))
+    return words[words.index("train") + 1 :]
+
+
+def _with(argv: list[str], **values: str) -> list[str]:
+    """`argv` with the values of the given flags (--data-root as data_root) replaced."""
+    argv = list(argv)
+    for key, value in values.items():
+        argv[argv.index(f"--{key.replace('_', '-')}") + 1] = value
+    return argv
+
+
+def camvid_on_device(args: argparse.Namespace) -> dict:
+    """README's CamVid recipe on `args.device`: time, val mIoU, the command's img/s against the pure train step."""
+    shared = Path(args.shared)
+    data, tflite = shared / "data" / "camvid", shared / "models" / "deeplab-edgetpu-slim-cityscapes-quant"
+    tflite = next(iter(sorted(tflite.glob("*.tflite"))), None)
+    if not data.is_dir() or tflite is None:
+        row = {"kind": "camvid", "skipped": f"needs {data} and the EdgeTPU-slim Cityscapes .tflite under {shared}/models"}
+        print(json.dumps(row), flush=True)
+        return row
+    deeplab = [sys.executable, "-m", "deeplab"]
+    with tempfile.TemporaryDirectory() as tmp:
+        start, run = Path(tmp) / "cityscapes.pt", Path(tmp) / "run"
+        subprocess.run([*deeplab, "convert", str(tflite), str(start), "--labels", "cityscapes"], check=True,
+                       capture_output=True)
+        recipe = _with(readme_camvid_recipe(), data_root=str(data), init_checkpoint=str(start), out=str(run))
+        if args.smoke:
+            recipe = _with(recipe, steps="4", val_every="4", crop_size="65", batch_size="2")
+        t0 = time.perf_counter()
+        done = subprocess.run([*deeplab, "train", *recipe, "--device", args.device, "--quiet"], capture_output=True,
+                              text=True)
+        train_s = time.perf_counter() - t0
+        if done.returncode:
+            raise SystemExit(f"the CamVid recipe failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        how = next((line for line in done.stdout.splitlines() if line.startswith("model:")), "")
+        scored = subprocess.run([*deeplab, "eval", "--checkpoint", str(run / "last.pt"), "--scales", "1.5", "--flip",
+                                 "--device", args.device, "--json", "--quiet"], capture_output=True, text=True,
+                                check=True)
+        miou = json.loads(scored.stdout.strip().splitlines()[-1])["miou"]
+        rates = [float(row["images_per_s"]) for row in _csv_rows(run / "log.csv") if row.get("images_per_s")]
+    batch, crop = int(recipe[recipe.index("--batch-size") + 1]), int(recipe[recipe.index("--crop-size") + 1])
+    variant = "bf16-cl" if args.device.startswith("cuda") else "fp32-cl"
+    step = _child(args, library="deeplab-camvid", variant=variant, kind="train_step", batch=batch, size=crop)
+    command_rate = statistics.median(rates[len(rates) // 10 :]) if rates else 0.0
+    row = {"kind": "camvid", "device": args.device, "train_s": round(train_s, 1), "val_miou_s1.5_flip": round(miou, 4),
+           "cpu_recipe_miou": 0.731, "command_images_per_s": round(command_rate, 1),
+           "train_step_images_per_s": step and step["images_per_s"],
+           "command_vs_step": step and round(command_rate / step["images_per_s"], 3), "says": how.split(" (")[-1]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("step")]
 
 
 def _table(rows: list[dict]) -> str:
@@ -211,6 +293,8 @@ def main() -> None:
                    help="ours recomputes its early backbone stages in the backward pass, as deeplab train does by default")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: deeplab.retain_freed_memory() in both libraries' processes, as the deeplab command does")
+    p.add_argument("--camvid", action="store_true", help="also README's CamVid recipe on the device (see above)")
+    p.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the folder with data/camvid and models/")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: the test suite's check on CPU")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--library", default=None, help=argparse.SUPPRESS)
@@ -221,7 +305,7 @@ def main() -> None:
         print(json.dumps((train_step_once if args.kind == "train_step" else inference_once)(args)), flush=True)
         return
     if args.smoke:
-        args.batch, args.size, args.steps, args.rounds = 2, 65, 1, 1
+        args.batch, args.size, args.steps, args.rounds = 2, 65, 1, min(args.rounds, 1)
     libraries = args.libraries.split(",")
     if "smp" in libraries:
         try:
@@ -240,7 +324,7 @@ def main() -> None:
                 if row:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    for batch in (1, args.batch):
+    for batch in (1, args.batch) if args.rounds else ():
         for library in libraries:
             row = _child(args, library=library, variant="bf16-cl", kind="inference", batch=batch)
             if row:
@@ -253,6 +337,8 @@ def main() -> None:
             best[key] = r
     if args.cli:
         cli_end_to_end(args.device, smoke=args.smoke)
+    if args.camvid:
+        camvid_on_device(args)
     info = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else os.uname().machine,
             "torch": torch.__version__, "cuda": torch.version.cuda}
     print(json.dumps({"kind": "environment", **info}))

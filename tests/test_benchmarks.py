@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -63,3 +64,18 @@ def test_gpu_benchmark_runs_each_measurement_in_its_own_process_and_prints_a_tab
     assert train[0]["images_per_s"] > 0 and train[0]["peak_mib"] > 0
     assert sorted(r["batch"] for r in rows if r.get("kind") == "inference") == [1, 2]
     assert "| train_step | fp32-cl | 2 |" in out
+
+
+def test_gpu_benchmark_runs_readmes_camvid_recipe_as_written():
+    # benchmarks/gpu.py --camvid runs the README's CamVid command on the device: the arguments it reads must be that
+    # command's, with only the data, start and output paths replaced.
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    recipe = gpu.readme_camvid_recipe()
+    assert recipe[:4] == ["--dataset", "camvid", "--data-root", "data/camvid"]
+    assert recipe[recipe.index("--batch-size") + 1] == "8" and recipe[recipe.index("--steps") + 1] == "1800"
+    assert recipe[-2:] == ["--out", "runs/camvid"] and "--class-weights" in recipe
+    mine = gpu._with(recipe, data_root="/d", init_checkpoint="/s.pt", out="/o")
+    assert mine[3] == "/d" and mine[-1] == "/o" and mine[mine.index("--init-checkpoint") + 1] == "/s.pt"
+    assert len(mine) == len(recipe)

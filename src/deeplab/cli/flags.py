@@ -226,7 +226,7 @@ FIELD_HELP = {
     "recompute": "recompute the backbone's early stages (ResNet: stem, layer1, layer2) in the backward pass instead "
                  "of keeping their activations: the same gradients, less peak memory, a little more time "
                  "(--no-recompute: fastest)",
-    "compile": "torch.compile the model for training (the first steps compile; later ones run faster on GPUs)",
+    "compile": "torch.compile the model for training (the first steps compile; pays on GPUs, not on CPUs)",
     "val_every": "validate every N steps (0: only at the end)",
     "val_limit": "validate on the first N validation images only (default: all)",
     "head": "v1-largefov (DeepLab v1's LargeFOV: fc6 3x3 rate 12 at output stride 8, fc7, fc8), v2-aspp (DeepLab v2's "
