@@ -12,7 +12,7 @@ One script for the checks a GPU machine runs (docs/performance.md keeps the tabl
 4. With `--camvid`: README's CamVid recipe, run as written there but on the device: wall time, val mIoU (scale 1.5 +
    flip, as the README evaluates), the command's img/s (median of log.csv) against the pure train step of the same
    model at the same batch and crop, and the CPU recipe's figure to compare with. It reads CamVid and the official
-   EdgeTPU-slim Cityscapes TFLite file from ../shared (`--shared DIR`).
+   EdgeTPU-slim Cityscapes TFLite file from shared/ in the checkout or ../shared (`--shared DIR`).
 
 smp cannot be a dependency; install it beside the venv without letting pip touch torch:
 
@@ -294,7 +294,9 @@ def main() -> None:
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="CPU: deeplab.retain_freed_memory() in both libraries' processes, as the deeplab command does")
     p.add_argument("--camvid", action="store_true", help="also README's CamVid recipe on the device (see above)")
-    p.add_argument("--shared", default=str(ROOT.parent / "shared"), help="the folder with data/camvid and models/")
+    p.add_argument("--shared", default=str(next((d for d in (ROOT / "shared", ROOT.parent / "shared") if d.is_dir()),
+                                                ROOT.parent / "shared")),
+                   help="the folder with data/camvid and models/ (default: shared/ in the checkout, else ../shared)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: the test suite's check on CPU")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--library", default=None, help=argparse.SUPPRESS)
