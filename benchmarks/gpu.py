@@ -30,6 +30,7 @@ Prints one JSON line per measurement and a Markdown table at the end.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -61,16 +62,15 @@ def _import_smp():
     return smp, lib
 
 
-def _model(library: str, *, num_classes: int = 21) -> torch.nn.Module:
+def _model(library: str, *, num_classes: int = 21, checkpoint: str | None = None) -> torch.nn.Module:
     if library == "smp":
         smp, _lib = _import_smp()
         return smp.DeepLabV3Plus("resnet101", encoder_weights=None, encoder_output_stride=16, classes=num_classes)
+    import deeplab
     from deeplab import ModelConfig, build_model
 
-    if library == "deeplab-camvid":  # README's CamVid recipe's model (the official EdgeTPU-slim layout)
-        return build_model(ModelConfig(
-            backbone="mobilenet_edgetpu", depth_multiplier=0.75, output_stride=16, atrous_rates=(), aspp_channels=128,
-            decoder=True, separable=True, align_corners=True, num_classes=11))
+    if checkpoint is not None:  # the model a run trained (its config and weights)
+        return deeplab.load(checkpoint)
     return build_model(ModelConfig(backbone="resnet101", output_stride=16, separable=True, num_classes=num_classes))
 
 
@@ -94,7 +94,7 @@ def train_step_once(args: argparse.Namespace) -> dict:
 
         retain_freed_memory()
     torch.manual_seed(0)
-    model = _model(args.library).to(device).train()
+    model = _model(args.library, checkpoint=args.checkpoint).to(device).train()
     for module in model.modules():  # as `deeplab train` sets them (--recompute, its default, or --no-recompute)
         if hasattr(type(module), "recompute"):
             module.recompute = args.recompute
@@ -103,7 +103,8 @@ def train_step_once(args: argparse.Namespace) -> dict:
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=memory)
-    y = torch.randint(0, 11 if args.library == "deeplab-camvid" else 21, (args.batch, args.size, args.size), device=device)
+    num_classes = model.config.num_classes if hasattr(model, "config") else 21
+    y = torch.randint(0, num_classes, (args.batch, args.size, args.size), device=device)
     times = []
     for i in range(args.steps + 3):
         _sync(device)
@@ -118,7 +119,7 @@ def train_step_once(args: argparse.Namespace) -> dict:
         if i >= 3:  # warm-up: allocator, cuDNN autotuning, compilation
             times.append(time.perf_counter() - t0)
     return {"kind": "train_step", "library": args.library, "variant": args.variant, "device": str(device),
-            "recompute": args.recompute if args.library.startswith("deeplab") else None,
+            "recompute": args.recompute if args.library == "deeplab" else None,
             "batch": args.batch, "size": args.size, "images_per_s": round(args.batch / statistics.median(times), 2),
             "peak_mib": round(_peak_mib(device), 1)}
 
@@ -246,10 +247,12 @@ def camvid_on_device(args: argparse.Namespace) -> dict:
                                  "--device", args.device, "--json", "--quiet"], capture_output=True, text=True,
                                 check=True)
         miou = json.loads(scored.stdout.strip().splitlines()[-1])["miou"]
-        rates = [float(row["images_per_s"]) for row in _csv_rows(run / "log.csv") if row.get("images_per_s")]
-    batch, crop = int(recipe[recipe.index("--batch-size") + 1]), int(recipe[recipe.index("--crop-size") + 1])
-    variant = "bf16-cl" if args.device.startswith("cuda") else "fp32-cl"
-    step = _child(args, library="deeplab-camvid", variant=variant, kind="train_step", batch=batch, size=crop)
+        with open(run / "log.csv", newline="") as f:
+            rates = [float(row["images_per_s"]) for row in csv.DictReader(f) if row.get("images_per_s")]
+        batch, crop = int(recipe[recipe.index("--batch-size") + 1]), int(recipe[recipe.index("--crop-size") + 1])
+        variant = "bf16-cl" if args.device.startswith("cuda") else "fp32-cl"  # as the command ran (its start-up line)
+        step = _child(args, library="deeplab", variant=variant, kind="train_step", batch=batch, size=crop,
+                      checkpoint=str(run / "last.pt"))
     command_rate = statistics.median(rates[len(rates) // 10 :]) if rates else 0.0
     row = {"kind": "camvid", "device": args.device, "train_s": round(train_s, 1), "val_miou_s1.5_flip": round(miou, 4),
            "cpu_recipe_miou": 0.731, "command_images_per_s": round(command_rate, 1),
@@ -257,13 +260,6 @@ def camvid_on_device(args: argparse.Namespace) -> dict:
            "command_vs_step": step and round(command_rate / step["images_per_s"], 3), "says": how.split(" (")[-1]}
     print(json.dumps(row), flush=True)
     return row
-
-
-def _csv_rows(path: Path) -> list[dict]:
-    import csv
-
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("step")]
 
 
 def _table(rows: list[dict]) -> str:
@@ -300,6 +296,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: the test suite's check on CPU")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--library", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--kind", default="train_step", help=argparse.SUPPRESS)
     args = p.parse_args()
