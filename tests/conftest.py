@@ -6,6 +6,13 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def runtime_choice_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of runtime choices (`deeplab.deploy.choice`): none read from the user's cache folder,
+    none left there, none carried from one test to the next."""
+    monkeypatch.setenv("DEEPLAB_CACHE_DIR", str(tmp_path_factory.mktemp("deeplab-cache")))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """PyTorch at one intra-op thread for a module: the 2 cores are shared with other test runs, and more threads

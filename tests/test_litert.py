@@ -157,7 +157,7 @@ def test_predict_runs_an_exported_tflite_file_and_says_so(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "m.tflite"),
                  "--out", str(tmp_path / "out"), "--quiet"]) == 0
-    assert "(runtime tflite)" in capsys.readouterr().out
+    assert "(runtime tflite, fp32)" in capsys.readouterr().out
     mask = np.asarray(Image.open(tmp_path / "out" / "a.png"))
     assert mask.shape == (50, 70)  # resized to the file's 65x65 and the logits back to the image
 
@@ -199,9 +199,9 @@ def test_auto_choosing_tflite_runs_other_shapes_in_the_runner_up(monkeypatch):
 
     monkeypatch.setattr(lt, "SHAPES", 1)
     fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 25.0, "tflite": 10.0}
-    monkeypatch.setattr(rt, "time_in_rounds", lambda entries, **kw: {n: [fake_ms[n]] for n in entries})
+    monkeypatch.setattr(rt, "time_rounds", lambda entries, **kw: {n: [[fake_ms[n]]] * 3 for n in entries})
     model = tiny()
-    auto = optimize_for_inference(model, runtime="auto", example=torch.randn(1, 3, 49, 49))
+    auto = optimize_for_inference(model, runtime="auto", precision="fp32", example=torch.randn(1, 3, 49, 49))
     assert auto.runtime == "tflite"
     runner_up = "onnxruntime" if "onnxruntime" in auto.choice["ms"] else "torch"
     assert runtime_name(auto.chosen.other_shapes["runtime"]) == runner_up

@@ -135,11 +135,11 @@ def test_predict_and_eval_run_an_onnx_file_and_say_which_runtime_ran(tmp_path, c
     capsys.readouterr()
     assert main(["predict", "--checkpoint", str(tmp_path / "m.onnx"), str(images), "--out", str(tmp_path / "pred"),
                  "--quiet"]) == 0
-    assert "(runtime onnxruntime)" in capsys.readouterr().out
+    assert "(runtime onnxruntime, fp32)" in capsys.readouterr().out
     assert (tmp_path / "pred" / "a.png").is_file()
     assert main(["predict", "--checkpoint", str(ckpt), str(images), "--out", str(tmp_path / "pred2"), "--quiet",
                  "--runtime", "torch"]) == 0
-    assert "(runtime torch)" in capsys.readouterr().out
+    assert "(runtime torch, fp32)" in capsys.readouterr().out
     a = np.asarray(Image.open(tmp_path / "pred" / "a.png"))
     b = np.asarray(Image.open(tmp_path / "pred2" / "a.png"))
     assert (a == b).mean() > 0.99
@@ -233,23 +233,23 @@ def test_auto_keeps_the_fastest_runtime_that_matches_and_says_why_others_were_no
 
     real_build = rt.build_runtime
 
-    def build(model, runtime, *, threads=None):
-        built = real_build(model, runtime, threads=threads)
+    def build(model, runtime, **kwargs):
+        built = real_build(model, runtime, **kwargs)
         if runtime == "openvino":  # a runtime that computes something else must never be chosen, however fast
             built._run, built.nhwc = (lambda x: np.zeros((x.shape[0], 3, *x.shape[2:]), np.float32)), False
         return built
 
     fake_ms = {"torch": 30.0, "onnxruntime": 20.0, "openvino": 5.0, "tflite": 25.0}
 
-    def time_in_rounds(entries, **kwargs):  # every built candidate is timed, in one interleaved measurement
+    def time_rounds(entries, **kwargs):  # every built candidate is timed, in one interleaved measurement
         for _, fn in entries.values():
             fn()
-        return {name: [fake_ms[name] + 1, fake_ms[name], fake_ms[name] - 1] for name in entries}
+        return {name: [[fake_ms[name] + 1], [fake_ms[name]], [fake_ms[name] - 1]] for name in entries}
 
     monkeypatch.setattr(rt, "build_runtime", build)
-    monkeypatch.setattr(rt, "time_in_rounds", time_in_rounds)
+    monkeypatch.setattr(rt, "time_rounds", time_rounds)
     monkeypatch.setattr(rt, "missing_runtime", lambda name: None)
-    auto = optimize_for_inference(tiny(), runtime="auto")
+    auto = optimize_for_inference(tiny(), runtime="auto", precision="fp32")
     assert isinstance(auto, AutoRuntime) and runtime_name(auto) == "auto (not run yet)"
     x = torch.randn(1, 3, 50, 50)
     with torch.no_grad():
@@ -282,17 +282,17 @@ def test_auto_times_the_runtimes_within_5_percent_of_the_fastest_again_before_it
     first = {"torch": 30.0, "onnxruntime": 20.5, "openvino": 20.0, "tflite": 25.0}
     second = {"onnxruntime": 19.0, "openvino": 21.0}  # the first impression was noise
 
-    def time_in_rounds(entries, **kwargs):
+    def time_rounds(entries, **kwargs):
         calls.append((sorted(entries), kwargs.get("warm", False)))
         table = first if len(calls) == 1 else second
-        return {name: [table[name]] * 3 for name in entries}
+        return {name: [[table[name]]] * 3 for name in entries}
 
-    monkeypatch.setattr(rt, "time_in_rounds", time_in_rounds)
+    monkeypatch.setattr(rt, "time_rounds", time_rounds)
     monkeypatch.setattr(rt, "missing_runtime", lambda name: None)
-    monkeypatch.setattr(rt, "build_runtime", lambda model, runtime, *, threads=None: model)
-    auto = optimize_for_inference(tiny(), runtime="auto", example=torch.randn(1, 3, 33, 33))
+    monkeypatch.setattr(rt, "build_runtime", lambda model, runtime, **kwargs: model)
+    auto = optimize_for_inference(tiny(), runtime="auto", precision="fp32", example=torch.randn(1, 3, 33, 33))
     assert calls == [(["onnxruntime", "openvino", "tflite", "torch"], False), (["onnxruntime", "openvino"], True)]
-    assert auto.runtime == "onnxruntime" and auto.choice["calls"] == 6
+    assert auto.runtime == "onnxruntime" and auto.choice["calls"] == 6 and auto.choice["rounds"] == 6
 
 
 def test_auto_uses_pytorch_for_what_only_pytorch_runs():

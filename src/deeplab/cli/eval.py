@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         extras = [f"scales {','.join(f'{v:g}' for v in s['scales'])}"] + (["flip"] if s["flip"] else [])
         extras += [f"window {s['window']} overlap {s['overlap']:g}"] if s["window"] else []
         extras += [f"input {s['input_size'][0]}x{s['input_size'][1]}"] if s["input_size"] else []
-        extras += [f"runtime {s['runtime']}, {s['threads']} threads"]
+        extras += [f"runtime {s.get('runtime_line', s['runtime'])}, {s['threads']} threads"]
         print(f"{label} on {res['dataset']} {res['split']}: {res['images']} ({res['num_images']} images, output "
               f"stride {s['output_stride']}, {', '.join(extras)}):")
         for name, iou in res["per_class_iou"].items():

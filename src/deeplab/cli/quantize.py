@@ -25,7 +25,7 @@ def _calibration_and_check(count: int, calibration: int, check: int) -> tuple[li
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..deploy.quantize import quantize_model
+    from ..deploy.quantize import int8_path, quantize_model
     from ..inference.evaluate import build_eval_dataset
     from ..inference.predict import resolve_input_size
     from ..inference.segment import _resize, scaled_size
@@ -64,21 +64,24 @@ def run(args: argparse.Namespace) -> int:
     held = [x for i in others for x in scaled(load(i))]
     extra = {"train_config": data["train_config"]} if data.get("train_config") else {}
     extra["calibration"] = {"dataset": name, "split": split, "images": len(calibration), "scales": list(scales)}
-    res = quantize_model(model, calibration, args.out, held_out=held, metadata=extra)
+    out = args.out or int8_path(args.checkpoint)
+    res = quantize_model(model, calibration, out, held_out=held, metadata=extra)
     agreement = "" if res["agreement"] is None else (
         f"; argmax agreement with the float model on {len(held)} other {split} images: {100 * res['agreement']:.2f}%")
     print(f"{args.checkpoint} -> {res['path']} (int8, {res['quantized_convs']} convolutions, calibrated on "
           f"{len(calibration)} {name} {split} images at scale {','.join(f'{v:g}' for v in scales)}, "
           f"{res['seconds']:.0f} s){agreement}. In float: the image-pooling branch, the classifier's output and the last "
-          f"upsampling. Score it: deeplab eval --checkpoint {res['path']}")
+          f"upsampling. Score it: deeplab eval --checkpoint {res['path']}"
+          + ("; beside its checkpoint, predict and eval --precision auto consider it (--precision int8 runs it)"
+             if args.out is None else ""))
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="int8 post-training quantization (ONNX Runtime), calibrated on a dataset's images")
     p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float)")
-    p.add_argument("--out", required=True, help="the int8 ONNX file to write (.onnx); run it with predict / eval "
-                   "--checkpoint FILE")
+    p.add_argument("--out", default=None, help="the int8 ONNX file to write (.onnx; default CKPT_NAME.int8.onnx beside "
+                   "the checkpoint, where predict / eval --precision auto find it); run any with --checkpoint FILE")
     p.add_argument("--images", nargs="+", default=None, help="calibrate on these image files, folders or globs "
                    "(no masks needed) instead of a dataset")
     p.add_argument("--dataset", default=None, help="calibration images: voc, cityscapes, ade20k, camvid, folder (default: "

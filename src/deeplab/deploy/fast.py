@@ -153,12 +153,14 @@ def pool_projection(model: nn.Module) -> int:
 
 
 def _prepackable(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether `conv` may run on a prepacked weight for `x`: CPU fp32 inference in eager mode.
+    """Whether `conv` may run on a prepacked weight for `x`: CPU inference in eager mode, fp32 (or bf16, where oneDNN
+    runs it: a model made with ``dtype=torch.bfloat16``).
 
     Not under a dispatch mode either (FlopCounterMode, FakeTensorMode), which would not know the oneDNN op.
     """
     return (
-        conv.prepacked_shapes > 0 and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+        conv.prepacked_shapes > 0 and x.device.type == "cpu" and x.dtype == weight.dtype
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
         and x.dim() == 4 and conv.padding_mode == "zeros"
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing() and not torch.jit.is_scripting()
@@ -201,7 +203,7 @@ class PackedConv2d(nn.Conv2d):
 
     def _conv(self, x: torch.Tensor, make_weight, padding, *, variant, residual=None) -> torch.Tensor:
         weight = self.weight
-        if not _prepackable(x, weight, self) or (residual is not None and residual.dtype != torch.float32):
+        if not _prepackable(x, weight, self) or (residual is not None and residual.dtype != x.dtype):
             y = F.conv2d(x, make_weight(), self.bias, self.stride, padding, self.dilation, self.groups)
             return self._activate(y, residual)
         # NHWC, as F.conv2d would make it for a channels_last weight (ASPP's concatenation of a broadcast pooling
@@ -396,16 +398,23 @@ def _fuse_xception_relus(backbone: Xception) -> int:
 
 def optimize_for_inference(
     model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True, skip_taps: bool = True,
-    prepacked_shapes: int = 4,
+    prepacked_shapes: int = 4, dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """A copy of `model` in eval mode with the fast path applied (see the module docstring).
 
-    `prepacked_shapes`: how many input shapes each convolution keeps oneDNN's packed weights for (CPU, fp32,
+    `prepacked_shapes`: how many input shapes each convolution keeps oneDNN's packed weights for (CPU, fp32 or bf16,
     channels_last only; 0 turns it off). Multi-scale evaluation with more scales than this repacks per call,
     which costs what the plain path's per-call reorder does.
+
+    `dtype` torch.bfloat16: the network's weights and activations in bf16 (BatchNorm folded in float64 first, then
+    rounded once), prepacked for oneDNN's bf16 kernels (AMX or AVX512_BF16 where the CPU has them); the classifier
+    and the upsampling to the input size stay float32, so the logits come back float32 and are not rounded to bf16's
+    8 bits before the argmax. The logits differ from float32's: `deeplab.deploy.precision` checks the argmax.
     """
     if prepacked_shapes < 0:
         raise ValueError(f"prepacked_shapes={prepacked_shapes}: use 0 (off) or a positive number of input shapes")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype={dtype}: the fast path runs torch.float32 or torch.bfloat16")
     fast = copy.deepcopy(model).eval()
     for p in fast.parameters():
         p.requires_grad_(False)
@@ -421,10 +430,34 @@ def optimize_for_inference(
     prepack_weights(fast, shapes=shapes)
     if shapes:
         fuse_activations(fast)
+    if dtype == torch.bfloat16:
+        _in_bfloat16(fast)
     fast.fast_path = {
         "fold_bn": fold_bn, "channels_last": channels_last, "skip_taps": skip_taps, "prepacked_shapes": shapes,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     return fast
+
+
+def _in_bfloat16(fast: nn.Module) -> None:
+    """`fast`'s network in bf16, its classifier float32: the input is cast to bf16 on the way in, the classifier's
+    input back to float32."""
+    if getattr(fast, "point_head", None) is not None:
+        raise ValueError("PointRend's subdivision reads backbone features at points: the bf16 fast path does not run it")
+    classifier = getattr(fast, "classifier", None)
+    fast.to(torch.bfloat16)
+    fast.register_forward_pre_hook(_cast_input(torch.bfloat16))
+    if classifier is not None:
+        classifier.float()
+        classifier.register_forward_pre_hook(_cast_input(torch.float32))
+
+
+def _cast_input(dtype: torch.dtype):
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x.to(dtype), *args[1:]) if isinstance(x, torch.Tensor) and x.is_floating_point() else args
+
+    return hook
 
 
 def _channels_last_input(module: nn.Module, args: tuple) -> tuple:

@@ -16,8 +16,10 @@ Kept in float, because 8 bits do not serve them well:
   classifier convolution reads its quantized input and computes in float (a few thousand multiply-adds per pixel).
 
 The file carries the model's metadata (as every export) plus `int8`: the calibration images' count and source,
-which nodes stayed in float, and the quantization scheme, so `deeplab predict --checkpoint model-int8.onnx` runs it
-with nothing else. Accuracy is measured, not assumed: `deeplab eval --checkpoint model-int8.onnx` scores it as any
+which nodes stayed in float, the quantization scheme, the float model's digest (`deeplab.deploy.choice.model_digest`)
+and the measured agreement, so `deeplab predict --checkpoint model-int8.onnx` runs it with nothing else. Written
+beside its checkpoint as NAME.int8.onnx (`int8_path`, `deeplab quantize`'s default), it is found by `int8_beside`
+when the checkpoint is loaded for inference, and `--precision auto` considers it (`deeplab.deploy.runtimes`). Accuracy is measured, not assumed: `deeplab eval --checkpoint model-int8.onnx` scores it as any
 checkpoint, and `quantize_model` reports its argmax agreement with the float model on held-out images.
 """
 
@@ -27,6 +29,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,35 @@ from torch import nn
 
 from ..models.checkpoint import named_os_error
 
-__all__ = ["float_nodes", "quantize_model"]
+__all__ = ["float_nodes", "int8_beside", "int8_path", "quantize_model"]
+
+INT8_SUFFIX = ".int8.onnx"
+
+
+def int8_path(checkpoint: str | os.PathLike) -> Path:
+    """Where `deeplab quantize` writes a checkpoint's int8 file by default: beside it, NAME.int8.onnx."""
+    path = Path(checkpoint)
+    return path.with_name(path.stem + INT8_SUFFIX)
+
+
+def int8_beside(checkpoint: str | os.PathLike, model: nn.Module) -> Path | None:
+    """The int8 file beside `checkpoint` (`int8_path`) when it was made from these weights (its recorded digest
+    equals `model`'s), else None; a file made from other weights is named in a warning and left unused."""
+    path = int8_path(checkpoint)
+    if not path.is_file():
+        return None
+    from .choice import model_digest
+    from .runners import read_metadata
+
+    try:
+        recorded = (read_metadata(path).get("int8") or {}).get("model_digest")
+    except Exception:  # noqa: BLE001 - onnx missing or an unreadable file: not an int8 candidate
+        return None
+    if recorded != model_digest(model):
+        warnings.warn(f"{path}: made from other weights than {checkpoint} (or by an older deeplab); not used. Make it "
+                      f"again: deeplab quantize --checkpoint {checkpoint}", stacklevel=2)
+        return None
+    return path
 
 # Node-name prefixes of what stays in float (the legacy ONNX exporter names nodes after the module path).
 FLOAT_SCOPES = ("/aspp/pooling/", "/aspp/project_pool/", "/aspp/Add")
@@ -102,6 +133,7 @@ def quantize_model(
         raise ImportError("int8 quantization runs on ONNX Runtime: pip install 'deeplab[onnx]'") from None
     import onnx
 
+    from .choice import model_digest
     from .export import export_onnx, model_metadata
     from .fast import optimize_for_inference as torch_fast_path
     from .runners import onnxruntime_runner
@@ -133,24 +165,25 @@ def quantize_model(
                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep,
                 extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
             )
-            proto = onnx.load(str(partial))
-            int8 = {
-                "scheme": "QDQ; weights int8 symmetric per output channel" if per_channel else
-                "QDQ; weights int8 symmetric per tensor",
-                "activations": "uint8 asymmetric per tensor, ranges from min/max over the calibration images",
-                "calibration_images": len(arrays), "float_nodes": keep,
-            }
-            del proto.metadata_props[:]
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = "deeplab", json.dumps(model_metadata(model, {**(metadata or {}), "int8": int8}))
-            onnx.save(proto, str(partial))
-            convs = sum(n.op_type == "Conv" for n in proto.graph.node)
             agreement = None
             if held_out:
                 threads = torch.get_num_threads()
                 float_run, _ = onnxruntime_runner(fp32, threads=threads)
                 int8_run, _ = onnxruntime_runner(partial, threads=threads)
                 agreement = _agreement(float_run, int8_run, [x.detach().float().cpu().numpy() for x in held_out])
+            proto = onnx.load(str(partial))
+            int8 = {
+                "scheme": "QDQ; weights int8 symmetric per output channel" if per_channel else
+                "QDQ; weights int8 symmetric per tensor",
+                "activations": "uint8 asymmetric per tensor, ranges from min/max over the calibration images",
+                "calibration_images": len(arrays), "float_nodes": keep, "model_digest": model_digest(model),
+                "agreement": agreement, "agreement_images": len(held_out),
+            }
+            del proto.metadata_props[:]
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = "deeplab", json.dumps(model_metadata(model, {**(metadata or {}), "int8": int8}))
+            onnx.save(proto, str(partial))
+            convs = sum(n.op_type == "Conv" for n in proto.graph.node)
             os.replace(partial, path)
         except OSError as e:
             raise named_os_error(OSError(e.errno, e.strerror or str(e)), path) from None

@@ -95,8 +95,9 @@ def onnxruntime_runner(path: str | os.PathLike, *, threads: int, layout: str = "
     return run, layout
 
 
-def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW") -> Runner:
-    """OpenVINO on the CPU in f32: a static-shape copy compiled for each of the first OPENVINO_SHAPES input shapes
+def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW", precision: str = "f32") -> Runner:
+    """OpenVINO on the CPU in `precision` ("f32", or "bf16", OpenVINO's own default on CPUs with AMX or
+    AVX512_BF16; an int8 file runs its quantized operations in int8 either way): a static-shape copy compiled for each of the first OPENVINO_SHAPES input shapes
     (faster than OpenVINO's dynamic-shape mode), one dynamic-shape copy for every shape after those (images of many
     sizes would otherwise compile once each); the logits NHWC: OpenVINO upsamples them NHWC inside, and asking for
     NCHW adds a reorder (1.6 ms of 19 for MobileNetV2 dm0.5 at 257x257, one thread here)."""
@@ -110,7 +111,7 @@ def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCH
         ppp.output(0).model().set_layout(ov.Layout("NCHW"))
         ppp.output(0).tensor().set_layout(ov.Layout("NHWC"))
         model = ppp.build()
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
               "NUM_STREAMS": 1}
     compiled: dict[tuple[int, ...] | None, Any] = {}  # input shape (None: dynamic) -> infer request
 

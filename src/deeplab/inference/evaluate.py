@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import denormalize
-from ..deploy.runtimes import prepare_model, runtime_name
+from ..deploy.runtimes import describe_runtime, precision_name, prepare_model, runtime_name
 from .crf import dense_crf
 from .metrics import MetricAccumulator, confusion_matrix, segmentation_scores
 from .options import InferenceOptions
@@ -172,7 +172,8 @@ def evaluate(
     result["confusion_matrix"] = acc.confusion.tolist()
     result["settings"] = {
         **opts.settings(), "input_size": list(size) if size else None, "output_stride": model.config.output_stride,
-        "runtime": runtime_name(model), "threads": getattr(model, "threads", None) or torch.get_num_threads(),
+        "runtime": runtime_name(model), "precision": precision_name(model), "runtime_line": describe_runtime(model),
+        "threads": getattr(model, "threads", None) or torch.get_num_threads(),
     }
     if per_image:
         result["per_image"] = [entry for _, entry in sorted(_gather(images), key=lambda e: e[0])]

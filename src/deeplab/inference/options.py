@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from ..deploy.precision import PRECISIONS
 from ..deploy.runtimes import RUNTIME_CHOICES
 from .segment import check_options
 
@@ -21,6 +22,8 @@ class InferenceOptions:
     window, overlap: sliding-window tiles of `window` pixels (None: the whole image), overlapping by `overlap`.
     input_size: "model" (the checkpoint's fixed input size, if any), None (the image's own size) or (H, W).
     runtime: one of RUNTIME_CHOICES; threads: CPU threads for it (None: torch.get_num_threads()).
+    precision: auto, fp32, bf16 or int8 (`deeplab.deploy.precision`); retime: choose the runtime again instead of
+    taking the choice cached for this machine and model (`deeplab.deploy.choice`).
     amp: "off", "bf16" or "fp16" autocast (PyTorch runtimes only). crf, crf_backend: dense-CRF refinement
     (`deeplab.inference.crf.CRFParams`). pointrend (None: the checkpoint's default; False: the coarse prediction only),
     pointrend_points, pointrend_steps: PointRend checkpoints' subdivision.
@@ -33,6 +36,8 @@ class InferenceOptions:
     input_size: tuple[int, int] | str | None = "model"
     runtime: str = "auto"
     threads: int | None = None
+    precision: str = "auto"
+    retime: bool = False
     amp: str = "off"
     crf: Any = None  # deeplab.inference.crf.CRFParams or None
     crf_backend: str = "torch"
@@ -48,6 +53,11 @@ class InferenceOptions:
             raise ValueError(f"threads must be a positive number, got {self.threads!r}")
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.amp != "off" and self.precision not in ("auto", "fp32"):
+            raise ValueError(f"amp={self.amp!r} is autocast of a float32 model; precision={self.precision!r} is "
+                             "another way to reduce precision: use one of them")
         if self.amp != "off" and self.runtime in ("onnxruntime", "openvino", "tflite"):
             raise ValueError(f"amp={self.amp!r} is autocast, a PyTorch feature; use it with runtime 'torch' or 'eager'")
         if self.crf_backend not in ("torch", "pydensecrf"):
@@ -67,6 +77,7 @@ class InferenceOptions:
         return {
             "scales": list(self.scales), "flip": self.flip, "window": self.window,
             "overlap": self.overlap if self.window else None, "runtime": self.runtime, "threads": self.threads,
+            "precision": self.precision,
             "amp": self.amp, "crf": None if self.crf is None else {**vars(self.crf), "backend": self.crf_backend},
         }
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data.base import image_to_rgb
 from ..data.palettes import model_palette, palette_for
-from ..deploy.runtimes import prepare_model, runtime_name
+from ..deploy.runtimes import describe_runtime, prepare_model
 from ..models.checkpoint import write_atomically
 from .crf import dense_crf
 from .options import InferenceOptions, resolve_input_size
@@ -177,7 +177,7 @@ class PredictReport:
 
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
-    runtime: str = ""  # which runtime ran the model (deeplab.deploy.runtimes.runtime_name)
+    runtime: str = ""  # which runtime and precision ran the model (deeplab.deploy.runtimes.describe_runtime)
     rasters: dict[str, Any] = field(default_factory=dict)  # input -> deeplab.inference.raster.RasterResult
 
     @property
@@ -350,5 +350,5 @@ def predict_files(
             report.failed.append((str(path), str(exc)))
             continue
         report.written[str(path)] = written
-    report.runtime = runtime_name(model)
+    report.runtime = describe_runtime(model)
     return report
