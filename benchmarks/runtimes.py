@@ -4,16 +4,22 @@ Rows: four models (the official MobileNetV2 dm0.5 257 float file and dm1.0 513 u
 converted; Xception-65 and ResNet-101 separable DeepLabv3+ at output stride 16, 513x513, random weights). Columns:
 
     deeplab      deeplab.optimize_for_inference(model): the default path of `predict`, `eval` and the Python API
-                 ("auto": the fastest installed runtime, measured on the first input; the column says which)
-    torch        the PyTorch fast path (deeplab.deploy.fast)
+                 ("auto": the fastest (runtime, precision) candidate, bf16 ones included on CPUs with AMX or
+                 AVX512_BF16, timed afresh unless --cached; the cell says which ran and its agreement)
+    torch        the PyTorch fast path (deeplab.deploy.fast), fp32
     onnxruntime  ONNX Runtime on `deeplab export`'s ONNX file, through its own API (all graph optimizations)
-    openvino     OpenVINO on `deeplab export --format openvino`'s IR, through its own API (static shape, LATENCY, f32)
+    openvino     OpenVINO on `deeplab export --format openvino`'s IR, through its own API at its own default
+                 precision (bf16 on CPUs with AMX or AVX512_BF16, f32 elsewhere; static shape, LATENCY)
     tflite       the official TF Lite runtime (ai-edge-litert, XNNPACK) on `deeplab export --format tflite`'s file
                  (fp32, NHWC input as a TF Lite user feeds it)
     official     the same runtime on the official .tflite file itself (the dm1.0 file is uint8: TF Lite runs it in
                  uint8, the other columns its fp32 conversion)
-    int8         with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in
-                 ONNX Runtime
+    with --int8: `deeplab quantize`'s int8 ONNX file (calibrated on random inputs: timing only) in ONNX Runtime
+                 and in OpenVINO, and "deeplab+int8", the default path given that file (`int8=`)
+
+Each cell: median ms [min], then the argmax agreement with the eager float32 model on the row's input. After each
+row, one JSON line per thread count compares the deeplab column with the fastest of ONNX Runtime, OpenVINO (its
+default) and TF Lite (`ratio`). The first line printed names the CPU, its flags of note and the runtime versions.
 
 at 1 and 2 threads, batch 1. Every entry is built first (each exported-graph runtime checked against eager PyTorch
 to 1e-4 of the logit range), warmed up twice, then timed in rounds (`deeplab.deploy.runtimes.time_in_rounds`, as `auto`
@@ -29,6 +35,7 @@ entry. A runtime that is not installed is skipped with the reason.
     OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models xception65,resnet101 --rounds 6 --int8
     python benchmarks/runtimes.py --models mnv2-dm05 --threads 1 --rounds 5     # quick
     OMP_NUM_THREADS=2 python benchmarks/runtimes.py --models resnet101 --threads 2 --rounds 8 --runtime openvino
+    for i in $(seq 10); do python benchmarks/runtimes.py --models mnv2-dm05 --rounds 20 | grep ratio; done
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ import torch
 
 from deeplab import ModelConfig, build_model, retain_freed_memory
 from deeplab.deploy.runners import missing_runtime
-from deeplab.deploy.runtimes import optimize_for_inference, runtime_name, time_in_rounds
+from deeplab.deploy.precision import machine_line
+from deeplab.deploy.runtimes import describe_runtime, optimize_for_inference, time_in_rounds
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
 MODELS = {
@@ -93,44 +101,59 @@ def tflite_entry(path: Path, threads: int, size):
     return run
 
 
-def int8_entry(name: str, model, threads: int, x: torch.Tensor, folder: str):
+def int8_file(name: str, model, x: torch.Tensor, folder: str) -> Path:
+    """`deeplab quantize`'s int8 file for the row's model (calibrated on random inputs: timing only)."""
     from deeplab.deploy.quantize import quantize_model
-    from deeplab.deploy.runners import load_exported
 
     path = Path(folder) / f"int8-{name}.onnx"
     if not path.exists():
         g = torch.Generator().manual_seed(1)
         quantize_model(model, [torch.randn(x.shape, generator=g) for _ in range(2)], path)
-    loaded = load_exported(path, threads=threads)
+    return path
+
+
+def int8_entry(path: Path, runtime: str, threads: int, x: torch.Tensor):
+    from deeplab.deploy.runners import load_exported
+
+    loaded = load_exported(path, runtime=runtime, threads=threads)
     return lambda: loaded(x)
 
 
-def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: list, runtime: str = "auto"):
+def entries_for(name: str, threads_list, *, int8: bool, folder: str, skipped: list, runtime: str = "auto",
+                retime: bool = True):
+    """{(model, column, threads): (threads, fn, label)} and the row's input."""
     model, tfl, size = build(name)
     if model is None:
         skipped.append({"model": name, "skipped": tfl})
-        return {}
+        return {}, None
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
     entries = {}
+    int8_path = int8_file(name, model, x, folder) if int8 and missing_runtime("onnxruntime") is None else None
     for threads in threads_list:
         torch.set_num_threads(threads)
-        default = optimize_for_inference(model, runtime=runtime, threads=threads, example=x)
-        entries[(name, "deeplab", threads)] = (threads, _no_grad(default, x), runtime_name(default))
+        default = optimize_for_inference(model, runtime=runtime, threads=threads, example=x, retime=retime)
+        entries[(name, "deeplab", threads)] = (threads, _no_grad(default, x), describe_runtime(default))
         torch_path = optimize_for_inference(model, runtime="torch", example=x)
         entries[(name, "torch", threads)] = (threads, _no_grad(torch_path, x), "torch")
-        for runtime in ("onnxruntime", "openvino", "tflite"):
-            why = missing_runtime(runtime)
+        for runtime_ in ("onnxruntime", "openvino", "tflite"):
+            why = missing_runtime(runtime_)
             if why:
-                skipped.append({"model": name, "runtime": runtime, "skipped": why})
+                skipped.append({"model": name, "runtime": runtime_, "skipped": why})
                 continue
-            path = exported(model, name, runtime, folder, size)
-            entries[(name, runtime, threads)] = (threads, peer_entry(runtime, path, threads, x), runtime)
+            path = exported(model, name, runtime_, folder, size)
+            entries[(name, runtime_, threads)] = (threads, peer_entry(runtime_, path, threads, x), runtime_)
         if tfl is not None and missing_runtime("tflite") is None:
             kind = "uint8" if "quant" in tfl.name else "float"
             entries[(name, "official", threads)] = (threads, tflite_entry(tfl, threads, size), f"tflite {kind}")
-        if int8 and missing_runtime("onnxruntime") is None:
-            entries[(name, "int8", threads)] = (threads, int8_entry(name, model, threads, x, folder), "onnxruntime int8")
-    return entries
+        if int8_path is not None:
+            with_int8 = optimize_for_inference(model, runtime=runtime, threads=threads, example=x, retime=retime,
+                                               int8=int8_path)
+            entries[(name, "deeplab+int8", threads)] = (threads, _no_grad(with_int8, x), describe_runtime(with_int8))
+            for runtime_ in ("onnxruntime", "openvino"):
+                if missing_runtime(runtime_) is None:
+                    entries[(name, f"int8 {runtime_}", threads)] = (
+                        threads, int8_entry(int8_path, runtime_, threads, x), f"{runtime_} int8")
+    return entries, (model, x)
 
 
 def exported(model, name: str, runtime: str, folder: str, size) -> Path:
@@ -166,7 +189,8 @@ def peer_entry(runtime: str, path: Path, threads: int, x: torch.Tensor):
     core = ov.Core()
     model = core.read_model(str(path))
     model.reshape({model.input(0): ov.PartialShape(list(data.shape))})
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    # OpenVINO's default precision: bf16 on CPUs with AMX or AVX512_BF16, f32 elsewhere
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     request = core.compile_model(model, "CPU", config).create_infer_request()
 
     def run():
@@ -174,6 +198,25 @@ def peer_entry(runtime: str, path: Path, threads: int, x: torch.Tensor):
         return request.get_output_tensor(0).data
 
     return run
+
+
+def agreements(entries: dict, model, x: torch.Tensor) -> dict:
+    """Each entry's argmax agreement with the eager float32 model on the row's input (NHWC outputs read as such)."""
+    from deeplab.deploy.precision import agreement
+
+    with torch.no_grad():
+        ref = model(x)
+    out = {}
+    for key, (threads, fn, _) in entries.items():
+        torch.set_num_threads(threads)
+        y = fn()
+        y = torch.as_tensor(np.asarray(y, dtype=np.float32)) if not isinstance(y, torch.Tensor) else y.float()
+        if y.shape[1] != ref.shape[1]:  # NHWC
+            y = y.permute(0, 3, 1, 2)
+        if y.shape[-2:] != ref.shape[-2:]:  # an official file's own output size
+            continue
+        out[key] = agreement(y, ref)
+    return out
 
 
 def _no_grad(model, x):
@@ -193,22 +236,25 @@ def main() -> None:
     p.add_argument("--runtime", default="auto",
                    help="what the deeplab column runs (default auto; e.g. openvino: deeplab's wrapper against the "
                         "runtime's own API in the same rounds)")
+    p.add_argument("--cached", action="store_true", help="let the deeplab column take the runtime choice cached for "
+                   "this machine and model, as a later `deeplab predict` does (default: it times the candidates again)")
     p.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
     retain_freed_memory()  # as the deeplab command does
     threads_list = [int(t) for t in args.threads.split(",")]
     skipped: list[dict] = []
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"# {cpu}, {torch.get_num_threads()} torch threads by default, rounds {args.rounds}", flush=True)
-    columns = ["deeplab", *PEERS, "official"] + (["int8"] if args.int8 else [])
+    print(f"# {machine_line()}; {torch.get_num_threads()} torch threads by default, rounds {args.rounds}", flush=True)
+    columns = ["deeplab", *PEERS, "official"] + (["deeplab+int8", "int8 onnxruntime", "int8 openvino"]
+                                                  if args.int8 else [])
     lines = ["| model | threads | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     records = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            entries = entries_for(name, threads_list, int8=args.int8, folder=folder, skipped=skipped,
-                                  runtime=args.runtime)
+            entries, (model, x) = entries_for(name, threads_list, int8=args.int8, folder=folder, skipped=skipped,
+                                              runtime=args.runtime, retime=not args.cached)
             if not entries:
                 continue
+            agree = agreements(entries, model, x)
             times = time_in_rounds({k: (t, fn) for k, (t, fn, _) in entries.items()}, runs=args.rounds, gap_s=0.05)
             for threads in threads_list:
                 cells = []
@@ -221,10 +267,20 @@ def main() -> None:
                     label = entries[key][2]
                     records.append({"model": name, "column": col, "runs": label, "threads": threads,
                                     "ms_median": round(med, 2), "ms_min": round(low, 2), "rounds": args.rounds,
-                                    "calls": len(times[key])})
-                    note = f" ({label})" if col == "deeplab" else ""
-                    cells.append(f"{med:.1f} [{low:.1f}]{note}")
+                                    "calls": len(times[key]), "agreement": agree.get(key)})
+                    note = f" ({label})" if col.startswith("deeplab") else ""
+                    share = f" {100 * agree[key]:.2f}%" if key in agree else ""
+                    cells.append(f"{med:.1f} [{low:.1f}]{share}{note}")
                 lines.append(f"| {name} | {threads} | " + " | ".join(cells) + " |")
+                peers = {c: statistics.median(times[(name, c, threads)]) for c in ("onnxruntime", "openvino", "tflite")
+                         if (name, c, threads) in times}
+                if peers and (name, "deeplab", threads) in times:
+                    fastest = min(peers, key=peers.get)
+                    ours = statistics.median(times[(name, "deeplab", threads)])
+                    records.append({"model": name, "threads": threads, "deeplab_ms": round(ours, 2),
+                                    "deeplab_runs": entries[(name, "deeplab", threads)][2], "fastest_peer": fastest,
+                                    "fastest_peer_ms": round(peers[fastest], 2),
+                                    "ratio": round(ours / peers[fastest], 4)})
             print("\n".join(lines[-len(threads_list):]), flush=True)
     print("\n" + "\n".join(lines))
     for r in records + skipped:

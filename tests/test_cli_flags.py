@@ -126,21 +126,41 @@ def test_resuming_a_last_pt_that_holds_weights_only_is_one_line_naming_the_way_o
     assert "weights only" in err[0] and "--init-checkpoint" in err[0] and "last.pt" in err[0]
 
 
+AVX2 = frozenset({"avx2"})
+ZEN4 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+SAPPHIRE_RAPIDS = ZEN4 | {"amx_tile", "amx_bf16", "amx_int8"}
+
+
+@pytest.mark.parametrize("flags, backbone, amp, why", [
+    (AVX2, "resnet101", "off", "no native bf16"),
+    (ZEN4, "resnet101", "bf16", "AVX512_BF16, which speeds up resnet101"),
+    (ZEN4, "xception65", "bf16", "AVX512_BF16"),
+    (ZEN4, "mobilenet_v2", "off", "does not speed up mobilenet_v2's depthwise"),
+    (SAPPHIRE_RAPIDS, "resnet101", "bf16", "has AMX"),
+    (SAPPHIRE_RAPIDS, "mobilenet_v2", "bf16", "has AMX"),
+])
+def test_amp_auto_on_a_cpu_follows_its_bf16_instructions_and_says_why(flags, backbone, amp, why):
+    cpu, said = resolve_for_device(TrainConfig(), torch.device("cpu"), backbone=backbone, flags=flags)
+    assert cpu.amp == amp and why in said and said.startswith("--amp auto, ")
+    forced, said = resolve_for_device(TrainConfig(amp="off"), torch.device("cpu"), backbone=backbone, flags=flags)
+    assert forced.amp == "off" and said == ""
+
+
 def test_auto_choices_are_made_for_the_device(monkeypatch):
-    cpu = resolve_for_device(TrainConfig(), torch.device("cpu"))
+    cpu, _ = resolve_for_device(TrainConfig(), torch.device("cpu"), flags=AVX2)
     assert (cpu.amp, cpu.channels_last, cpu.workers) == ("off", True, 0)
-    kept = resolve_for_device(TrainConfig(amp="bf16", channels_last=True, workers=3), torch.device("cpu"))
+    kept, _ = resolve_for_device(TrainConfig(amp="bf16", channels_last=True, workers=3), torch.device("cpu"))
     assert (kept.amp, kept.channels_last, kept.workers) == ("bf16", True, 3)
     with pytest.raises(ValueError, match="--amp fp16 needs a CUDA device"):
         resolve_for_device(TrainConfig(amp="fp16"), torch.device("cpu"))
     # The CUDA branch, on any machine: bf16 where the GPU has it, fp16 (with the gradient scaler) where not.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    gpu = resolve_for_device(TrainConfig(), torch.device("cuda", 0))
+    gpu, _ = resolve_for_device(TrainConfig(), torch.device("cuda", 0))
     assert (gpu.amp, gpu.channels_last, gpu.workers) == ("bf16", True, 8)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    old = resolve_for_device(TrainConfig(amp="auto", channels_last=False), torch.device("cuda", 0))
+    old, _ = resolve_for_device(TrainConfig(amp="auto", channels_last=False), torch.device("cuda", 0))
     assert (old.amp, old.channels_last, old.workers) == ("fp16", False, 3)
 
 

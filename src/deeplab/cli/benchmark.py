@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.benchmark import benchmark, format_table
 
     rows = benchmark(args.checkpoint, runtimes=args.runtimes, threads=args.threads_list, size=args.size,
-                     runs=args.runs, progress=not args.quiet)
+                     runs=args.runs, progress=not args.quiet, precisions=args.precisions)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 
@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
                    help="thread counts, e.g. 1,2 (default: 1 and PyTorch's default)")
     p.add_argument("--runs", type=number(int, 1, "a positive number of runs"), default=10,
                    help="timed runs per runtime and thread count, interleaved in rounds (default %(default)s)")
+    p.add_argument("--precisions", type=str_tuple, default=None,
+                   help="comma-separated, from fp32, bf16, int8 (default: fp32, bf16 where the CPU has AMX or "
+                   "AVX512_BF16, int8 when deeplab quantize wrote CKPT_NAME.int8.onnx beside the checkpoint)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

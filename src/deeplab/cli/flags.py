@@ -221,7 +221,8 @@ FIELD_HELP = {
                            "top_k_percent_pixels)",
     "freeze_bn": "BatchNorm in inference mode and not trained (fine-tuning at output stride 8)",
     "amp": "mixed precision: auto (bf16 autocast on a CUDA GPU with bf16, fp16 with a gradient scaler on one "
-           "without, off on CPU), off, bf16 (CPU or CUDA) or fp16 (CUDA)",
+           "without; on a CPU bf16 with AMX, bf16 with AVX512_BF16 but for the MobileNets, else off; the start-up "
+           "line says which and why), off, bf16 (CPU or CUDA) or fp16 (CUDA)",
     "channels_last": "NHWC memory for the model and batches (faster on CPU and GPU; --no-channels-last: NCHW)",
     "recompute": "recompute the backbone's early stages (ResNet: stem, layer1, layer2) in the backward pass instead "
                  "of keeping their activations: the same gradients, less peak memory, a little more time "

@@ -203,7 +203,7 @@ def check_against_eager(candidate: nn.Module, eager: nn.Module, x: torch.Tensor,
                         rtol: float = DEFAULT_RTOL, reference: torch.Tensor | None = None) -> float:
     """The largest |candidate - eager| / eager logit range on `x`; raises ValueError above `rtol`."""
     with torch.no_grad():
-        ref = eager(x) if reference is None else reference
+        ref = eager(x.float()) if reference is None else reference
         diff = _rel_diff(candidate(x), ref)
     if not diff <= rtol:
         raise ValueError(
@@ -292,7 +292,7 @@ def check_candidate(candidate: nn.Module, eager: nn.Module, x: torch.Tensor, *, 
     if precision == "fp32":
         return check_against_eager(candidate, eager, x, runtime=runtime, rtol=rtol, reference=reference)
     with torch.no_grad():
-        ref = eager(x) if reference is None else reference
+        ref = eager(x.float()) if reference is None else reference
         return check_reduced(candidate(x), ref, name=f"{runtime} {precision}", min_agreement=min_agreement)
 
 
@@ -339,7 +339,7 @@ class AutoRuntime(nn.Module):
         threads = thread_count(self.threads)
         labels = {label(*pair): pair for pair in self.candidates}
         with torch.no_grad():
-            reference = self.eager(x)
+            reference = self.eager(x.float())
             key = choice_key(digest=model_digest(self.eager), shape=tuple(x.shape), threads=threads,
                              candidates=list(labels)) if self.cache else None
             cached = read_choice(key) if key is not None and not self.retime else None
@@ -489,8 +489,8 @@ class _CheckedOnFirstCall(nn.Module):
 
     def __init__(self, prepared: nn.Module, eager: nn.Module, *, rtol: float, precision: str = "fp32") -> None:
         super().__init__()
+        self.eager = eager.eval()  # first: the parameters a caller looks at for the input's dtype are float32
         self.prepared = prepared
-        self.eager = eager.eval()
         self.rtol = rtol
         self.checked = False
         self.precision = precision

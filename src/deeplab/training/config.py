@@ -104,7 +104,8 @@ class TrainConfig:
     msc: bool = False  # DeepLab v2's multi-scale training: inputs at scales 1, 0.75, 0.5, max-fused, four losses
     freeze_bn: bool = False  # BN in inference mode and not trained (fine-tuning at output stride 8)
     # Mixed precision: "auto" is bf16 autocast on a CUDA GPU with bf16 (fp16 with a gradient scaler on one without)
-    # and off on CPU; "off", "bf16" (CPU or CUDA) or "fp16" (CUDA) force it. Resolved when the run starts.
+    # and on a CPU as `training.loop.cpu_amp` says (bf16 with AMX, or AVX512_BF16 for dense backbones, else off);
+    # "off", "bf16" (CPU or CUDA) or "fp16" (CUDA) force it. Resolved when the run starts.
     amp: str = "auto"
     channels_last: bool = True  # NHWC memory: faster with oneDNN and cuDNN alike (docs/performance.md)
     compile: bool = False  # torch.compile the model for training

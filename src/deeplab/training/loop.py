@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..deploy.precision import native_bf16
 from ..models.checkpoint import (
     CheckpointError,
     atomic_save,
@@ -198,7 +199,7 @@ def _start(
                         workers=train_cfg.workers)
         train_cfg = _resumed_config(saved, model_cfg, resume_changes, step=int(resume_state["step"]), say=say)
 
-    train_cfg = resolve_for_device(train_cfg, device)
+    train_cfg, amp_why = resolve_for_device(train_cfg, device, backbone=model_cfg.backbone)
     torch.manual_seed(train_cfg.seed)
     init_data = read_checkpoint(train_cfg.init_checkpoint) if train_cfg.init_checkpoint and not resume_state else None
     preprocessing = run_preprocessing(resume_state, init_data)
@@ -248,7 +249,7 @@ def _start(
         f"{model_cfg.output_stride}, {model_cfg.num_classes} classes ({', '.join(train_ds.class_names)}); "
         f"{train_cfg.steps} steps of {train_cfg.batch_size} images on {device}"
         + (f" x {dist_info.world_size} processes" if dist_info.enabled else "")
-        + f" ({_how(train_cfg, recomputes=hasattr(type(model.backbone), 'recompute'))}); writing {out}")
+        + f" ({_how(train_cfg, recomputes=hasattr(type(model.backbone), 'recompute'), why=amp_why)}); writing {out}")
     log = CsvLog(out / "log.csv", CsvLog.step_columns, keep_below=step, enabled=main)
     val_log = CsvLog(out / "val.csv", _val_columns(train_ds.class_names), keep_below=step, enabled=main)
     for note in (getattr(log, "repaired", None), getattr(val_log, "repaired", None)):
@@ -276,26 +277,51 @@ def _restore_training_state(optimizer: torch.optim.Optimizer, state: dict[str, A
                               f"new run from its weights: deeplab train --init-checkpoint {source} --out NEW_FOLDER") from None
 
 
-def resolve_for_device(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """`cfg` with its automatic choices made for `device`: amp "auto" is bf16 autocast on a CUDA GPU that has bf16
-    (fp16 with a gradient scaler on one without) and off on CPU, where bf16 autocast pays only on CPUs with bf16
-    instructions (docs/performance.md); workers None is 0 on CPU (loading competes with the training threads for the cores) and, on CUDA, the CPU cores
-    of this process's share of the machine, at most 8."""
-    amp = cfg.amp
-    if amp == "auto":
-        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "off"
+# Backbones that AVX512_BF16 without AMX does not speed up: their time goes to depthwise convolutions and elementwise
+# ops, which gain nothing from bf16 dot products and pay the casts (the synthetic preset's MobileNetV2: 7% slower).
+BF16_SLOWER_WITHOUT_AMX = ("mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_edgetpu")
+
+
+def cpu_amp(backbone: str, *, flags: frozenset[str] | None = None) -> tuple[str, str]:
+    """amp "auto" on a CPU, and why: bf16 autocast where the CPU has AMX (every backbone), or AVX512_BF16 for the
+    backbones whose dense convolutions it speeds up (ResNet-101 DeepLabv3+ at 512x512: 1.58x), float32 elsewhere
+    (docs/training.md#precision)."""
+    native = native_bf16(flags)
+    if native == "AMX":
+        return "bf16", "bf16 autocast: this CPU has AMX"
+    if native == "AVX512_BF16" and backbone not in BF16_SLOWER_WITHOUT_AMX:
+        return "bf16", f"bf16 autocast: this CPU has AVX512_BF16, which speeds up {backbone}'s convolutions"
+    if native == "AVX512_BF16":
+        return "off", f"float32: AVX512_BF16 without AMX does not speed up {backbone}'s depthwise convolutions"
+    return "off", "float32: this CPU has no native bf16 (no AMX or AVX512_BF16)"
+
+
+def resolve_for_device(cfg: TrainConfig, device: torch.device, *, backbone: str = "resnet101",
+                       flags: frozenset[str] | None = None) -> tuple[TrainConfig, str]:
+    """`cfg` with its automatic choices made for `device`, and what the start-up line says of the precision: amp
+    "auto" is bf16 autocast on a CUDA GPU that has bf16 (fp16 with a gradient scaler on one without), and on a CPU
+    what `cpu_amp` says for `backbone`; workers None is 0 on CPU (loading competes with the training threads for the
+    cores) and, on CUDA, the CPU cores of this process's share of the machine, at most 8."""
+    amp, why = cfg.amp, ""
+    if amp == "auto" and device.type == "cuda":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        why = f"--amp auto on a GPU {'with' if amp == 'bf16' else 'without'} bf16"
+    elif amp == "auto":
+        amp, why = cpu_amp(backbone, flags=flags)
+        why = f"--amp auto, {why.split(': ', 1)[1]}"
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("--amp fp16 needs a CUDA device (--device cuda); on CPU use --amp bf16 or --amp off")
     workers = cfg.workers
     if workers is None:
         local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
         workers = 0 if device.type != "cuda" else max(1, min(8, (os.cpu_count() or 1) // local - 1))
-    return replace(cfg, amp=amp, workers=workers)
+    return replace(cfg, amp=amp, workers=workers), why
 
 
-def _how(cfg: TrainConfig, *, recomputes: bool = False) -> str:
-    """What the start-up line says of precision, memory layout, compilation and loading."""
+def _how(cfg: TrainConfig, *, recomputes: bool = False, why: str = "") -> str:
+    """What the start-up line says of precision (and `why`), memory layout, compilation and loading."""
     amp = {"off": "float32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler"}[cfg.amp]
+    amp += f" ({why})" if why else ""
     parts = [amp, "channels_last" if cfg.channels_last else "NCHW"] + (["torch.compile"] if cfg.compile else [])
     parts += ["early stages recomputed in backward"] if cfg.recompute and recomputes else []
     return ", ".join(parts + [f"{cfg.workers} loader workers" if cfg.workers else "loading in this process"])
