@@ -188,7 +188,8 @@ def _free_port() -> int:
 # A modest learning rate: at init a large one makes the first steps chaotic, amplifying rounding differences.
 # Whole 64x64 images (scale 1): at half scale the deepest map is 2x2 and BN over so few values amplifies
 # float64 rounding to ~1e-9 in three steps.
-DDP_TRAIN = replace(TINY_TRAIN, steps=3, checkpoint_every=3, lr=2e-3, min_scale=1.0, max_scale=1.0)
+# float64 throughout, to compare one process with two exactly: no autocast (--amp auto is bf16 on CPUs with AMX)
+DDP_TRAIN = replace(TINY_TRAIN, steps=3, checkpoint_every=3, lr=2e-3, min_scale=1.0, max_scale=1.0, amp="off")
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, pointrend: bool = False) -> None:
