@@ -14,8 +14,8 @@ import deeplab
 PACKAGE = Path(deeplab.__file__).resolve().parent
 
 # Bottom to top. A module may import from its own subpackage and from any lower layer; packages on one layer (convert
-# and deploy) do not import each other. The top-level `deeplab` (the public API) and `__main__` may import anything.
-LAYERS = (("models",), ("data",), ("convert", "deploy"), ("inference",), ("training",), ("cli",))
+# and deploy, training and serve) do not import each other. The top-level `deeplab` (the public API) and `__main__` may import anything.
+LAYERS = (("models",), ("data",), ("convert", "deploy"), ("inference",), ("training", "serve"), ("cli",))
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 MAX_LINES = 620
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import benchmark, convert, data, export, predict, profile, quantize, train
+from . import benchmark, convert, data, export, predict, profile, quantize, serve, train
 from . import eval as eval_
 from .errors import (
     EXIT_BUG,
@@ -19,7 +19,7 @@ from .errors import (
 )
 
 # In the order `deeplab --help` lists them.
-COMMANDS = (train, eval_, predict, data, export, quantize, convert, profile, benchmark)
+COMMANDS = (train, eval_, predict, data, export, quantize, convert, profile, benchmark, serve)
 
 __all__ = ["EXIT_BUG", "EXIT_FILES", "EXIT_INPUT", "EXIT_INTERRUPTED", "EXIT_MEMORY", "build_parser", "failure_line",
            "main", "run"]

@@ -51,7 +51,8 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _version() -> str:
+def deeplab_version() -> str:
+    """The installed deeplab's version ("unknown" when it runs from a tree that was never installed)."""
     try:
         return metadata.version("deeplab")
     except metadata.PackageNotFoundError:
@@ -59,7 +60,7 @@ def _version() -> str:
 
 
 def choice_key(*, digest: str, shape: tuple[int, ...], threads: int, candidates: list[str]) -> dict[str, Any]:
-    return {"version": CACHE_VERSION, "deeplab": _version(), **machine_key(), "model": digest, "shape": list(shape),
+    return {"version": CACHE_VERSION, "deeplab": deeplab_version(), **machine_key(), "model": digest, "shape": list(shape),
             "threads": threads, "candidates": sorted(candidates)}
 
 

@@ -26,7 +26,7 @@ from ..deploy.runtimes import describe_runtime, prepare_model
 from ..models.checkpoint import write_atomically
 from .crf import dense_crf
 from .options import InferenceOptions, resolve_input_size
-from .segment import segment_probs
+from .segment import segment_probs, segment_probs_batch
 
 if TYPE_CHECKING:
     from ..data.palettes import Palette
@@ -42,12 +42,15 @@ __all__ = [
     "PredictReport",
     "expand_inputs",
     "load_image",
+    "mask_of",
     "overlay",
     "palette_for",
     "predict",
     "predict_files",
     "predict_probs",
+    "predict_probs_batch",
     "resolve_input_size",
+    "save_mask_png",
 ]
 
 
@@ -111,6 +114,35 @@ def predict_probs(
             raise ValueError("--crf compares RGB colours; it applies to 8-bit RGB models only")
         return dense_crf(rgb, probs[0].cpu(), params=opts.crf, backend=opts.crf_backend).numpy()
     return probs[0].cpu().numpy()
+
+
+def batchable(options: InferenceOptions) -> bool:
+    """Whether `predict_probs_batch` runs images of one network input size as one batch under `options` (one scale,
+    no flip, no sliding window, no CRF); otherwise it runs them one by one."""
+    return options.scales == (1.0,) and not options.flip and options.window is None and options.crf is None
+
+
+def network_size(model: nn.Module, shape: Sequence[int], *, options: InferenceOptions) -> tuple[int, int]:
+    """The (H, W) the network sees for an image of `shape` (H, W, ...) under `options`: the model's fixed input size
+    when it has one (`options.input_size`), else the image's."""
+    size = resolve_input_size(model, options.input_size)
+    return size if size is not None else (int(shape[0]), int(shape[1]))
+
+
+def predict_probs_batch(model: nn.Module, images: Sequence[np.ndarray], *, options: InferenceOptions) -> list[np.ndarray]:
+    """`predict_probs` of each image, (H, W, 3) uint8 arrays, with one network call for all of them when `batchable`
+    (their network inputs must then share one size: `network_size`). Each result is what `predict_probs` computes for
+    that image alone by the same steps; the network itself sees a batch."""
+    if not batchable(options):
+        return [predict_probs(model, image, options=options) for image in images]
+    was_training = model.training
+    model.eval()
+    try:
+        probs = segment_probs_batch(model, [_normalised(model, load_image(image)) for image in images],
+                                    input_size=resolve_input_size(model, options.input_size), amp=options.amp)
+    finally:
+        model.train(was_training)
+    return [p[0].cpu().numpy() for p in probs]
 
 
 def _model_bands(model: nn.Module, image: ImageLike) -> np.ndarray:
@@ -236,6 +268,19 @@ def _video_frames(path: Path):
         raise ValueError(f"{path}: cannot read video ({exc})") from None
 
 
+def mask_of(probs: np.ndarray) -> np.ndarray:
+    """The class-index mask (H, W) uint8 of probabilities (K, H, W), as `deeplab predict` writes it."""
+    return probs.argmax(axis=0).astype(np.uint8)
+
+
+def save_mask_png(labels: np.ndarray, palette: Palette, f: Any) -> None:
+    """Write `labels` to the open binary file `f` as `deeplab predict`'s NAME.png: an index PNG in `palette`'s
+    colours (the service answers with the same bytes)."""
+    from ..data.palettes import colorize
+
+    colorize(labels, palette).save(f, "PNG")
+
+
 def _write_outputs(
     rgb: np.ndarray,
     base: Path,
@@ -245,13 +290,11 @@ def _write_outputs(
     save_probs: bool,
     run: Callable[[np.ndarray], np.ndarray],
 ) -> list[Path]:
-    from ..data.palettes import colorize
-
     probs = run(rgb)  # (K, H, W)
-    labels = probs.argmax(axis=0).astype(np.uint8)
+    labels = mask_of(probs)
     base.parent.mkdir(parents=True, exist_ok=True)
     # Each file through a temporary file and a rename: a full disk or a kill never leaves a truncated output.
-    written = [write_atomically(base.with_name(base.name + ".png"), lambda f: colorize(labels, palette).save(f, "PNG"))]
+    written = [write_atomically(base.with_name(base.name + ".png"), lambda f: save_mask_png(labels, palette, f))]
     if overlay_alpha is not None:
         blended = overlay(rgb, labels, palette=palette, alpha=overlay_alpha)
         written.append(write_atomically(base.with_name(base.name + "_overlay.png"), lambda f: blended.save(f, "PNG")))

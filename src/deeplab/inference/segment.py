@@ -35,6 +35,7 @@ __all__ = [
     "scaled_size",
     "segment",
     "segment_probs",
+    "segment_probs_batch",
     "sliding_window_logits",
     "window_starts",
 ]
@@ -184,6 +185,37 @@ def segment_probs(
             passes += 1
     assert total is not None
     return total.div_(passes)
+
+
+@torch.no_grad()
+def segment_probs_batch(
+    model: nn.Module,
+    xs: Sequence[torch.Tensor],
+    *,
+    input_size: Sequence[int] | None = None,
+    align_corners: bool | None = None,
+    amp: str = "off",
+) -> list[torch.Tensor]:
+    """`segment_probs` at one scale, without flip or window, of several images in one network call: `xs` are
+    normalised (1, C, H, W) images whose network inputs share one size (all of one size, or any sizes with a fixed
+    `input_size`). Each result (1, K, H, W) is what `segment_probs` gives for that image alone, by the same steps;
+    only the network sees a batch (the service's dynamic batching)."""
+    if not xs:
+        return []
+    ac = model_align_corners(model) if align_corners is None else bool(align_corners)
+    param = next(model.parameters(), None)
+    if param is not None:
+        xs = [x.to(device=param.device, dtype=param.dtype) for x in xs]
+    size = None if input_size is None else _pair(input_size, "input_size")
+    bases = [x if size is None else _resize(x, size, align_corners=ac) for x in xs]
+    if len({tuple(b.shape[1:]) for b in bases}) > 1:
+        raise ValueError(f"one batch needs one network input size, got {sorted({tuple(b.shape[-2:]) for b in bases})}")
+    logits = _logits(model, torch.cat(bases), window=None, overlap=0.0, amp=amp)  # (N, K, h, w)
+    out = []
+    for i, x in enumerate(xs):
+        resized = _resize(logits[i : i + 1], (int(x.shape[-2]), int(x.shape[-1])), align_corners=ac)
+        out.append(resized.float().softmax(dim=1))
+    return out
 
 
 def segment(
