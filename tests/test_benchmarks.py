@@ -79,3 +79,33 @@ def test_gpu_benchmark_runs_readmes_camvid_recipe_as_written():
     mine = gpu._with(recipe, data_root="/d", init_checkpoint="/s.pt", out="/o")
     assert mine[3] == "/d" and mine[-1] == "/o" and mine[mine.index("--init-checkpoint") + 1] == "/s.pt"
     assert len(mine) == len(recipe)
+
+
+def test_serve_load_runs_a_bounded_load_test_and_the_offline_baseline(tmp_path):
+    import pytest
+
+    pytest.importorskip("uvicorn", reason="deeplab serve needs the [serve] extra")
+    import torch
+
+    from deeplab.models.checkpoint import save_checkpoint
+    from deeplab.models.config import ModelConfig
+    from deeplab.models.model import build_model
+
+    cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=3, output_stride=16, decoder=False,
+                      atrous_rates=(2,), aspp_channels=16)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(cfg, class_names=["a", "b", "c"]), tmp_path / "m.pt")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--checkpoint", str(ckpt), "--requests", "12",
+         "--concurrency", "1,3", "--runtime", "torch", "--threads", "1", "--offline-runs", "3"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert "machine" in rows[0] and rows[-1] == {"server_exit": 0}
+    runs = rows[1:-1]
+    assert [r["concurrency"] for r in runs] == [1, 3]
+    for r in runs:
+        assert r["statuses"] == {"200": 12} and sum(r["batches"].values()) >= 4
+        assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["img_per_s"] > 0
+        assert abs(r["ratio_to_offline"] - r["img_per_s"] / r["offline_img_per_s"]) < 0.01
+    assert runs[0]["batches"] == {"<=1": 12}  # one client: never company
