@@ -510,3 +510,32 @@ def test_the_page_uploads_an_image_and_shows_the_overlay_mask_legend_and_an_erro
             assert "not an image" in page.inner_text("#error")
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "tflite"])
+def test_an_exported_file_serves_what_predict_writes_for_it_batched_where_its_runtime_can(tmp_path, fmt):
+    pytest.importorskip({"onnx": "onnxruntime", "tflite": "ai_edge_litert"}[fmt], reason=f"needs the {fmt} runtime")
+    from deeplab.deploy.export import export_model
+    from deeplab.deploy.runners import load_exported
+
+    path = tmp_path / f"m.{fmt}"
+    export_model(tiny_model(input_size=(65, 65)), path, format=fmt)
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"in{i}.png")
+        Image.fromarray(photo(40 + i, 50, i)).save(images[-1])
+    assert main(["predict", *map(str, images), "--checkpoint", str(path), "--out", str(tmp_path / "pred"), "--quiet"]) == 0
+    svc = Service(load_exported(path), options=InferenceOptions(), settings=ServeSettings(name="m", max_batch=4,
+                                                                                          batch_wait_ms=150))
+
+    async def go(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            return await asyncio.gather(*(c.post("/v1/segment", content=p.read_bytes()) for p in images))
+
+    with serving(svc) as url:
+        answers = asyncio.run(go(url))
+    assert svc.runtime.startswith({"onnx": "onnxruntime", "tflite": "tflite"}[fmt])
+    # ONNX Runtime takes any batch; TF Lite graphs are static (batch 1), so that service runs one request at a time.
+    assert {a.headers["x-batch"] for a in answers} == ({"3"} if fmt == "onnx" else {"1"})
+    for image, answer in zip(images, answers):
+        assert answer.content == (tmp_path / "pred" / f"{image.stem}.png").read_bytes()

@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from ..data.palettes import model_palette
-from ..deploy.runtimes import describe_runtime, prepare_model
+from ..deploy.runtimes import describe_runtime, prepare_model, runtime_name
 from ..inference.options import InferenceOptions, resolve_input_size
 from ..inference.predict import (
     batchable,
@@ -142,6 +142,8 @@ class Service:
             self.failure = f"the model failed on its warm-up image ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
             return
         self.runtime = describe_runtime(self.model)
+        if runtime_name(self.model) == "tflite":  # static graphs of batch 1: batches would run another runtime
+            self.batcher.max_batch = 1
         self.ready = True
 
     def check_ready(self) -> None:
