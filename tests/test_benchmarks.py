@@ -79,3 +79,12 @@ def test_gpu_benchmark_runs_readmes_camvid_recipe_as_written():
     mine = gpu._with(recipe, data_root="/d", init_checkpoint="/s.pt", out="/o")
     assert mine[3] == "/d" and mine[-1] == "/o" and mine[mine.index("--init-checkpoint") + 1] == "/s.pt"
     assert len(mine) == len(recipe)
+
+
+def test_hub_load_times_the_pt_and_the_folder_interleaved():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_load.py"), "--backbone", "mobilenet_v2",
+                          "--rounds", "2"], capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["read pt", "read folder", "load pt", "load folder"]
+    assert all(r["rounds"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
+    assert out.splitlines()[0].count(";") >= 2 and "folder / .pt = " in out.splitlines()[-1]  # machine line, summary

@@ -268,11 +268,13 @@ def first_mismatch(expected: dict[str, torch.Tensor], found: dict[str, tuple[str
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, mapped from it rather than read into a copy: loading them into a model is
+    then the only copy (a folder is written by a rename, never in place, so a mapped file does not change)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     try:
-        return load(path.read_bytes())
+        return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors ({type(e).__name__}: {str(e)[:120]}); copy the model "
                               "folder again") from None
