@@ -234,6 +234,8 @@ def test_a_folder_is_never_written_into_a_run_folder_or_over_other_files(tmp_pat
     with pytest.raises(FileExistsError, match="not a deeplab model folder"):
         small_model().save_pretrained(run)
     assert json.loads((run / "config.json").read_text()) == {"model": {}, "train": {}}
+    with pytest.raises(CheckpointError, match=r"a training run folder, not a model folder; pass .*run/best \(the"):
+        deeplab.load(run)  # the run folder itself where its model folder was meant
     folder = small_model().save_pretrained(tmp_path / "m")
     small_model(num_classes=3, decoder=False).save_pretrained(folder)  # a model folder: written over
     assert deeplab.load(folder).config.decoder is False
@@ -428,3 +430,27 @@ def test_push_to_hub_uploads_the_folder_through_hfapi(tmp_path, monkeypatch):
     assert calls[2][2] == ["README.md", "config.json", "model.safetensors"]
     with pytest.raises(CheckpointError, match="not a deeplab model"):
         deeplab.push_to_hub(tmp_path, "someone/x")  # not a model folder: nothing is sent
+
+
+def test_quantize_writes_a_folders_int8_file_inside_it_where_predict_finds_it(tmp_path, capsys):
+    pytest.importorskip("onnxruntime.quantization", reason="int8 quantization needs pip install 'deeplab[onnx]'")
+    from PIL import Image
+
+    from deeplab.cli import main
+    from deeplab.deploy.quantize import int8_beside
+
+    model = small_model(aspp_channels=16, decoder_channels=16)
+    folder = model.save_pretrained(tmp_path / "m")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    assert main(["quantize", "--checkpoint", str(folder), "--images", str(images), "--calibration-images", "1",
+                 "--check-images", "1"]) == 0
+    assert (folder / "model.int8.onnx").is_file() and int8_beside(folder, deeplab.load(folder)) == folder / "model.int8.onnx"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(folder), str(images), "--out", str(tmp_path / "p"), "--quiet",
+                 "--runtime", "onnxruntime", "--precision", "int8"]) == 0
+    assert "int8 (argmax as float32 on" in capsys.readouterr().out
+    deeplab.load(folder)  # the int8 file beside the weights does not disturb the folder's own check

@@ -187,6 +187,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{path}: not readable JSON ({type(e).__name__}: {str(e)[:120]}); copy the model "
                               "folder again") from None
+    if isinstance(config, dict) and "train" in config and "model" in config:
+        raise CheckpointError(f"{directory}: a training run folder, not a model folder; pass {directory / 'best'} (the "
+                              f"model folder the run wrote) or {directory / 'best.pt'}")
     if not isinstance(config, dict) or config.get("format") != FOLDER_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path}: not a deeplab model config (format {found!r}, not {FOLDER_FORMAT!r}); a "
