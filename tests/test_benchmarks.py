@@ -109,3 +109,12 @@ def test_serve_load_runs_a_bounded_load_test_and_the_offline_baseline(tmp_path):
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["img_per_s"] > 0
         assert abs(r["ratio_to_offline"] - r["img_per_s"] / r["offline_img_per_s"]) < 0.01
     assert runs[0]["batches"] == {"<=1": 12}  # one client: never company
+
+
+def test_hub_load_times_the_pt_and_the_folder_interleaved():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hub_load.py"), "--backbone", "mobilenet_v2",
+                          "--rounds", "2"], capture_output=True, text=True, check=True, timeout=300).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["case"] for r in rows] == ["read pt", "read folder", "load pt", "load folder"]
+    assert all(r["rounds"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
+    assert out.splitlines()[0].count(";") >= 2 and "folder / .pt = " in out.splitlines()[-1]  # machine line, summary

@@ -5,8 +5,9 @@ from .deploy.runtimes import optimize_for_inference
 from .inference.predict import (
     predict,  # the function: `deeplab.predict` names it, so import helpers `from deeplab.inference.predict`
 )
-from .models.checkpoint import CheckpointError, load, save_checkpoint
+from .models.checkpoint import CheckpointError, from_pretrained, load, save_checkpoint
 from .models.config import ModelConfig, Preprocessing, default_atrous_rates
+from .models.hub import push_to_hub
 from .models.model import DeepLab, build_model
 from .training.config import TrainConfig
 from .training.loop import fit
@@ -22,9 +23,11 @@ __all__ = [
     "build_model",
     "default_atrous_rates",
     "fit",
+    "from_pretrained",
     "load",
     "optimize_for_inference",
     "predict",
+    "push_to_hub",
     "retain_freed_memory",
     "save_checkpoint",
 ]

@@ -20,7 +20,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="ms per image and images/s of a model on every installed runtime and thread count")
     p.add_argument("--checkpoint", required=True,
-                   help="deeplab checkpoint, or an exported .onnx / OpenVINO .xml / .tflite file")
+                   help="deeplab checkpoint (.pt or model folder), or an exported .onnx / OpenVINO .xml / .tflite "
+                   "file")
     p.add_argument("--size", type=size_arg, default=None, help="input HxW (default: the model's input size, else 513x513)")
     p.add_argument("--runtimes", type=str_tuple, default=("torch", "onnxruntime", "openvino", "tflite"),
                    help="comma-separated, from torch, eager, onnxruntime, openvino, tflite (default: all but eager)")

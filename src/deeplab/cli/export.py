@@ -12,6 +12,8 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.export import ExportCheckError, export_model
     from ..models.checkpoint import model_from_checkpoint, read_checkpoint
 
+    if args.format == "hub":
+        return _hub(args)
     data = read_checkpoint(args.checkpoint)
     model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
     extra = {"train_config": data["train_config"]} if data.get("train_config") else None
@@ -29,14 +31,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hub(args: argparse.Namespace) -> int:
+    from ..models.checkpoint import export_folder
+
+    res = export_folder(args.checkpoint, args.out, license=args.license)
+    run = f"; its card shows the run {res['run']}" if res["run"] else ""
+    print(f"{args.checkpoint} -> {res['path']} (model folder: config.json, model.safetensors, README.md; "
+          f"{res['bytes'] / 1e6:.1f} MB, {res['tensors']} tensors read back bit-identical{run}). Use it as any "
+          f"checkpoint (deeplab predict --checkpoint {res['path']}), or publish it: deeplab.push_to_hub(FOLDER, REPO_ID)")
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX, OpenVINO, TorchScript, torch.export or TF Lite, "
-                       "verified against eager")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint")
-    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite"],
-                   help="the file format: onnx, openvino (an .xml + .bin pair), torchscript, pt2 (torch.export) or tflite")
+                       "verified against eager, or write it as a model folder to share (--format hub)")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (.pt or model folder)")
+    p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite", "hub"],
+                   help="the file format: onnx, openvino (an .xml + .bin pair), torchscript, pt2 (torch.export), "
+                   "tflite, or hub: a model folder (config.json, model.safetensors, README.md model card)")
     p.add_argument("--out", required=True,
-                   help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2, .tflite)")
+                   help="file to write (.onnx, OpenVINO .xml (+ .bin beside it), .pt, .pt2, .tflite), or the folder "
+                   "for --format hub")
+    p.add_argument("--license", default=None,
+                   help="hub: the license of the weights for the model card's metadata, e.g. apache-2.0 (default other)")
     p.add_argument("--input-size", type=size_arg, default=None,
                    help="tflite: the file's fixed input size HxW (default: the checkpoint's input size, else 513x513)")
     p.add_argument("--dynamo", action="store_true", help="ONNX: the torch.export-based exporter (slower) instead of the legacy one")

@@ -245,7 +245,7 @@ FIELD_HELP = {
     "workers": "data-loading processes, 0 or more (default: 0 on CPU; on CUDA one per spare core, up to 8)",
     "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
     "backbone_weights": "ImageNet backbone weights to start from: a torchvision or timm .pth file",
-    "init_checkpoint": "start from a deeplab checkpoint, e.g. one written by `deeplab convert`",
+    "init_checkpoint": "start from a deeplab checkpoint (.pt or model folder), e.g. one written by `deeplab convert`",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
     "val_images": "validation images drawn in predictions.png, 0 or more",
     "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
@@ -386,8 +386,9 @@ def add_runtime_flags(g) -> None:
                    help="CPU threads for the network (default: PyTorch's, i.e. OMP_NUM_THREADS or the core count)")
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto (default): with --runtime auto, float32 plus bf16 on CPUs with AMX or AVX512_BF16 and "
-                   "int8 when deeplab quantize wrote CKPT_NAME.int8.onnx beside the checkpoint, each reduced one kept "
-                   "only if its argmax agrees with float32 on 99.5%% of the first image's pixels; with a named runtime, "
+                   "int8 when deeplab quantize wrote CKPT_NAME.int8.onnx beside the checkpoint (DIR/model.int8.onnx in "
+                   "a model folder), each reduced one kept only if its argmax agrees with float32 on 99.5%% of the "
+                   "first image's pixels; with a named runtime, "
                    "fp32. fp32: float32 only, equal to the eager model to 1e-4. bf16 / int8: that precision")
     g.add_argument("--retime", action="store_true",
                    help="time the runtimes again instead of taking the choice cached for this machine and model")

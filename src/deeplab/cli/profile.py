@@ -13,6 +13,7 @@ def _billions(n: int | float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..models.card import model_line
     from ..models.profile import paper_table, profile_model
 
     size = (args.size, args.size)
@@ -45,9 +46,7 @@ def run(args: argparse.Namespace) -> int:
             ]
         print(json.dumps(out))
         return 0
-    head_rates = "fc6 rate" if cfg.head == "v1-largefov" else "ASPP rates"
-    print(f"{cfg.variant} {cfg.backbone}, output stride {cfg.output_stride}, {head_rates} {cfg.rates}"
-          f"{', separable' if cfg.separable else ''}, {args.size}x{args.size}, {cfg.num_classes} classes")
+    print(f"{model_line(cfg)}, {args.size}x{args.size}, {cfg.num_classes} classes")  # a model card's line too
     print(f"  parameters                {prof.params / 1e6:8.2f} M")
     print(f"  multiply-adds (performed) {_billions(prof.multiply_adds)}")
     print(f"  effective (taps in map)   {_billions(prof.multiply_adds_effective)}")

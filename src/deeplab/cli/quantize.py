@@ -79,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="int8 post-training quantization (ONNX Runtime), calibrated on a dataset's images")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float)")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float; .pt or model folder)")
     p.add_argument("--out", default=None, help="the int8 ONNX file to write (.onnx; default CKPT_NAME.int8.onnx beside "
-                   "the checkpoint, where predict / eval --precision auto find it); run any with --checkpoint FILE")
+                   "the checkpoint, DIR/model.int8.onnx in a model folder, where predict / eval --precision auto find "
+                   "it); run any with --checkpoint FILE")
     p.add_argument("--images", nargs="+", default=None, help="calibrate on these image files, folders or globs "
                    "(no masks needed) instead of a dataset")
     p.add_argument("--dataset", default=None, help="calibration images: voc, cityscapes, ade20k, camvid, folder (default: "

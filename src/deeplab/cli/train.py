@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from ..models.config import ModelConfig
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
              if getattr(args, f.name, None) is not None}
     try:
         result = fit(model_cfg, train_cfg, out_dir=out, resume=args.resume, progress=not args.quiet, echo=print,
-                     resume_changes=given)
+                     resume_changes=given, command=shlex.join(["deeplab", *sys.argv[1:]]))
     except TrainingDiverged as e:
         print(f"deeplab train: stopped: {e}", file=sys.stderr)
         return 1
@@ -51,13 +52,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'mIoU':<20} {100 * m['miou']:6.2f}\n  {'pixel accuracy':<20} {100 * m['pixel_accuracy']:6.2f}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} bad sample(s) (--skip-bad); first: {result.skipped[0][0]}: {result.skipped[0][1]}")
-    written = [name for name in RUN_OUTPUTS if (result.out_dir / name).exists()]
+    written = [name + ("/" if name == "best" else "") for name in RUN_OUTPUTS if (result.out_dir / name).exists()]
     print(f"wrote {result.out_dir}: {', '.join(written)}")
+    if (result.out_dir / "best").is_dir():
+        print(f"to share: {result.out_dir / 'best'}, best.pt as a model folder (config.json, model.safetensors and a "
+              "README.md model card); any command takes it as --checkpoint, deeplab.push_to_hub publishes it")
     return 0
 
 
 # What a run folder may hold, in the order the closing line lists what it does hold.
-RUN_OUTPUTS = ("config.json", "data_report.json", "last.pt", "best.pt", "metrics.json", "log.csv", "val.csv",
+RUN_OUTPUTS = ("config.json", "data_report.json", "last.pt", "best.pt", "best", "metrics.json", "log.csv", "val.csv",
                "curves.png", "predictions.png", "tensorboard")
 
 

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..models.checkpoint import named_os_error
+from ..models.hub import INT8_FILE
 
 __all__ = ["float_nodes", "int8_beside", "int8_path", "quantize_model"]
 
@@ -46,8 +47,11 @@ INT8_SUFFIX = ".int8.onnx"
 
 
 def int8_path(checkpoint: str | os.PathLike) -> Path:
-    """Where `deeplab quantize` writes a checkpoint's int8 file by default: beside it, NAME.int8.onnx."""
+    """Where `deeplab quantize` writes a checkpoint's int8 file by default: beside it, NAME.int8.onnx; for a model
+    folder, inside it (DIR/model.int8.onnx), so it travels with the folder."""
     path = Path(checkpoint)
+    if path.is_dir():
+        return path / INT8_FILE
     return path.with_name(path.stem + INT8_SUFFIX)
 
 

@@ -1,96 +1,47 @@
-"""Checkpoints: one file holding the model config, weights, class names and preprocessing.
+"""Checkpoints: one file holding the model config, weights, class names and preprocessing, or a model folder
+(config.json + model.safetensors, `deeplab.models.hub`) holding the same.
 
 Written atomically (a temp file in the same folder, then `os.replace`), so an interrupted write never leaves a
-broken checkpoint. Read with `torch.load(..., weights_only=True)`: a checkpoint can never run code.
+broken checkpoint. A .pt is read with `torch.load(..., weights_only=True)` and a folder as JSON and safetensors:
+neither can run code. Both read into the same dict, so every command that reads one reads the other.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
-from collections.abc import Callable
+import shutil
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
+from .card import training_run_of
 from .config import ModelConfig, Preprocessing
+from .files import CheckpointError, atomic_save, named_os_error, write_atomically  # noqa: F401 - their old home
+from .hub import (
+    CARD_FILE,
+    CONFIG_FILE,
+    PICTURE_FILE,
+    WEIGHTS_FILE,
+    first_mismatch,
+    model_record,
+    plain_tensors,
+    read_config,
+    read_weights,
+    resolve_folder,
+    weights_header,
+    write_folder,
+)
 from .model import DeepLab, build_model
 
 FORMAT = "deeplab-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
-    """A file that is not a deeplab checkpoint, or one that does not fit the model asked for."""
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to `path` through a temp file and a rename: readers see the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the mode any new file would get
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise named_os_error(e, path) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def named_os_error(e: OSError, path: str | os.PathLike) -> OSError:
-    """`e` with `path` as its file name when the writer that raised it (torch, PIL, a flush) gave none, so the one-line
-    error can say which file could not be written."""
-    return e if e.filename is not None else OSError(e.errno, e.strerror or str(e), str(path))
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Call `write(file)` on a temporary file beside `path`, then rename it to `path`: a reader, or a crash, sees the
-    old file or the new one, never part of one; the temporary file is removed on any failure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise named_os_error(e, path) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
-
-
 def checkpoint_dict(model: DeepLab, **extra: Any) -> dict[str, Any]:
     """The plain-data form of a model (tensors, str, numbers, lists, dicts): what `weights_only` loading accepts."""
-    return {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": model.config.to_dict(),
-        "class_names": list(model.class_names),
-        "preprocessing": model.preprocessing.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        **({"activation_rounding": rounding} if (rounding := getattr(model, "activation_rounding", None)) else {}),
-        **({"class_colors": [list(c) for c in colors]} if (colors := getattr(model, "class_colors", None)) else {}),
-        **({"class_values": list(values)} if (values := getattr(model, "class_values", None)) else {}),
-        **extra,
-    }
+    return {"format": FORMAT, "version": VERSION, **model_record(model), **extra}
 
 
 def save_checkpoint(model: DeepLab, path: str | os.PathLike, **extra: Any) -> Path:
@@ -99,10 +50,14 @@ def save_checkpoint(model: DeepLab, path: str | os.PathLike, **extra: Any) -> Pa
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint's raw dict safely, with one clear error for anything that is not one."""
+    """Load a checkpoint's raw dict safely (a .pt, or a model folder: `read_model_folder`), with one clear error for
+    anything that is not one."""
     path = Path(path)
+    if path.is_dir():
+        return read_model_folder(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; pass the path of a .pt written by deeplab")
+        raise CheckpointError(f"{path}: no such checkpoint file or model folder; pass a .pt or a model folder written "
+                              "by deeplab")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights_only errors all mean "not a checkpoint we can read safely"
@@ -126,11 +81,34 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_model_folder(path: Path) -> dict[str, Any]:
+    """A model folder (`deeplab.models.hub`) as the dict a .pt gives, its weights checked against its config before
+    they are read: a missing or extra tensor, a wrong shape or dtype is refused in one line naming the first."""
+    data = read_config(path)
+    config_source, weights = str(path / CONFIG_FILE), path / WEIGHTS_FILE
+    check_fields({**data, "state_dict": {}}, source=config_source)
+    cfg, preprocessing = configs_of(data, source=config_source)
+    try:
+        with torch.device("meta"):  # the names, shapes and dtypes a model of this config has, without its memory
+            expected = build_model(cfg, class_names=data["class_names"], preprocessing=preprocessing,
+                                   class_colors=data.get("class_colors"), class_values=data.get("class_values"))
+    except ValueError as e:
+        raise CheckpointError(f"{config_source}: {e}; the file was edited or not written by deeplab") from None
+    mismatch = first_mismatch(expected.state_dict(), weights_header(weights))
+    if mismatch:
+        raise CheckpointError(f"{weights}: {mismatch}; the weights do not fit {CONFIG_FILE} beside them (files of two "
+                              "models mixed, or one edited): write the folder again with deeplab export --format hub")
+    data = {"format": FORMAT, "version": VERSION, **data, "state_dict": read_weights(weights)}
+    check_fields(data, source=str(path))
+    return data
+
+
 # Every field a command reads from a checkpoint, and what it must hold. The first four are in every checkpoint;
 # the training state (`TRAINING_STATE`) only in a run's last.pt.
 REQUIRED_FIELDS = {"state_dict": dict, "model_config": dict, "class_names": (list, tuple), "preprocessing": dict}
 OPTIONAL_FIELDS = {"train_config": dict, "step": int, "optimizer": dict, "rng_state": torch.Tensor,
-                   "best_miou": (int, float), "metrics": dict, "activation_rounding": dict, "source": str}
+                   "best_miou": (int, float), "metrics": dict, "activation_rounding": dict, "source": str,
+                   "conversion": dict}
 TRAINING_STATE = ("step", "optimizer", "rng_state")
 
 
@@ -223,10 +201,42 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
 
 
 def load(path: str | os.PathLike) -> DeepLab:
-    """Open any checkpoint deeplab writes; the model comes back in eval mode with its config, class names and
-    preprocessing (`model.config`, `model.class_names`, `model.preprocessing`)."""
+    """Open any checkpoint deeplab writes (a .pt or a model folder); the model comes back in eval mode with its
+    config, class names and preprocessing (`model.config`, `model.class_names`, `model.preprocessing`)."""
     data = read_checkpoint(path)
     return model_from_checkpoint(data, source=str(path)).eval()
+
+
+def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> DeepLab:
+    """`load` a model folder (or .pt) by its path, or a Hub repo id ("owner/name") fetched with huggingface_hub
+    (`pip install 'deeplab[hub]'`; with HF_HUB_OFFLINE=1, from the local cache only)."""
+    return load(resolve_folder(name_or_path, revision=revision, cache_dir=cache_dir, token=token))
+
+
+def export_folder(src: str | os.PathLike, out: str | os.PathLike, *, license: str | None = None,
+                  card: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write any checkpoint (a run's best.pt, a converted model, a model folder) as a model folder at `out`, then
+    read it back and check every tensor is bit-identical to the source's. A checkpoint in a training run folder
+    gets the run's metrics, data report and predictions.png on its card; a folder's card is copied as it is.
+    Returns {"path", "tensors", "bytes", "run"}."""
+    src, out = Path(src), Path(out)
+    if src.is_dir() and out.resolve() == src.resolve():
+        raise ValueError(f"--out {out}: the model folder being read; choose another folder")
+    data = read_checkpoint(src)
+    run = training_run_of(src)
+    write_folder(data, out, run=run, license=license, card=card)
+    if src.is_dir():  # the same weights: their card (with what the run recorded) still describes them
+        for name in (CARD_FILE, PICTURE_FILE):
+            if (src / name).is_file():
+                shutil.copyfile(src / name, out / name)
+    back = read_checkpoint(out)["state_dict"]
+    expected = plain_tensors(data["state_dict"])
+    differ = next((k for k, v in expected.items() if not torch.equal(v, back[k])), None)
+    if differ is not None:  # a bug, never a user's doing: say which tensor
+        raise RuntimeError(f"{out / WEIGHTS_FILE}: {differ} reads back different from {src}; do not use the folder")
+    return {"path": out, "tensors": len(back), "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+            "run": run}
 
 
 def unreadable_message(e: Exception, *, source: str) -> str:
@@ -236,7 +246,8 @@ def unreadable_message(e: Exception, *, source: str) -> str:
         return (
             f"{source}: the file holds Python objects besides tensors ({code.group(1)}), and unpickling them could run "
             "code, so it is refused. If you trust the file, re-save just its weights: "
-            "torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth')"
+            "torch.save(torch.load(FILE, weights_only=False)['state_dict'], 'weights.pth'). Model folders (`deeplab "
+            "export --format hub`) hold tensors only and never need this"
         )
     if "WeightsUnpickler error:" in text:  # the pickle stream itself is malformed: not a torch.save file
         text = text.split("WeightsUnpickler error:", 1)[1]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,26 @@ class DeepLab(nn.Module):
             self.point_head, y, fine, size, num_points=cfg.pointrend_points, steps=cfg.pointrend_steps,
             align_corners=cfg.align_corners,
         )
+
+    def save_pretrained(self, directory: str | os.PathLike, *, run: str | os.PathLike | None = None,
+                        license: str | None = None) -> Path:
+        """Write this model as a model folder: config.json, model.safetensors and a README.md model card
+        (`deeplab.models.hub`); `deeplab.from_pretrained(directory)` reads it back. `run`: the training run folder
+        it came from, whose metrics and data report the card then shows."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, directory, run=run, license=license)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    license: str | None = None) -> str:
+        """Publish this model as the Hugging Face Hub repo `repo_id` (a model folder; needs `deeplab[hub]`)."""
+        import tempfile
+
+        from .hub import push_to_hub, save_pretrained
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = save_pretrained(self, Path(tmp) / repo_id.rsplit("/", 1)[-1], license=license)
+            return push_to_hub(folder, repo_id, private=private, token=token)
 
     def with_output_stride(self, output_stride: int) -> "DeepLab":
         """The same weights at another output stride (the paper's train-at-16, evaluate-at-8 protocol).

@@ -39,8 +39,11 @@ from .losses import step_losses
 from .run_folder import (
     CsvLog,
     RunFolderLock,
+    best_folder,
     elastic_restart,
+    hardware_line,
     read_resume_state,
+    recorded_command,
     tensorboard_writer,
     write_text,
 )
@@ -139,6 +142,7 @@ def fit(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     resume_changes: dict[str, Any] | None = None,
+    command: str | None = None,
 ) -> TrainResult:
     """Train a DeepLab. The run folder `out_dir` gets config.json, data_report.json, last.pt, best.pt, metrics.json,
     log.csv (one row per step), val.csv (one row per validation), curves.png and predictions.png.
@@ -149,6 +153,8 @@ def fit(
 
     With `resume`, the run continues with the configuration it was started with; `resume_changes` ({field: value},
     the flags given with --resume) may change only `RESUMABLE` fields (e.g. more `steps`) and refuses the others.
+    `command` (the command line that started the run) is recorded in config.json for the model card of `best/`, the
+    model folder (`deeplab.models.hub`) written from best.pt at the end.
     """
     started = time.time()
     out = Path(out_dir)
@@ -159,7 +165,7 @@ def fit(
                 stale.unlink(missing_ok=True)
         resume, restarted = elastic_restart(out, resume, echo=echo, main=lock is not None)
         run = _start(model_cfg, train_cfg, out=out, resume=resume, progress=progress, echo=echo,
-                     resume_changes=resume_changes or {}, restarted=restarted)
+                     resume_changes=resume_changes or {}, restarted=restarted, command=command)
         try:
             _train_steps(run)
         finally:
@@ -170,7 +176,9 @@ def fit(
         finally:
             run.val_log.close()
         if run.dist.is_main:
-            write_text(run.out / "metrics.json", json.dumps(metrics, indent=2))
+            hardware = {"train_seconds": round(time.time() - started, 1), "hardware": hardware_line(run.device, run.dist)}
+            write_text(run.out / "metrics.json", json.dumps({**metrics, **hardware}, indent=2))
+            best_folder(run.out, card={"seconds": hardware["train_seconds"], "hardware": hardware["hardware"]})
             if run.writer is not None:
                 run.writer.close()
     finally:
@@ -184,6 +192,7 @@ def fit(
 def _start(
     model_cfg: ModelConfig, train_cfg: TrainConfig, *, out: Path, resume: bool, progress: bool,
     echo: Callable[[str], None] | None, resume_changes: dict[str, Any], restarted: bool = False,
+    command: str | None = None,
 ) -> _Run:
     """Everything before the first step; says what it loaded."""
     device = _resolve_device(train_cfg.device)
@@ -240,6 +249,8 @@ def _start(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         elastic = {"torchelastic_run_id": os.environ["TORCHELASTIC_RUN_ID"]} if "TORCHELASTIC_RUN_ID" in os.environ else {}
+        command = recorded_command(out) if resume_state is not None else command  # the one that started the run
+        elastic.update({"command": command} if command else {})
         write_text(out / "config.json", json.dumps(
             {"model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "preprocessing": preprocessing.to_dict(),
              "class_names": list(train_ds.class_names), **elastic}, indent=2))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..models.checkpoint import check_training_state, named_os_error, read_checkpoint
+from ..models.checkpoint import check_training_state, export_folder, named_os_error, read_checkpoint
 
 
 def elastic_restart(
@@ -39,7 +39,37 @@ def elastic_restart(
 
 
 # Files that make a folder a run folder: a new run never writes over them.
-RUN_FILES = ("last.pt", "best.pt", "config.json", "metrics.json", "log.csv", "val.csv")
+RUN_FILES = ("last.pt", "best.pt", "best", "config.json", "metrics.json", "log.csv", "val.csv")
+
+
+def recorded_command(out: Path) -> str | None:
+    """The command line that started the run in `out` (its config.json's `command`), kept when the run resumes."""
+    try:
+        return json.loads((out / "config.json").read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def hardware_line(device: Any, dist: Any) -> str:
+    """What the run trained on, for the model card: the GPU's name or the CPU's model, and how many processes."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        from ..deploy.precision import cpu_model
+
+        threads = torch.get_num_threads()
+        name = f"{cpu_model()} ({threads} thread{'s' if threads > 1 else ''})"
+    return f"{dist.world_size} x {name}" if dist.enabled else name
+
+
+def best_folder(out: Path, *, card: dict[str, Any]) -> Path | None:
+    """best.pt as a model folder, `out/best` (config.json, model.safetensors, the model card with the run's metrics
+    and data report, predictions.png): what a run's model is shared as. None when no validation made a best.pt."""
+    if not (out / "best.pt").is_file():
+        return None
+    return export_folder(out / "best.pt", out / "best", card=card)["path"]
 
 
 def read_resume_state(last_path: Path, resume: bool, *, restarted: bool = False) -> dict[str, Any] | None:
