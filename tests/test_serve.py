@@ -9,6 +9,7 @@ import base64
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -325,20 +326,41 @@ def test_an_exception_in_one_request_is_its_own_500_and_the_others_in_its_batch_
 def test_past_max_queue_clients_get_503_with_retry_after_and_nothing_else_is_lost():
     model = tiny_model()
     forward = model.forward
-    model.forward = lambda x: (time.sleep(0.05), forward(x))[1]
+    gate = threading.Event()
+    gate.set()  # open for the warm-up
+
+    def held(x):  # the model holds its batch until the test opens the gate
+        gate.wait(60)
+        return forward(x)
+
+    model.forward = held
     svc = service(model, max_batch=1, max_queue=2, batch_wait_ms=0)
+
+    async def until(condition):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
 
     async def go(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/v1/segment", content=png_bytes(photo(seed=i))) for i in range(12)))
+            post = lambda i: asyncio.create_task(c.post("/v1/segment", content=png_bytes(photo(seed=i))))  # noqa: E731
+            gate.clear()
+            first = post(0)
+            await until(lambda: svc.batcher.running == 1)  # the model holds one
+            queued = [post(1), post(2)]
+            await until(lambda: svc.batcher.depth == 2)  # two wait: the queue is full
+            refused = await asyncio.gather(*(post(i) for i in range(3, 6)))  # answered at once, the model still held
+            gate.set()
+            return [await first, *[await q for q in queued]], refused
 
     with serving(svc) as url:
-        answers = asyncio.run(go(url))
+        served, refused = asyncio.run(go(url))
         metrics = httpx.get(url + "/metrics").text
-    codes = [a.status_code for a in answers]
-    assert set(codes) == {200, 503} and codes.count(200) >= 3
-    assert all(a.headers["retry-after"] == "1" and "busy" in a.json()["error"] for a in answers if a.status_code == 503)
-    assert f'status="503"}} {codes.count(503)}' in metrics
+    assert [a.status_code for a in served] == [200, 200, 200]
+    assert [a.status_code for a in refused] == [503, 503, 503]
+    assert all(a.headers["retry-after"] == "1" and "busy" in a.json()["error"] for a in refused)
+    assert 'route="/v1/segment",status="503"} 3' in metrics and 'route="/v1/segment",status="200"} 3' in metrics
 
 
 def test_api_key_guards_the_api_but_not_the_health_checks_and_cors_is_off_unless_asked():
@@ -429,7 +451,12 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits_0_and_a_slow_client_
         async def go():
             async with httpx.AsyncClient(base_url=url, timeout=120) as c:
                 tasks = [asyncio.create_task(c.post("/v1/segment", content=big)) for _ in range(6)]
-                await asyncio.sleep(0.4)  # every request has arrived; most wait for the model
+                while True:  # every request has arrived (answered, or decoded and with the model); most still wait
+                    text = (await c.get("/metrics")).text
+                    done = re.search(r'route="/v1/segment",status="200"\} (\d+)', text)
+                    if int(re.search(r"deeplab_in_flight (\d+)", text).group(1)) + int(done.group(1) if done else 0) == 6:
+                        break
+                    await asyncio.sleep(0.02)
                 proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 
