@@ -416,6 +416,22 @@ def test_binding_another_address_without_a_key_warns_and_the_flags_reach_uvicorn
     assert "without an API key" not in capsys.readouterr().err
 
 
+def test_serve_takes_a_model_folder_and_names_the_model_after_it(tmp_path, monkeypatch):
+    import uvicorn
+
+    tiny_model().save_pretrained(tmp_path / "roads-v2")
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw, app=app))
+    assert main(["serve", "--checkpoint", str(tmp_path / "roads-v2"), "--runtime", "eager"]) == 0
+    with TestClient(seen["app"]) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert c.get("/v1/model").json()["name"] == "roads-v2"
+        assert c.get("/v2/models/roads-v2/ready").status_code == 200
+
+
 def _start_cli_server(ckpt: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
