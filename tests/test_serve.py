@@ -170,7 +170,7 @@ def test_batched_probabilities_equal_each_image_alone_for_fixed_and_native_sizes
     fixed = tiny_model(input_size=(65, 65))
     images = [photo(40, 50, 1), photo(97, 33, 2), photo(65, 65, 3)]
     opts = InferenceOptions(runtime="eager")
-    together = predict_probs_batch(fixed, images, options=InferenceOptions.of(opts, input_size=(65, 65)))
+    together = list(predict_probs_batch(fixed, images, options=InferenceOptions.of(opts, input_size=(65, 65))))
     for image, probs in zip(images, together):
         alone = predict_probs(fixed, image, options=opts)
         assert probs.shape == alone.shape == (3, *image.shape[:2])
@@ -178,11 +178,11 @@ def test_batched_probabilities_equal_each_image_alone_for_fixed_and_native_sizes
         assert (probs.argmax(0) == alone.argmax(0)).all()
     native = tiny_model()
     same = [photo(48, 40, 4), photo(48, 40, 5)]
-    together = predict_probs_batch(native, same, options=InferenceOptions(input_size=None))
+    together = list(predict_probs_batch(native, same, options=InferenceOptions(input_size=None)))
     for image, probs in zip(same, together):
         np.testing.assert_allclose(probs, predict_probs(native, image, input_size=None), atol=1e-5)
     with pytest.raises(ValueError, match="one network input size"):
-        predict_probs_batch(native, [photo(48, 40), photo(40, 48)], options=InferenceOptions(input_size=None))
+        list(predict_probs_batch(native, [photo(48, 40), photo(40, 48)], options=InferenceOptions(input_size=None)))
 
 
 # -- the API ------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -129,20 +129,24 @@ def network_size(model: nn.Module, shape: Sequence[int], *, options: InferenceOp
     return size if size is not None else (int(shape[0]), int(shape[1]))
 
 
-def predict_probs_batch(model: nn.Module, images: Sequence[np.ndarray], *, options: InferenceOptions) -> list[np.ndarray]:
+def predict_probs_batch(model: nn.Module, images: Sequence[np.ndarray], *, options: InferenceOptions) -> Iterator[np.ndarray]:
     """`predict_probs` of each image, (H, W, 3) uint8 arrays, with one network call for all of them when `batchable`
-    (their network inputs must then share one size: `network_size`). Each result is what `predict_probs` computes for
-    that image alone by the same steps; the network itself sees a batch."""
+    (their network inputs must then share one size: `network_size`). Yields each image's result in turn, what
+    `predict_probs` computes for that image alone by the same steps; the network itself sees a batch."""
     if not batchable(options):
-        return [predict_probs(model, image, options=options) for image in images]
+        for image in images:
+            yield predict_probs(model, image, options=options)
+        return
     was_training = model.training
     model.eval()
     try:
-        probs = segment_probs_batch(model, [_normalised(model, load_image(image)) for image in images],
-                                    input_size=resolve_input_size(model, options.input_size), amp=options.amp)
+        batch = [_normalised(model, load_image(image)) for image in images]
+        probs = segment_probs_batch(model, batch, input_size=resolve_input_size(model, options.input_size),
+                                    amp=options.amp)
+        for p in probs:
+            yield p[0].cpu().numpy()
     finally:
         model.train(was_training)
-    return [p[0].cpu().numpy() for p in probs]
 
 
 def _model_bands(model: nn.Module, image: ImageLike) -> np.ndarray:

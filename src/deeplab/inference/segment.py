@@ -24,7 +24,7 @@ The choices, written down once:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -187,7 +187,6 @@ def segment_probs(
     return total.div_(passes)
 
 
-@torch.no_grad()
 def segment_probs_batch(
     model: nn.Module,
     xs: Sequence[torch.Tensor],
@@ -195,13 +194,14 @@ def segment_probs_batch(
     input_size: Sequence[int] | None = None,
     align_corners: bool | None = None,
     amp: str = "off",
-) -> list[torch.Tensor]:
+) -> Iterator[torch.Tensor]:
     """`segment_probs` at one scale, without flip or window, of several images in one network call: `xs` are
     normalised (1, C, H, W) images whose network inputs share one size (all of one size, or any sizes with a fixed
-    `input_size`). Each result (1, K, H, W) is what `segment_probs` gives for that image alone, by the same steps;
-    only the network sees a batch (the service's dynamic batching)."""
+    `input_size`). Yields each image's (1, K, H, W) probabilities, what `segment_probs` gives for that image alone, by
+    the same steps; only the network sees a batch (the service's dynamic batching). One at a time: a caller that keeps
+    only the argmax holds one image's probabilities, not the batch's."""
     if not xs:
-        return []
+        return
     ac = model_align_corners(model) if align_corners is None else bool(align_corners)
     param = next(model.parameters(), None)
     if param is not None:
@@ -210,12 +210,15 @@ def segment_probs_batch(
     bases = [x if size is None else _resize(x, size, align_corners=ac) for x in xs]
     if len({tuple(b.shape[1:]) for b in bases}) > 1:
         raise ValueError(f"one batch needs one network input size, got {sorted({tuple(b.shape[-2:]) for b in bases})}")
-    logits = _logits(model, torch.cat(bases), window=None, overlap=0.0, amp=amp)  # (N, K, h, w)
-    out = []
+    with torch.no_grad():
+        logits = _logits(model, torch.cat(bases), window=None, overlap=0.0, amp=amp)  # (N, K, h, w)
+    del bases
     for i, x in enumerate(xs):
-        resized = _resize(logits[i : i + 1], (int(x.shape[-2]), int(x.shape[-1])), align_corners=ac)
-        out.append(resized.float().softmax(dim=1))
-    return out
+        with torch.no_grad():
+            resized = _resize(logits[i : i + 1], (int(x.shape[-2]), int(x.shape[-1])), align_corners=ac)
+            probs = resized.float().softmax(dim=1)
+        del resized
+        yield probs
 
 
 def segment(

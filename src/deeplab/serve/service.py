@@ -114,9 +114,9 @@ class Service:
     def _run(self, jobs: list[Job]) -> list[tuple[np.ndarray, float, int]]:
         """The model thread: one network call for the batch; (mask, ms, batch size) per job."""
         started = time.perf_counter()
-        probs = predict_probs_batch(self.model, [j.rgb for j in jobs], options=jobs[0].options)
+        masks = [mask_of(p) for p in predict_probs_batch(self.model, [j.rgb for j in jobs], options=jobs[0].options)]
         ms = 1000 * (time.perf_counter() - started)
-        return [(mask_of(p), ms, len(jobs)) for p in probs]
+        return [(mask, ms, len(jobs)) for mask in masks]
 
     def key(self, job: Job) -> Any:
         """Requests that may share a network call: one network input size and the same options."""
