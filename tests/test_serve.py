@@ -146,6 +146,18 @@ def test_batcher_runs_requests_arriving_together_as_one_batch_up_to_max_batch_an
     assert max(map(len, calls)) == 4  # they did wait for company
 
 
+def test_batcher_waits_for_company_only_while_requests_are_on_their_way():
+    async def lone(b):
+        t0 = time.perf_counter()
+        result = await b.submit("x", key=0)
+        return result, time.perf_counter() - t0
+
+    (result, seconds), calls = run_batcher(lone, max_batch=8, wait_s=2.0, arriving=lambda: 0)
+    assert result == "done x" and seconds < 1.0 and calls == [["x"]]  # nobody on the way: no 2 s wait
+    (result, seconds), _ = run_batcher(lone, max_batch=8, wait_s=0.3, arriving=lambda: 1)
+    assert seconds >= 0.29  # one on its way that never comes: the batch waits its window, then runs
+
+
 def test_batcher_refuses_past_max_queue_at_once_and_a_bad_item_fails_alone():
     async def full(b):
         tasks = [asyncio.create_task(b.submit(i, key=0)) for i in range(3)]

@@ -38,9 +38,14 @@ def routes_v1(service: Service) -> list[Route]:
         alpha = _alpha(query, service.settings.alpha)
         options = service.options_for(query)
         service.check_ready()
-        body = await read_body(request, max_bytes=service.settings.max_bytes, timeout_s=service.settings.read_timeout_s)
-        data = await image_bytes(request, body)
-        rgb = await asyncio.to_thread(decode_image, data, max_pixels=service.settings.max_pixels)
+        service.arriving += 1
+        try:
+            body = await read_body(request, max_bytes=service.settings.max_bytes,
+                                   timeout_s=service.settings.read_timeout_s)
+            data = await image_bytes(request, body)
+            rgb = await asyncio.to_thread(decode_image, data, max_pixels=service.settings.max_pixels)
+        finally:
+            service.arriving -= 1
         service.metrics.in_flight += 1
         try:
             answer = await service.segment(Job(rgb=rgb, options=options))

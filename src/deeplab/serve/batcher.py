@@ -1,7 +1,8 @@
 """Dynamic batching: requests that arrive within a few milliseconds of each other run as one batch.
 
 One worker task owns the model: it takes the oldest waiting request, waits up to `wait_s` for more requests of the
-same key (the network input size, or a key of their own for requests that cannot share a batch), runs up to
+same key (the network input size, or a key of their own for requests that cannot share a batch) while others are on
+their way (`arriving`: received, still being read or decoded; with none, it does not wait at all), runs up to
 `max_batch` of them in one call on a single worker thread, and hands each request its own result. The event loop
 never runs the model, so health checks and the metrics answer while it computes. The queue is bounded: past
 `max_queue` waiting requests `submit` raises `QueueFull` at once (the service answers 503 with Retry-After), it
@@ -35,12 +36,13 @@ class Batcher:
     """Runs `run_batch(items) -> results` (one result per item, in order) on batches of submitted items.
 
     `max_batch` items at most per call; a batch waits at most `wait_s` after its first item arrived for others of
-    its key; at most `max_queue` items wait (not counting the batch being run). `on_batch(size, seconds)` is called
-    after each batch (metrics)."""
+    its key, and only while `arriving()` says more requests are on their way; at most `max_queue` items wait (not
+    counting the batch being run). `on_batch(size, seconds)` is called after each batch (metrics)."""
 
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 8,
                  wait_s: float = 0.005, max_queue: int = 64,
-                 on_batch: Callable[[int, float], None] | None = None) -> None:
+                 on_batch: Callable[[int, float], None] | None = None,
+                 arriving: Callable[[], int] | None = None) -> None:
         if max_batch < 1 or max_queue < 1 or wait_s < 0:
             raise ValueError(f"max_batch and max_queue must be positive and wait_s >= 0, got {max_batch}, "
                              f"{max_queue}, {wait_s}")
@@ -49,6 +51,7 @@ class Batcher:
         self.wait_s = wait_s
         self.max_queue = max_queue
         self.on_batch = on_batch
+        self.arriving = arriving or (lambda: 1)  # unknown: assume company may come
         self.waiting: deque[_Waiting] = deque()
         self.running = 0  # items in the batch being run
         self._wake: asyncio.Event | None = None
@@ -112,7 +115,8 @@ class Batcher:
                 await self._wake.wait()
                 continue
             deadline = self.waiting[0].arrived + self.wait_s
-            while self._same_key() < self.max_batch and (left := deadline - time.perf_counter()) > 0:
+            while (self._same_key() < self.max_batch and self.arriving() > 0
+                   and (left := deadline - time.perf_counter()) > 0):
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=left)

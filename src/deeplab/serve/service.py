@@ -106,7 +106,9 @@ class Service:
         self.model = prepare_model(model, self.options)
         self.metrics = Metrics()
         self.batcher = Batcher(self._run, max_batch=settings.max_batch, wait_s=settings.batch_wait_ms / 1000,
-                               max_queue=settings.max_queue, on_batch=self.metrics.batch_done)
+                               max_queue=settings.max_queue, on_batch=self.metrics.batch_done,
+                               arriving=lambda: self.arriving)
+        self.arriving = 0  # requests received and still being read or decoded: company a batch may wait for
         self.ready = False
         self.failure: str | None = None  # why the warm-up failed: the service then answers 503 with it
         self.runtime = "not run yet"

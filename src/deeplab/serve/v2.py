@@ -77,6 +77,16 @@ def _images(tensor: dict[str, Any], *, max_pixels: int) -> tuple[list[np.ndarray
     return (list(pixels), True) if len(shape) == 4 else ([pixels], False)
 
 
+async def _read_request(service: Service, request: Request) -> tuple[Any, list[np.ndarray], bool]:
+    body = await read_body(request, max_bytes=service.settings.max_bytes, timeout_s=service.settings.read_timeout_s)
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ServeError(400, "the body is not JSON; send an inference request object {\"inputs\": [...]}") from None
+    images, batched = await asyncio.to_thread(_images, _tensor(payload), max_pixels=service.settings.max_pixels)
+    return payload, images, batched
+
+
 def routes_v2(service: Service) -> list[Route]:
     async def server(request: Request) -> Response:
         return JSONResponse({"name": "deeplab", "version": deeplab_version(), "extensions": []})
@@ -103,12 +113,11 @@ def routes_v2(service: Service) -> list[Route]:
     async def infer(request: Request) -> Response:
         _model_name(service, request)
         service.check_ready()
-        body = await read_body(request, max_bytes=service.settings.max_bytes, timeout_s=service.settings.read_timeout_s)
+        service.arriving += 1
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise ServeError(400, "the body is not JSON; send an inference request object {\"inputs\": [...]}") from None
-        images, batched = await asyncio.to_thread(_images, _tensor(payload), max_pixels=service.settings.max_pixels)
+            payload, images, batched = await _read_request(service, request)
+        finally:
+            service.arriving -= 1
         answers = await asyncio.gather(*(service.segment(Job(rgb=rgb, options=service.options)) for rgb in images))
         masks = [a.mask for a in answers]
         if batched and len({m.shape for m in masks}) > 1:
