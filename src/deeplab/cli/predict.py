@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
         progress=not args.quiet, options=inference_options(args), tiling=raster_tiling(args),
+        overwrite=args.overwrite,
     )
     for source, done in report.rasters.items():
         print(f"{source}: {done.megapixels:.1f} Mpx in {done.seconds:.1f} s ({done.megapixels_per_second:.2f} Mpx/s) "
@@ -32,9 +33,10 @@ def run(args: argparse.Namespace) -> int:
     for _name, message in report.failed:
         print(f"deeplab predict: {message}", file=sys.stderr)
     files = sum(len(v) for v in report.written.values())
-    print(f"wrote {files} files for {len(report.written)} inputs to {args.out} (runtime {report.runtime})")
+    skipped = f", skipped {len(report.skipped)} done before (--overwrite redoes them)" if report.skipped else ""
+    print(f"wrote {files} files for {len(report.written)} inputs to {args.out}{skipped} (runtime {report.runtime})")
     if report.failed:
-        total = len(report.written) + len(report.failed)
+        total = len(report.written) + len(report.skipped) + len(report.failed)
         print(f"deeplab predict: {len(report.failed)} of {total} inputs failed", file=sys.stderr)
         return 1
     return 0
@@ -57,5 +59,8 @@ def add_parser(sub) -> None:
                    "for a raster NAME_probs.tif, one 16-bit float band per class")
     add_inference_flags(p)
     add_raster_flags(p)
+    p.add_argument("--overwrite", action="store_true", help="predict every input again; by default an input whose "
+                   "outputs in --out are complete and were made by the same checkpoint and options is skipped (a "
+                   "record per input in OUT/.deeplab-predict/)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -177,6 +177,7 @@ class PredictReport:
 
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # inputs whose outputs were complete (deeplab.inference.resume)
     runtime: str = ""  # which runtime and precision ran the model (deeplab.deploy.runtimes.describe_runtime)
     rasters: dict[str, Any] = field(default_factory=dict)  # input -> deeplab.inference.raster.RasterResult
 
@@ -271,6 +272,7 @@ def predict_files(
     progress: bool = False,
     options: InferenceOptions | None = None,
     tiling: Any = None,
+    overwrite: bool = False,
     **inference: Any,
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
@@ -286,6 +288,11 @@ def predict_files(
     by tile into NAME.tif, georeferenced as its source, with NAME_probs.tif for `save_probs`
     (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default 512-pixel tiles); rasters need the
     optional rasterio package (pip install 'deeplab[geo]') and get no overlay.
+
+    Resumable: every output is written whole or not at all, and a record of each input's outputs goes to
+    `out_dir/.deeplab-predict/` once they all exist (`deeplab.inference.resume`). An input whose outputs are complete
+    and were made by the same model and options from the same file is skipped (`report.skipped`); `overwrite`
+    predicts everything again.
     """
     opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)
@@ -295,7 +302,13 @@ def predict_files(
         raise ValueError(f"index PNGs hold classes 0..254 (255 is the ignore label); this model has {len(class_names)}")
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
+    from . import resume
+    from .raster import RASTER_SUFFIXES, Tiling, predict_raster
+
     opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    tiling = tiling or Tiling()
+    run_key = resume.run_key(model, opts, overlay=overlay_alpha, probs=save_probs,
+                             tiling=[tiling.tile, tiling.padding])
     palette = model_palette(model)
     model = prepare_model(model, opts)
     out = Path(out_dir)
@@ -312,10 +325,12 @@ def predict_files(
 
     from tqdm import tqdm
 
-    from .raster import RASTER_SUFFIXES, predict_raster
-
     for path, name in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) == 1,
                            dynamic_ncols=True):
+        if not overwrite and resume.done_outputs(out, name, path, run_key) is not None:
+            report.skipped.append(str(path))
+            continue
+        resume.forget(out, name)
         try:
             if path.suffix.lower() in RASTER_SUFFIXES:
                 target = out / f"{name}.tif"
@@ -349,6 +364,7 @@ def predict_files(
         except ValueError as exc:
             report.failed.append((str(path), str(exc)))
             continue
+        resume.write_record(out, name, path, run_key, written)  # only now: every output of the input is whole
         report.written[str(path)] = written
     report.runtime = describe_runtime(model)
     return report

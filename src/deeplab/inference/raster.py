@@ -342,9 +342,11 @@ def write_category_names(path: Path, class_names) -> Path:
     names = ET.SubElement(band, "CategoryNames")
     for name in class_names:
         ET.SubElement(names, "Category").text = str(name)
-    aux = path.with_name(path.name + ".aux.xml")
-    ET.ElementTree(pam).write(aux, encoding="UTF-8", xml_declaration=False)
-    return aux
+    from ..models.checkpoint import write_atomically
+
+    tree = ET.ElementTree(pam)
+    return write_atomically(path.with_name(path.name + ".aux.xml"),
+                            lambda f: tree.write(f, encoding="UTF-8", xml_declaration=False))
 
 
 def _checked_options(model: nn.Module, options: InferenceOptions | None, inference: dict[str, Any]

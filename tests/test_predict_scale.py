@@ -1,0 +1,101 @@
+"""`deeplab predict` at scale: resumable runs (a record per input), prediction shared across torchrun processes,
+cloud-optimised GeoTIFFs, raster tiles that keep the model's scale, and memory for very wide rasters.
+
+benchmarks/kill_predict.py runs the kill procedure with ten kills; this file with two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deeplab import ModelConfig, build_model, save_checkpoint
+from deeplab.cli import main
+from deeplab.inference.predict import predict_files
+from deeplab.inference.resume import RECORDS
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from kill_predict import kill_and_rerun  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def tiny_model(num_classes: int = 3, **changes):
+    cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=num_classes, output_stride=16,
+                      decoder=False, atrous_rates=(2,), aspp_channels=16, **changes)
+    torch.manual_seed(0)
+    return build_model(cfg, class_names=[f"c{i}" for i in range(num_classes)]).eval()
+
+
+def _images(folder: Path, n: int = 3, size=(24, 32)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+# -- resumable ---------------------------------------------------------------------------------------------------
+
+
+def test_a_rerun_skips_complete_outputs_and_redoes_partial_stale_or_changed_ones(tmp_path):
+    paths = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    model = tiny_model()
+    first = predict_files(model, [tmp_path / "in"], out_dir=out, overlay_alpha=0.5, runtime="eager")
+    assert len(first.written) == 3 and first.skipped == []
+    masks = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert sorted((out / RECORDS).iterdir()) == [out / RECORDS / f"im{i}.json" for i in range(3)]
+
+    again = predict_files(model, [tmp_path / "in"], out_dir=out, overlay_alpha=0.5, runtime="eager")
+    assert again.written == {} and sorted(again.skipped) == sorted(map(str, paths))
+
+    (out / "im0_overlay.png").write_bytes(masks["im0_overlay.png"][:100])  # a truncated output: redone
+    time.sleep(0.01)
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(paths[1])  # a changed input: redone
+    (out / RECORDS / "im2.json").unlink()  # outputs without a record (killed before it): redone
+    redo = predict_files(model, [tmp_path / "in"], out_dir=out, overlay_alpha=0.5, runtime="eager")
+    assert sorted(redo.written) == sorted(map(str, paths)) and redo.skipped == []
+    assert (out / "im0_overlay.png").read_bytes() == masks["im0_overlay.png"]
+
+    other = predict_files(model, [tmp_path / "in"], out_dir=out, runtime="eager")  # other options: no overlay
+    assert len(other.written) == 3
+    changed = tiny_model()
+    with torch.no_grad():
+        next(changed.classifier.parameters()).add_(0.01)
+    assert len(predict_files(changed, [tmp_path / "in"], out_dir=out, runtime="eager").written) == 3  # another model
+    assert len(predict_files(changed, [tmp_path / "in"], out_dir=out, runtime="eager", overwrite=True).written) == 3
+
+
+def test_the_cli_says_how_many_inputs_it_skipped(tmp_path, capsys):
+    _images(tmp_path / "in", n=2)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "m.pt")
+    argv = ["predict", "--checkpoint", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--runtime",
+            "eager", "--quiet"]
+    assert main(argv) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "wrote 0 files for 0 inputs" in (text := capsys.readouterr().out) and "skipped 2 done before" in text
+    assert main([*argv, "--overwrite"]) == 0
+    assert "wrote 2 files for 2 inputs" in capsys.readouterr().out
+
+
+def test_sigkill_at_random_moments_leaves_only_whole_outputs_and_the_rerun_skips_the_recorded(tmp_path):
+    summary = kill_and_rerun(tmp_path, kills=2, seed=3)
+    for result in summary["kill_results"]:
+        assert result["wrong"] == [] and result["recorded_but_not_whole"] == [], result
+        assert result["rerun_status"] == 0 and result["equal_to_clean_run"], result
+        assert result["skipped_by_rerun"] == result["records"], result
+        assert result["temporary_files_left"] == [], result
+    assert any(r["records"] > 0 for r in summary["kill_results"])  # some kill came after outputs were recorded
