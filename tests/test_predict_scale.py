@@ -99,3 +99,78 @@ def test_sigkill_at_random_moments_leaves_only_whole_outputs_and_the_rerun_skips
         assert result["skipped_by_rerun"] == result["records"], result
         assert result["temporary_files_left"] == [], result
     assert any(r["records"] > 0 for r in summary["kill_results"])  # some kill came after outputs were recorded
+
+
+# -- shared across processes -------------------------------------------------------------------------------------
+
+
+def _rgb_raster(path: Path, *, height: int, width: int, seed: int = 0, nodata: bool = True) -> Path:
+    rasterio = pytest.importorskip("rasterio", reason="rasters need rasterio: pip install 'deeplab[geo]'")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    image = np.stack([(xx * 3 + yy) % 255, (yy * 2) % 255, ((xx // 17 + yy // 13) % 2) * 200]).astype(np.uint8)
+    image = np.clip(image + rng.integers(0, 30, image.shape), 0, 255).astype(np.uint8)
+    if nodata:
+        image[:, 40:70, 10:90] = 0
+    with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000),
+                       nodata=0 if nodata else None) as dst:
+        dst.write(image)
+    return path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and RECORDS not in p.parts}
+
+
+def test_two_torchrun_processes_write_the_bytes_of_one_and_report_every_input_once(tmp_path):
+    import subprocess
+
+    _images(tmp_path / "in", n=5)
+    _rgb_raster(tmp_path / "in" / "big.tif", height=700, width=150)  # two bands of rows: 0..256, 256..700
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "m.pt")
+    flags = ["predict", "--checkpoint", str(ckpt), str(tmp_path / "in"), "--probs", "--tile", "64", "--padding", "16",
+             "--runtime", "eager", "--threads", "1", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "deeplab", *flags, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "deeplab", *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    expected = _files(tmp_path / "one")
+    assert len(expected) == 5 * 2 + 3  # index PNG + probs per image; the GeoTIFF, its probabilities and .aux.xml
+    assert _files(tmp_path / "two") == expected
+    assert not list((tmp_path / "two").glob(".*part*")) and not list((tmp_path / "two").glob(".*partial"))
+    summary = [line for line in two.stdout.splitlines() if line.startswith("wrote")]
+    assert summary == [f"wrote 13 files for 6 inputs to {tmp_path / 'two'} (runtime eager, fp32)"], two.stdout
+    assert len(list((tmp_path / "two" / RECORDS).iterdir())) == 6  # one record per input, the raster's included
+    assert "0.1 Mpx" in two.stdout  # the raster's megapixels summed over both processes' bands (150 x 700)
+
+
+def test_a_band_of_rows_is_that_band_of_the_whole_raster_prediction(tmp_path):
+    from deeplab.inference.raster import Tiling, blended_strips, row_bands
+    from deeplab.inference.options import InferenceOptions
+
+    rasterio = pytest.importorskip("rasterio")
+    _rgb_raster(tmp_path / "r.tif", height=600, width=90)
+    model, tiling, opts = tiny_model(), Tiling(tile=48, padding=12), InferenceOptions(runtime="eager")
+    assert row_bands(600, 3) == [(0, 256), (256, 512), (512, 600)] and row_bands(100, 2) == [(0, 0), (0, 100)]
+
+    def labels(src, rows=None):
+        out = np.full((src.height, src.width), 77, np.uint8)
+        for strip in blended_strips(model, src, tiling, opts, rows=rows):
+            h, w = strip.shape
+            out[strip.row:strip.row + h, strip.column:strip.column + w] = strip.labels()
+        return out
+
+    with rasterio.open(tmp_path / "r.tif") as src:
+        whole = labels(src)
+        bands = [labels(src, rows) for rows in row_bands(600, 3)]
+    assert len(np.unique(whole)) > 1
+    for (r0, r1), band in zip(row_bands(600, 3), bands):
+        np.testing.assert_array_equal(band[r0:r1], whole[r0:r1])
+        assert (band[:r0] == 77).all() and (band[r1:] == 77).all()

@@ -1,4 +1,5 @@
-"""`deeplab predict`: index PNGs, overlays and probabilities for image files, folders or globs."""
+"""`deeplab predict`: index PNGs, overlays and probabilities for image files, folders or globs, and classified
+GeoTIFFs of rasters; under torchrun the inputs are shared between the processes and process 0 prints the totals."""
 
 from __future__ import annotations
 
@@ -17,16 +18,32 @@ from .flags import (
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference.predict import predict_files
+    import torch
 
+    from ..inference.predict import PredictReport, predict_files
+    from ..training.distributed import init_distributed
+
+    device = resolve_device(args.device)
+    dist_info = init_distributed(device_type=device.type)  # under torchrun: the inputs are shared out
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
     model, _ = load_for_inference(args.checkpoint, args)
     if next(model.parameters(), None) is not None:
-        model = model.to(resolve_device(args.device))
+        model = model.to(device)
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
-        progress=not args.quiet, options=inference_options(args), tiling=raster_tiling(args),
-        overwrite=args.overwrite,
+        progress=not args.quiet and dist_info.is_main, options=inference_options(args), tiling=raster_tiling(args),
+        overwrite=args.overwrite, rank=dist_info.rank, world_size=dist_info.world_size,
     )
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        reports: list = [None] * dist_info.world_size
+        dist.all_gather_object(reports, report)
+        report = PredictReport.merged(reports)
+        dist.destroy_process_group()
+        if not dist_info.is_main:
+            return 0 if report.ok else 1
     for source, done in report.rasters.items():
         print(f"{source}: {done.megapixels:.1f} Mpx in {done.seconds:.1f} s ({done.megapixels_per_second:.2f} Mpx/s) "
               f"-> {done.path}")

@@ -185,6 +185,23 @@ class PredictReport:
     def ok(self) -> bool:
         return not self.failed
 
+    @classmethod
+    def merged(cls, reports: Sequence[PredictReport]) -> PredictReport:
+        """One report of the reports of several processes that shared the inputs (`predict_files`'s `rank`): a raster
+        shared by all of them counts its megapixels once each and the longest time."""
+        import dataclasses
+
+        total = cls(runtime=reports[0].runtime if reports else "")
+        for report in reports:
+            total.written.update(report.written)
+            total.failed += report.failed
+            total.skipped += [s for s in report.skipped if s not in total.skipped]
+            for source, done in report.rasters.items():
+                seen = total.rasters.get(source)
+                total.rasters[source] = done if seen is None else dataclasses.replace(
+                    seen, megapixels=seen.megapixels + done.megapixels, seconds=max(seen.seconds, done.seconds))
+        return total
+
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
     """Files, folders (searched recursively for images and videos) and glob patterns -> (path, output name) pairs.
@@ -273,6 +290,8 @@ def predict_files(
     options: InferenceOptions | None = None,
     tiling: Any = None,
     overwrite: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
     **inference: Any,
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
@@ -293,6 +312,11 @@ def predict_files(
     `out_dir/.deeplab-predict/` once they all exist (`deeplab.inference.resume`). An input whose outputs are complete
     and were made by the same model and options from the same file is skipped (`report.skipped`); `overwrite`
     predicts everything again.
+
+    `rank` of `world_size` processes (torch.distributed, initialised by the caller, each calling this with the same
+    arguments): the photos and videos are shared round robin over the inputs' order (process r takes inputs r, r + N,
+    ...), and every raster is shared by bands of rows (`predict_raster`); each process's report holds its own inputs
+    (`PredictReport.merged` joins them). The outputs are those of one process.
     """
     opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)
@@ -315,22 +339,31 @@ def predict_files(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: is a file; pass a folder for the predictions")
     files, problems = expand_inputs(inputs)
-    report = PredictReport(failed=list(problems))
+    report = PredictReport(failed=list(problems) if rank == 0 else [])
     # Every input, not only the current one: with a.jpg and a.png in one folder predicted into that folder, a.jpg's
     # mask would replace a.png before a.png is read.
     inputs_resolved = {path.resolve() for path, _ in files}
+    rasters = [(p, n) for p, n in files if p.suffix.lower() in RASTER_SUFFIXES]
+    photos = [(p, n) for p, n in files if p.suffix.lower() not in RASTER_SUFFIXES]
+    if world_size > 1:  # rasters are shared: which are done is decided before any process writes, so all agree
+        done_before = [str(p) for p, n in rasters if not overwrite and resume.done_outputs(out, n, p, run_key)]
+        report.skipped += done_before if rank == 0 else []
+        rasters = [(p, n) for p, n in rasters if str(p) not in done_before]
+    mine = photos[rank::world_size] + rasters
 
     def run(rgb: np.ndarray) -> np.ndarray:
         return predict_probs(model, rgb, options=opts)
 
     from tqdm import tqdm
 
-    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) == 1,
+    for path, name in tqdm(mine, desc="predict", unit="image", disable=not progress or len(mine) == 1,
                            dynamic_ncols=True):
-        if not overwrite and resume.done_outputs(out, name, path, run_key) is not None:
+        shared = path.suffix.lower() in RASTER_SUFFIXES and world_size > 1
+        if not shared and not overwrite and resume.done_outputs(out, name, path, run_key) is not None:
             report.skipped.append(str(path))
             continue
-        resume.forget(out, name)
+        if rank == 0 or not shared:
+            resume.forget(out, name)
         try:
             if path.suffix.lower() in RASTER_SUFFIXES:
                 target = out / f"{name}.tif"
@@ -338,7 +371,7 @@ def predict_files(
                     raise ValueError(f"{path}: its output {target} is an input of this command and would be "
                                      "overwritten; choose another --out")
                 done = predict_raster(model, path, target, tiling=tiling, probs=save_probs, progress=progress,
-                                      options=opts)
+                                      options=opts, rank=rank, world_size=world_size)
                 written = [done.path, done.path.with_name(done.path.name + ".aux.xml")]
                 written += [done.probs_path] if done.probs_path is not None else []
                 report.rasters[str(path)] = done
@@ -362,7 +395,11 @@ def predict_files(
                     save_probs=save_probs, run=run,
                 )
         except ValueError as exc:
-            report.failed.append((str(path), str(exc)))
+            if rank == 0 or not shared:  # a shared raster fails alike in every process: reported once
+                report.failed.append((str(path), str(exc)))
+            continue
+        if shared and rank != 0:  # process 0 wrote the file from every process's part
+            report.rasters[str(path)] = done
             continue
         resume.write_record(out, name, path, run_key, written)  # only now: every output of the input is whole
         report.written[str(path)] = written

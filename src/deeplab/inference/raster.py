@@ -39,7 +39,6 @@ import math
 import os
 import time
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,15 +51,15 @@ from torch import nn
 from ..data.bands import RASTER_SUFFIXES, import_rasterio
 from ..deploy.runtimes import prepare_model, runtime_name
 from .options import InferenceOptions
+from .geotiff import BLOCK, NODATA, BlockRows, describe_classes, geotiff_profile, nothing, write_category_names
 from .segment import segment_probs
 
-BLOCK = 256  # the output's GeoTIFF block size
 GDAL_CACHE_MB = 64  # GDAL's block cache while a raster is read and written (its default is 5% of the machine's RAM)
+MERGE_COLUMNS = 8192  # columns copied at a time when the parts of a shared raster are merged
 MAX_BUFFER_BYTES = 256 * 2**20  # the blended probabilities of one strip of tiles, at most (sets the chunk width)
 WEIGHT_FLOOR = 1e-3
-NODATA = 255
 
-__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "evaluate_raster", "predict_raster", "tile_weight"]
+__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "evaluate_raster", "predict_raster", "row_bands", "tile_weight"]
 
 
 @dataclass(frozen=True)
@@ -248,29 +247,41 @@ def _column_chunks(width: int, tiling: Tiling, classes: int) -> list[tuple[int, 
     return [(x, min(width, x + columns)) for x in range(0, width, columns)]
 
 
-def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, *, bar: Any = None
-                   ) -> Iterator[Strip]:
+def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, *, bar: Any = None,
+                   rows: tuple[int, int] | None = None) -> Iterator[Strip]:
     """The blended prediction of the raster `src`, strip by strip (each strip's rows final): column chunks left to
-    right, rows top to bottom within each."""
+    right, rows top to bottom within each. `rows` (first, end): only the strips of those raster rows, computed from
+    the same tiles, in the same order, as for the whole raster (so a band of rows equals that band of the whole)."""
     from rasterio.windows import Window
 
     bands = _image_bands(src, model)
     starts_y = tiling.starts(src.height)
+    r0, r1 = rows or (0, src.height)
     for x0, x1 in _column_chunks(src.width, tiling, int(model.config.num_classes)):
         blender = _Blender(model, src, tiling, opts, bands, (x0, x1))
         for r, top in enumerate(starts_y):
+            if top + tiling.tile <= r0:  # above the band: the buffer stays empty, so it needs no moving
+                continue
+            if top >= r1:
+                break
             blender.add_row(top)
             # Rows above the next tile row's top are final; after the last tile row, every row left.
             end = src.height if r == len(starts_y) - 1 else starts_y[r + 1]
             sums, weights = blender.final(end - top)  # rows top .. end
-            first, last = max(0, top), min(src.height, end)  # the rows inside the raster
+            first, last = max(r0, top), min(r1, end)  # the rows inside the raster and the band
             if last > first:
                 valid = src.dataset_mask(window=Window(x0, first, x1 - x0, last - first)) > 0
-                rows = slice(first - top, last - top)
-                yield Strip(row=first, column=x0, sums=sums[:, rows], weights=weights[rows], valid=valid)
+                part = slice(first - top, last - top)
+                yield Strip(row=first, column=x0, sums=sums[:, part], weights=weights[part], valid=valid)
                 if bar is not None:
                     bar.update((last - first) * (x1 - x0) / 1e6)
             blender.advance(end - top)  # the buffer now starts at the next tile row's top
+
+
+def row_bands(height: int, world_size: int) -> list[tuple[int, int]]:
+    """`world_size` consecutive bands of rows, split at multiples of the 256-row block (some may be empty)."""
+    cuts = [min(height, round(height * i / world_size / BLOCK) * BLOCK) for i in range(world_size)] + [height]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
@@ -282,71 +293,6 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
         labels.masked_fill_(probs[k] > best, k)
         torch.maximum(best, probs[k], out=best)
     return labels
-
-
-class _BlockRows:
-    """Buffers strips of one column chunk and writes whole 256-row block rows (the rest at the end)."""
-
-    def __init__(self, dst, column: int) -> None:
-        self.dst, self.column = dst, column
-        self.top = 0
-        self.parts: list[np.ndarray] = []  # (bands, h, w) each, consecutive rows from self.top
-
-    def add(self, row: int, data: np.ndarray) -> None:
-        if not self.parts:
-            self.top = row
-        self.parts.append(data)
-        rows = sum(p.shape[1] for p in self.parts)
-        if rows >= BLOCK:
-            self._write(rows // BLOCK * BLOCK)
-
-    def _write(self, rows: int) -> None:
-        from rasterio.windows import Window
-
-        data = np.concatenate(self.parts, axis=1) if len(self.parts) > 1 else self.parts[0]
-        self.dst.write(data[:, :rows], window=Window(self.column, self.top, data.shape[2], rows))
-        self.top += rows
-        self.parts = [data[:, rows:]] if rows < data.shape[1] else []
-
-    def flush(self) -> None:
-        if self.parts:
-            self._write(sum(p.shape[1] for p in self.parts))
-
-
-def _profile(src, *, count: int, dtype: str, nodata: float) -> dict[str, Any]:
-    return {
-        "driver": "GTiff", "width": src.width, "height": src.height, "count": count, "dtype": dtype,
-        "crs": src.crs, "transform": src.transform, "nodata": nodata, "tiled": True, "blockxsize": BLOCK,
-        "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
-    }
-
-
-def _describe_classes(dst, model: nn.Module) -> None:
-    """Colour table and class names of the class band (the model's palette; band metadata class_I = name)."""
-    from ..data.palettes import model_palette
-
-    palette = model_palette(model)
-    colormap = {i: (*map(int, rgb), 255) for i, rgb in enumerate(palette.colors)}
-    colormap[NODATA] = (0, 0, 0, 0)
-    dst.write_colormap(1, colormap)
-    dst.set_band_description(1, "class")
-    values = getattr(model, "class_values", None) or ()
-    dst.update_tags(1, **{f"class_{i}": name for i, name in enumerate(model.class_names)},
-                    **{f"class_{i}_value": str(v) for i, v in enumerate(values)})
-
-
-def write_category_names(path: Path, class_names) -> Path:
-    """NAME.tif.aux.xml with GDAL's category names of band 1 (class index i is the i-th name)."""
-    pam = ET.Element("PAMDataset")
-    band = ET.SubElement(pam, "PAMRasterBand", band="1")
-    names = ET.SubElement(band, "CategoryNames")
-    for name in class_names:
-        ET.SubElement(names, "Category").text = str(name)
-    from ..models.checkpoint import write_atomically
-
-    tree = ET.ElementTree(pam)
-    return write_atomically(path.with_name(path.name + ".aux.xml"),
-                            lambda f: tree.write(f, encoding="UTF-8", xml_declaration=False))
 
 
 def _checked_options(model: nn.Module, options: InferenceOptions | None, inference: dict[str, Any]
@@ -365,7 +311,8 @@ def _checked_options(model: nn.Module, options: InferenceOptions | None, inferen
 
 def predict_raster(
     model: nn.Module, path: str | os.PathLike, out_path: str | os.PathLike, *, tiling: Tiling | None = None,
-    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, **inference: Any,
+    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, rank: int = 0,
+    world_size: int = 1, **inference: Any,
 ) -> RasterResult:
     """Classify the raster at `path` into the GeoTIFF `out_path` (module docstring), tile by tile.
 
@@ -373,6 +320,11 @@ def predict_raster(
     keywords) as for `deeplab.predict`: `scales` / `flip` average each tile's softmax over rescaled and mirrored
     copies, `amp`, `runtime`; `window` and `crf` do not apply. The files are written under temporary names and renamed
     when complete. Returns the paths and the megapixels per second.
+
+    `rank` of `world_size` processes (torch.distributed, initialised by the caller; every process calls this with
+    the same arguments): each predicts one band of rows (`row_bands`) into a part file of its own, and process 0
+    copies the parts into the output once all are written (a barrier), block row by block row. The output is equal
+    to one process's byte for byte; the result's megapixels and seconds are this process's band.
     """
     rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
     tiling = tiling or Tiling()
@@ -382,56 +334,96 @@ def predict_raster(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     probs_path = out_path.with_name(out_path.stem + "_probs.tif") if probs else None
     prepared = prepare_model(model.eval() if hasattr(model, "eval") else model, opts)
-    parts = [(out_path, out_path.with_name(f".{out_path.name}.partial"))]
-    if probs_path is not None:
-        parts.append((probs_path, probs_path.with_name(f".{probs_path.name}.partial")))
+    finals = [out_path] + ([probs_path] if probs_path is not None else [])
+    partials = [p.with_name(f".{p.name}.partial") for p in finals]
+    mine = partials if world_size == 1 else [p.with_name(f".{p.name}.part{rank}") for p in finals]
     from tqdm import tqdm
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src:
-        total = src.width * src.height / 1e6
+        rows = row_bands(src.height, world_size)[rank]
+        total = src.width * (rows[1] - rows[0]) / 1e6
         bar = tqdm(total=total, desc=Path(path).name, unit="Mpx", disable=not progress, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         try:
-            with rasterio.open(parts[0][1], "w", **_profile(src, count=1, dtype="uint8", nodata=NODATA)) as dst, \
-                    (rasterio.open(parts[1][1], "w", nbits=16, **_profile(src, count=classes, dtype="float32",
-                                                                          nodata=float("nan")))
-                     if probs_path is not None else _nothing()) as pdst:
-                _describe_classes(dst, model)
-                writers: tuple[_BlockRows, _BlockRows | None] | None = None
-                for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
-                    if writers is None or writers[0].column != strip.column:
-                        for w in writers or ():
-                            if w is not None:
-                                w.flush()
-                        writers = (_BlockRows(dst, strip.column),
-                                   _BlockRows(pdst, strip.column) if pdst is not None else None)
-                    writers[0].add(strip.row, strip.labels()[None])
-                    if writers[1] is not None:
-                        probs = strip.probabilities().numpy()
-                        probs[:, ~strip.valid] = np.nan
-                        writers[1].add(strip.row, probs)
-                for w in writers or ():
-                    if w is not None:
-                        w.flush()
-            for final, partial in parts:
+            if rows[1] > rows[0]:
+                _write_band(prepared, model, src, mine, rows, tiling, opts, classes, bar=bar)
+            if world_size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # every band's part is written
+                if rank != 0:
+                    return RasterResult(path=out_path, probs_path=probs_path, megapixels=total,
+                                        seconds=time.perf_counter() - started, runtime=runtime_name(prepared))
+                _merge_bands(src, model, partials, finals, row_bands(src.height, world_size), classes)
+            for final, partial in zip(finals, partials):
                 os.replace(partial, final)
         except BaseException:
-            for _, partial in parts:
+            for partial in {*partials, *mine}:
                 partial.unlink(missing_ok=True)
             raise
         finally:
             bar.close()
+            if world_size > 1 and rank == 0:
+                for r in range(world_size):
+                    for final in finals:
+                        final.with_name(f".{final.name}.part{r}").unlink(missing_ok=True)
     write_category_names(out_path, model.class_names)
     return RasterResult(path=out_path, probs_path=probs_path, megapixels=total,
                         seconds=time.perf_counter() - started, runtime=runtime_name(prepared))
 
 
-class _nothing:
-    def __enter__(self):
-        return None
+def _write_band(prepared: nn.Module, model: nn.Module, src, paths: list[Path], rows: tuple[int, int],
+                tiling: Tiling, opts: InferenceOptions, classes: int, *, bar: Any) -> None:
+    """GeoTIFFs of the rows `rows` of the prediction: classes into paths[0], probabilities into paths[1] if given."""
+    import rasterio
 
-    def __exit__(self, *exc):
-        return False
+    t = src.transform  # moved down to the band's first row (rasterio's window_transform warns on its `*` use)
+    band = {"height": rows[1] - rows[0],
+            "transform": rasterio.Affine(t.a, t.b, t.c + t.b * rows[0], t.d, t.e, t.f + t.e * rows[0])}
+    with rasterio.open(paths[0], "w", **{**geotiff_profile(src, count=1, dtype="uint8", nodata=NODATA), **band}) as dst, \
+            (rasterio.open(paths[1], "w", nbits=16, **{**geotiff_profile(src, count=classes, dtype="float32",
+                                                                         nodata=float("nan")), **band})
+             if len(paths) > 1 else nothing()) as pdst:
+        describe_classes(dst, model)
+        writers: tuple[BlockRows, BlockRows | None] | None = None
+        for strip in blended_strips(prepared, src, tiling, opts, bar=bar, rows=rows):
+            if writers is None or writers[0].column != strip.column:
+                for w in writers or ():
+                    if w is not None:
+                        w.flush()
+                writers = (BlockRows(dst, strip.column, top=rows[0]),
+                           BlockRows(pdst, strip.column, top=rows[0]) if pdst is not None else None)
+            writers[0].add(strip.row, strip.labels()[None])
+            if writers[1] is not None:
+                probs = strip.probabilities().numpy()
+                probs[:, ~strip.valid] = np.nan
+                writers[1].add(strip.row, probs)
+        for w in writers or ():
+            if w is not None:
+                w.flush()
+
+
+def _merge_bands(src, model: nn.Module, partials: list[Path], finals: list[Path], bands: list[tuple[int, int]],
+                 classes: int) -> None:
+    """Process 0 of a shared raster: the bands' part files copied into whole GeoTIFFs, a window of 256 rows by at most
+    `MERGE_COLUMNS` columns at a time (never a raster in memory)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    for i, (partial, final) in enumerate(zip(partials, finals)):
+        profile = (geotiff_profile(src, count=1, dtype="uint8", nodata=NODATA) if i == 0 else
+                   {**geotiff_profile(src, count=classes, dtype="float32", nodata=float("nan")), "nbits": 16})
+        with rasterio.open(partial, "w", **profile) as dst:
+            if i == 0:
+                describe_classes(dst, model)
+            for r, (r0, r1) in enumerate(bands):
+                if r1 <= r0:
+                    continue
+                with rasterio.open(final.with_name(f".{final.name}.part{r}")) as part:
+                    for top in range(0, r1 - r0, BLOCK):
+                        for left in range(0, src.width, MERGE_COLUMNS):
+                            window = Window(left, top, min(MERGE_COLUMNS, src.width - left), min(BLOCK, r1 - r0 - top))
+                            dst.write(part.read(window=window), window=Window(left, r0 + top, window.width, window.height))
 
 
 def evaluate_raster(
