@@ -174,3 +174,59 @@ def test_a_band_of_rows_is_that_band_of_the_whole_raster_prediction(tmp_path):
     for (r0, r1), band in zip(row_bands(600, 3), bands):
         np.testing.assert_array_equal(band[r0:r1], whole[r0:r1])
         assert (band[:r0] == 77).all() and (band[r1:] == 77).all()
+
+
+# -- cloud-optimised GeoTIFF ---------------------------------------------------------------------------------------
+
+
+def _red_decides(classes: int = 3):
+    """A per-pixel model whose class follows the red band alone: 0 where it is dark, classes - 1 where it is bright."""
+    from test_raster import Pointwise
+
+    model = Pointwise(bands=3, classes=classes, mean=127.5, std=127.5)
+    with torch.no_grad():
+        model.conv.weight.zero_()
+        model.conv.bias.zero_()
+        model.conv.weight[:, 0, 0, 0] = torch.linspace(-4, 4, classes)
+    return model.eval()
+
+
+def test_cog_output_has_overviews_of_real_classes_in_cog_layout_and_keeps_the_georeference(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from deeplab.inference.raster import Tiling, predict_raster
+
+    height, width = 600, 1100
+    image = np.zeros((3, height, width), np.uint8)
+    image[0, :, 1::2] = 255  # classes 0, 2, 0, 2, ... by column: an average would make class 1 in the overviews
+    image[1] = 100  # not NoData (0 in every band)
+    image[:, :40, :100] = 0
+    with rasterio.open(tmp_path / "in.tif", "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=rasterio.Affine(0.5, 0, 500_000, 0, -0.5, 4_000_000), nodata=0
+                       ) as dst:
+        dst.write(image)
+    model = _red_decides()
+    done = predict_raster(model, tmp_path / "in.tif", tmp_path / "out.tif", probs=True, runtime="eager",
+                          tiling=Tiling(tile=256))
+    with rasterio.open(tmp_path / "in.tif") as src, rasterio.open(done.path) as out:
+        assert (out.crs, out.transform, out.width, out.height) == (src.crs, src.transform, src.width, src.height)
+        assert out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert out.profile["tiled"] and out.block_shapes == [(512, 512)] and out.compression.name == "deflate"
+        assert out.overviews(1) == [2, 4] and out.nodata == 255
+        assert out.colormap(1)[2][:3] == model.class_colors[2] and out.tags(1)["class_1"] == "class1"
+        full = out.read(1)
+    assert set(np.unique(full[40:])) == {0, 2}
+    with rasterio.open(done.path, overview_level=0) as half:
+        assert (half.width, half.height) == (550, 300)
+        assert set(np.unique(half.read(1))) <= {0, 2, 255}  # mode: classes that occur, never the average 1
+    with rasterio.open(done.probs_path) as probs:
+        assert probs.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and probs.overviews(1) == [2, 4]
+        stored = probs.read()
+    np.testing.assert_array_equal(stored, stored.astype(np.float16).astype(np.float32))  # float16 values
+    with rasterio.open(done.probs_path, overview_level=0) as half:
+        p = half.read(3)
+    assert 0.3 < np.nanmean(p) < 0.7  # the average of columns near 0 and near 1
+    plain = predict_raster(model, tmp_path / "in.tif", tmp_path / "plain.tif", runtime="eager", cog=False,
+                           tiling=Tiling(tile=256))
+    with rasterio.open(plain.path) as out:
+        assert out.overviews(1) == [] and "LAYOUT" not in out.tags(ns="IMAGE_STRUCTURE")
+        np.testing.assert_array_equal(out.read(1), full)

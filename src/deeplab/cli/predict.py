@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
         progress=not args.quiet and dist_info.is_main, options=inference_options(args), tiling=raster_tiling(args),
-        overwrite=args.overwrite, rank=dist_info.rank, world_size=dist_info.world_size,
+        overwrite=args.overwrite, cog=args.cog, rank=dist_info.rank, world_size=dist_info.world_size,
     )
     if dist_info.enabled:
         import torch.distributed as dist
@@ -76,6 +76,10 @@ def add_parser(sub) -> None:
                    "for a raster NAME_probs.tif, one 16-bit float band per class")
     add_inference_flags(p)
     add_raster_flags(p)
+    p.add_argument("--cog", action=argparse.BooleanOptionalAction, default=True,
+                   help="rasters: write cloud-optimised GeoTIFFs (512-pixel tiles, internal overviews: mode of the "
+                   "classes, average of the probabilities; DEFLATE), the default; --no-cog: tiled GeoTIFFs of "
+                   "256-pixel tiles without overviews, one pass less")
     p.add_argument("--overwrite", action="store_true", help="predict every input again; by default an input whose "
                    "outputs in --out are complete and were made by the same checkpoint and options is skipped (a "
                    "record per input in OUT/.deeplab-predict/)")

@@ -13,7 +13,8 @@ from torch import nn
 BLOCK = 256  # the output's GeoTIFF block size
 NODATA = 255
 
-__all__ = ["BLOCK", "NODATA", "BlockRows", "describe_classes", "geotiff_profile", "nothing", "write_category_names"]
+__all__ = ["BLOCK", "COG_BLOCK", "NODATA", "BlockRows", "describe_classes", "geotiff_profile", "nothing", "to_cog",
+           "write_category_names"]
 
 
 class BlockRows:
@@ -88,3 +89,19 @@ class nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+COG_BLOCK = 512  # the cloud-optimised GeoTIFF's internal tiles
+
+
+def to_cog(source: Path, target: Path, *, resampling: str) -> Path:
+    """Copy the tiled GeoTIFF `source` into a cloud-optimised GeoTIFF `target` with GDAL's COG driver: 512-pixel
+    tiles, DEFLATE, internal overviews (halving until they fit one tile) made with `resampling` ('mode' for classes:
+    every overview pixel is a class that occurs below it; 'average' for probabilities), the overviews' IFDs and data
+    laid out in COG order (`LAYOUT=COG` in the IMAGE_STRUCTURE metadata). Colour table, band metadata, nodata, CRS and
+    transform are copied; so are the 16-bit float samples (NBITS=16) of a probability raster."""
+    import rasterio.shutil
+
+    rasterio.shutil.copy(source, target, driver="COG", compress="deflate", blocksize=COG_BLOCK,
+                         overview_resampling=resampling, BIGTIFF="IF_SAFER")
+    return target

@@ -290,6 +290,7 @@ def predict_files(
     options: InferenceOptions | None = None,
     tiling: Any = None,
     overwrite: bool = False,
+    cog: bool = True,
     rank: int = 0,
     world_size: int = 1,
     **inference: Any,
@@ -306,7 +307,8 @@ def predict_files(
     A raster (GeoTIFF, .img, .jp2, .vrt: `deeplab.inference.raster.RASTER_SUFFIXES`) of any size is classified tile
     by tile into NAME.tif, georeferenced as its source, with NAME_probs.tif for `save_probs`
     (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default 512-pixel tiles); rasters need the
-    optional rasterio package (pip install 'deeplab[geo]') and get no overlay.
+    optional rasterio package (pip install 'deeplab[geo]') and get no overlay. `cog` (default): they are
+    cloud-optimised GeoTIFFs with overviews; `cog=False`: tiled GeoTIFFs without overviews.
 
     Resumable: every output is written whole or not at all, and a record of each input's outputs goes to
     `out_dir/.deeplab-predict/` once they all exist (`deeplab.inference.resume`). An input whose outputs are complete
@@ -332,7 +334,7 @@ def predict_files(
     opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
     tiling = tiling or Tiling()
     run_key = resume.run_key(model, opts, overlay=overlay_alpha, probs=save_probs,
-                             tiling=[tiling.tile, tiling.padding])
+                             tiling=[tiling.tile, tiling.padding], cog=cog)
     palette = model_palette(model)
     model = prepare_model(model, opts)
     out = Path(out_dir)
@@ -371,7 +373,7 @@ def predict_files(
                     raise ValueError(f"{path}: its output {target} is an input of this command and would be "
                                      "overwritten; choose another --out")
                 done = predict_raster(model, path, target, tiling=tiling, probs=save_probs, progress=progress,
-                                      options=opts, rank=rank, world_size=world_size)
+                                      options=opts, cog=cog, rank=rank, world_size=world_size)
                 written = [done.path, done.path.with_name(done.path.name + ".aux.xml")]
                 written += [done.probs_path] if done.probs_path is not None else []
                 report.rasters[str(path)] = done

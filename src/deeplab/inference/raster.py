@@ -51,7 +51,16 @@ from torch import nn
 from ..data.bands import RASTER_SUFFIXES, import_rasterio
 from ..deploy.runtimes import prepare_model, runtime_name
 from .options import InferenceOptions
-from .geotiff import BLOCK, NODATA, BlockRows, describe_classes, geotiff_profile, nothing, write_category_names
+from .geotiff import (
+    BLOCK,
+    NODATA,
+    BlockRows,
+    describe_classes,
+    geotiff_profile,
+    nothing,
+    to_cog,
+    write_category_names,
+)
 from .segment import segment_probs
 
 GDAL_CACHE_MB = 64  # GDAL's block cache while a raster is read and written (its default is 5% of the machine's RAM)
@@ -311,8 +320,8 @@ def _checked_options(model: nn.Module, options: InferenceOptions | None, inferen
 
 def predict_raster(
     model: nn.Module, path: str | os.PathLike, out_path: str | os.PathLike, *, tiling: Tiling | None = None,
-    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, rank: int = 0,
-    world_size: int = 1, **inference: Any,
+    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, cog: bool = True,
+    rank: int = 0, world_size: int = 1, **inference: Any,
 ) -> RasterResult:
     """Classify the raster at `path` into the GeoTIFF `out_path` (module docstring), tile by tile.
 
@@ -320,6 +329,10 @@ def predict_raster(
     keywords) as for `deeplab.predict`: `scales` / `flip` average each tile's softmax over rescaled and mirrored
     copies, `amp`, `runtime`; `window` and `crf` do not apply. The files are written under temporary names and renamed
     when complete. Returns the paths and the megapixels per second.
+
+    `cog` (default): the files are cloud-optimised GeoTIFFs (`deeplab.inference.geotiff.to_cog`: 512-pixel tiles,
+    internal overviews, mode-resampled for the classes and averaged for the probabilities), copied from the tiled
+    GeoTIFF written strip by strip; `cog=False` keeps that file (256-pixel tiles, no overviews).
 
     `rank` of `world_size` processes (torch.distributed, initialised by the caller; every process calls this with
     the same arguments): each predicts one band of rows (`row_bands`) into a part file of its own, and process 0
@@ -346,7 +359,7 @@ def predict_raster(
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         try:
             if rows[1] > rows[0]:
-                _write_band(prepared, model, src, mine, rows, tiling, opts, classes, bar=bar)
+                _write_band(prepared, model, src, mine, rows, tiling, opts, classes, bar=bar, cog=cog)
             if world_size > 1:
                 import torch.distributed as dist
 
@@ -354,11 +367,15 @@ def predict_raster(
                 if rank != 0:
                     return RasterResult(path=out_path, probs_path=probs_path, megapixels=total,
                                         seconds=time.perf_counter() - started, runtime=runtime_name(prepared))
-                _merge_bands(src, model, partials, finals, row_bands(src.height, world_size), classes)
-            for final, partial in zip(finals, partials):
+                _merge_bands(src, model, partials, finals, row_bands(src.height, world_size), classes, cog=cog)
+            for i, (final, partial) in enumerate(zip(finals, partials)):
+                if cog:
+                    staged, partial = partial, partial.with_name(partial.name + ".cog")
+                    to_cog(staged, partial, resampling="mode" if i == 0 else "average")
+                    staged.unlink()
                 os.replace(partial, final)
         except BaseException:
-            for partial in {*partials, *mine}:
+            for partial in {*partials, *mine, *(p.with_name(p.name + ".cog") for p in partials)}:
                 partial.unlink(missing_ok=True)
             raise
         finally:
@@ -373,16 +390,16 @@ def predict_raster(
 
 
 def _write_band(prepared: nn.Module, model: nn.Module, src, paths: list[Path], rows: tuple[int, int],
-                tiling: Tiling, opts: InferenceOptions, classes: int, *, bar: Any) -> None:
-    """GeoTIFFs of the rows `rows` of the prediction: classes into paths[0], probabilities into paths[1] if given."""
+                tiling: Tiling, opts: InferenceOptions, classes: int, *, bar: Any, cog: bool) -> None:
+    """GeoTIFFs of the rows `rows` of the prediction: classes into paths[0], probabilities into paths[1] if given
+    (`_probs_profile`)."""
     import rasterio
 
     t = src.transform  # moved down to the band's first row (rasterio's window_transform warns on its `*` use)
     band = {"height": rows[1] - rows[0],
             "transform": rasterio.Affine(t.a, t.b, t.c + t.b * rows[0], t.d, t.e, t.f + t.e * rows[0])}
     with rasterio.open(paths[0], "w", **{**geotiff_profile(src, count=1, dtype="uint8", nodata=NODATA), **band}) as dst, \
-            (rasterio.open(paths[1], "w", nbits=16, **{**geotiff_profile(src, count=classes, dtype="float32",
-                                                                         nodata=float("nan")), **band})
+            (rasterio.open(paths[1], "w", **{**_probs_profile(src, classes, cog=cog), **band})
              if len(paths) > 1 else nothing()) as pdst:
         describe_classes(dst, model)
         writers: tuple[BlockRows, BlockRows | None] | None = None
@@ -397,14 +414,24 @@ def _write_band(prepared: nn.Module, model: nn.Module, src, paths: list[Path], r
             if writers[1] is not None:
                 probs = strip.probabilities().numpy()
                 probs[:, ~strip.valid] = np.nan
+                if cog:  # float16's values, stored as float32 (`_probs_profile`)
+                    probs = probs.astype(np.float16).astype(np.float32)
                 writers[1].add(strip.row, probs)
         for w in writers or ():
             if w is not None:
                 w.flush()
 
 
+def _probs_profile(src, classes: int, *, cog: bool) -> dict[str, Any]:
+    """The probabilities' GeoTIFF: float32 bands holding float16 values, stored in 16 bits (NBITS=16) in a plain
+    GeoTIFF; in 32 bits in a COG, as GDAL's COG driver (3.10) fills the unused part of 16-bit float blocks with
+    whatever memory held, so the same probabilities would give other bytes each time."""
+    profile = geotiff_profile(src, count=classes, dtype="float32", nodata=float("nan"))
+    return profile if cog else {**profile, "nbits": 16}
+
+
 def _merge_bands(src, model: nn.Module, partials: list[Path], finals: list[Path], bands: list[tuple[int, int]],
-                 classes: int) -> None:
+                 classes: int, *, cog: bool) -> None:
     """Process 0 of a shared raster: the bands' part files copied into whole GeoTIFFs, a window of 256 rows by at most
     `MERGE_COLUMNS` columns at a time (never a raster in memory)."""
     import rasterio
@@ -412,7 +439,7 @@ def _merge_bands(src, model: nn.Module, partials: list[Path], finals: list[Path]
 
     for i, (partial, final) in enumerate(zip(partials, finals)):
         profile = (geotiff_profile(src, count=1, dtype="uint8", nodata=NODATA) if i == 0 else
-                   {**geotiff_profile(src, count=classes, dtype="float32", nodata=float("nan")), "nbits": 16})
+                   _probs_profile(src, classes, cog=cog))
         with rasterio.open(partial, "w", **profile) as dst:
             if i == 0:
                 describe_classes(dst, model)
