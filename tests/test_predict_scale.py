@@ -230,3 +230,94 @@ def test_cog_output_has_overviews_of_real_classes_in_cog_layout_and_keeps_the_ge
     with rasterio.open(plain.path) as out:
         assert out.overviews(1) == [] and "LAYOUT" not in out.tags(ns="IMAGE_STRUCTURE")
         np.testing.assert_array_equal(out.read(1), full)
+
+
+# -- tiles that keep the model's scale -----------------------------------------------------------------------------
+
+
+class Recording(torch.nn.Module):
+    """A model that records the input shapes it is given, around a real one."""
+
+    def __init__(self, inner) -> None:
+        super().__init__()
+        self.inner, self.shapes = inner, []
+        for name in ("config", "class_names", "class_colors", "class_values", "preprocessing"):
+            setattr(self, name, getattr(inner, name))
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape[-2:]))
+        return self.inner(x)
+
+
+def test_a_fixed_input_size_sets_the_tile_and_tiles_run_at_their_own_size_or_at_the_asked_scale(tmp_path):
+    from dataclasses import replace
+
+    from deeplab.inference.raster import Tiling, predict_raster, tiling_note
+
+    _rgb_raster(tmp_path / "r.tif", height=300, width=400)
+    inner = tiny_model()
+    inner.preprocessing = replace(inner.preprocessing, input_size=(96, 96))  # as a converted TF Lite model
+    model = Recording(inner)
+    predict_raster(model, tmp_path / "r.tif", tmp_path / "a.tif", runtime="eager", cog=False)
+    assert set(model.shapes) == {(96, 96)}  # the default tile is the model's size, never resized
+    model.shapes.clear()
+    predict_raster(model, tmp_path / "r.tif", tmp_path / "b.tif", runtime="eager", cog=False,
+                   tiling=Tiling(tile=128))
+    assert set(model.shapes) == {(128, 128)}  # a tile of another size runs at its own size: the raster's resolution
+    model.shapes.clear()
+    predict_raster(model, tmp_path / "r.tif", tmp_path / "c.tif", runtime="eager", cog=False, scale=0.5)
+    assert set(model.shapes) == {(96, 96)}  # tiles of 192 raster pixels, shown to the model at half size
+    assert tiling_note(Tiling(tile=128), "model") is None and tiling_note(Tiling(tile=96), (96, 96)) is None
+    note = tiling_note(Tiling(tile=1024), (513, 513))
+    assert "\n" not in note and "--tile 1024" in note and "0.50 x its resolution" in note
+
+
+def test_scale_halves_a_raster_that_is_a_twice_enlarged_copy_back_to_the_original_prediction(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from deeplab.inference.raster import Tiling, predict_raster
+
+    _rgb_raster(tmp_path / "small.tif", height=160, width=200, nodata=False)
+    with rasterio.open(tmp_path / "small.tif") as src:
+        small, profile = src.read(), src.profile
+    big = small.repeat(2, axis=1).repeat(2, axis=2)  # every pixel 2 x 2: the same scene at twice the resolution
+    t = profile["transform"]
+    profile.update(width=400, height=320, transform=rasterio.Affine(t.a / 2, 0, t.c, 0, t.e / 2, t.f))
+    with rasterio.open(tmp_path / "big.tif", "w", **profile) as dst:
+        dst.write(big)
+    model = tiny_model()
+    kw = dict(runtime="eager", cog=False)
+    predict_raster(model, tmp_path / "small.tif", tmp_path / "p_small.tif", tiling=Tiling(tile=64), **kw)
+    predict_raster(model, tmp_path / "big.tif", tmp_path / "p_half.tif", tiling=Tiling(tile=64), scale=0.5, **kw)
+    predict_raster(model, tmp_path / "big.tif", tmp_path / "p_res.tif", tiling=Tiling(tile=64),
+                   resolution=abs(t.a), **kw)  # the small raster's GSD: the same factor, from the transform
+    predict_raster(model, tmp_path / "big.tif", tmp_path / "p_full.tif", tiling=Tiling(tile=64), **kw)
+    read = {name: rasterio.open(tmp_path / f"p_{name}.tif").read(1) for name in ("small", "half", "res", "full")}
+    expected = read["small"].repeat(2, axis=0).repeat(2, axis=1)
+    assert len(np.unique(expected)) > 1
+    agree_half = (read["half"] == expected).mean()
+    np.testing.assert_array_equal(read["res"], read["half"])
+    # Measured 82% against 67% at the raster's own resolution: the rest is where the model's probabilities, resized
+    # back bilinearly, cross between the 2 x 2 copies of a small pixel (a random model's classes change often).
+    assert agree_half > 0.78 and agree_half > (read["full"] == expected).mean() + 0.1, agree_half
+
+
+def test_resolution_needs_a_raster_in_metres_and_says_so_in_one_line(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from deeplab.inference.raster import predict_raster
+
+    with rasterio.open(tmp_path / "geo.tif", "w", driver="GTiff", width=40, height=40, count=3, dtype="uint8",
+                       crs="EPSG:4326", transform=rasterio.Affine(1e-5, 0, 10, 0, -1e-5, 50)) as dst:
+        dst.write(np.full((3, 40, 40), 100, np.uint8))
+    with pytest.raises(ValueError, match=r"geo.tif: --resolution 0.3 \(metres\) needs a raster in a projected CRS "
+                       r"in metres, this one has EPSG:4326") as err:
+        predict_raster(tiny_model(), tmp_path / "geo.tif", tmp_path / "o.tif", runtime="eager", resolution=0.3)
+    assert "\n" not in str(err.value)
+
+
+def test_the_cli_prints_one_line_when_input_size_would_rescale_the_tiles(tmp_path, capsys):
+    _rgb_raster(tmp_path / "r.tif", height=80, width=90)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "m.pt")
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "r.tif"), "--out", str(tmp_path / "o"),
+                 "--tile", "64", "--input-size", "32", "--runtime", "eager", "--quiet", "--no-cog"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deeplab predict: --tile 64 with --input-size 32x32: every tile is resized") and "\n" not in err

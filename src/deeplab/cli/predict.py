@@ -12,6 +12,7 @@ from .flags import (
     inference_options,
     load_for_inference,
     number,
+    raster_note,
     raster_tiling,
     resolve_device,
 )
@@ -20,6 +21,9 @@ from .flags import (
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from pathlib import Path
+
+    from ..data.bands import RASTER_SUFFIXES
     from ..inference.predict import PredictReport, predict_files
     from ..training.distributed import init_distributed
 
@@ -30,10 +34,14 @@ def run(args: argparse.Namespace) -> int:
     model, _ = load_for_inference(args.checkpoint, args)
     if next(model.parameters(), None) is not None:
         model = model.to(device)
+    note = raster_note(args, model)
+    if note and dist_info.is_main and any(str(i).lower().endswith(RASTER_SUFFIXES) or Path(i).is_dir()
+                                         for i in args.inputs):
+        print(f"deeplab predict: {note}", file=sys.stderr)
     report = predict_files(
         model, args.inputs, out_dir=args.out, overlay_alpha=args.alpha if args.overlay else None, save_probs=args.probs,
-        progress=not args.quiet and dist_info.is_main, options=inference_options(args), tiling=raster_tiling(args),
-        overwrite=args.overwrite, cog=args.cog, rank=dist_info.rank, world_size=dist_info.world_size,
+        progress=not args.quiet and dist_info.is_main, options=inference_options(args), tiling=raster_tiling(args, model),
+        overwrite=args.overwrite, cog=args.cog, scale=args.scale, resolution=args.resolution, rank=dist_info.rank, world_size=dist_info.world_size,
     )
     if dist_info.enabled:
         import torch.distributed as dist

@@ -291,6 +291,8 @@ def predict_files(
     tiling: Any = None,
     overwrite: bool = False,
     cog: bool = True,
+    scale: float | None = None,
+    resolution: float | None = None,
     rank: int = 0,
     world_size: int = 1,
     **inference: Any,
@@ -306,7 +308,8 @@ def predict_files(
 
     A raster (GeoTIFF, .img, .jp2, .vrt: `deeplab.inference.raster.RASTER_SUFFIXES`) of any size is classified tile
     by tile into NAME.tif, georeferenced as its source, with NAME_probs.tif for `save_probs`
-    (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default 512-pixel tiles); rasters need the
+    (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default the model's fixed input size or 512,
+    each tile run at its own size; `scale` or `resolution` resample the raster for the model); rasters need the
     optional rasterio package (pip install 'deeplab[geo]') and get no overlay. `cog` (default): they are
     cloud-optimised GeoTIFFs with overviews; `cog=False`: tiled GeoTIFFs without overviews.
 
@@ -329,12 +332,13 @@ def predict_files(
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
     from . import resume
-    from .raster import RASTER_SUFFIXES, Tiling, predict_raster
+    from .raster import RASTER_SUFFIXES, default_tiling, predict_raster
 
+    raster_opts = opts  # a raster resolves "model" itself: tiles at their own size (`default_tiling`)
     opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
-    tiling = tiling or Tiling()
-    run_key = resume.run_key(model, opts, overlay=overlay_alpha, probs=save_probs,
-                             tiling=[tiling.tile, tiling.padding], cog=cog)
+    tiling = tiling or default_tiling(model)
+    run_key = resume.run_key(model, raster_opts, overlay=overlay_alpha, probs=save_probs,
+                             tiling=[tiling.tile, tiling.padding], cog=cog, scale=scale, resolution=resolution)
     palette = model_palette(model)
     model = prepare_model(model, opts)
     out = Path(out_dir)
@@ -373,7 +377,8 @@ def predict_files(
                     raise ValueError(f"{path}: its output {target} is an input of this command and would be "
                                      "overwritten; choose another --out")
                 done = predict_raster(model, path, target, tiling=tiling, probs=save_probs, progress=progress,
-                                      options=opts, cog=cog, rank=rank, world_size=world_size)
+                                      options=raster_opts, cog=cog, scale=scale, resolution=resolution, rank=rank,
+                                      world_size=world_size)
                 written = [done.path, done.path.with_name(done.path.name + ".aux.xml")]
                 written += [done.probs_path] if done.probs_path is not None else []
                 report.rasters[str(path)] = done

@@ -68,7 +68,8 @@ MERGE_COLUMNS = 8192  # columns copied at a time when the parts of a shared rast
 MAX_BUFFER_BYTES = 256 * 2**20  # the blended probabilities of one strip of tiles, at most (sets the chunk width)
 WEIGHT_FLOOR = 1e-3
 
-__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "evaluate_raster", "predict_raster", "row_bands", "tile_weight"]
+__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "default_tiling", "evaluate_raster", "predict_raster",
+           "raster_scale", "row_bands", "scaled_tiling", "tile_weight", "tiling_note"]
 
 
 @dataclass(frozen=True)
@@ -315,20 +316,89 @@ def _checked_options(model: nn.Module, options: InferenceOptions | None, inferen
     if len(getattr(model, "class_names", ())) > 255:
         raise ValueError(f"a uint8 class raster holds classes 0..254 (255 is NoData); this model has "
                          f"{len(model.class_names)}")
-    return InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    # "model": tiles run at their own size (the fixed size only sets the default tile: `default_tiling`); a size
+    # given (H, W) resizes every tile to it.
+    return InferenceOptions.of(opts, input_size=None if opts.input_size == "model" else
+                               resolve_input_size(model, opts.input_size))
+
+
+def default_tiling(model: nn.Module, *, tile: int | None = None, padding: int | None = None, batch: int = 2
+                   ) -> Tiling:
+    """Tiles of `tile` pixels, by default the model's fixed input size when its preprocessing names one (a converted
+    TF Lite model: 257 or 513), else 512. DeepLab is fully convolutional, so a tile runs at its own size and the
+    raster at its own resolution; the fixed size is where the model was trained (and the only size a static graph
+    exported for it accepts)."""
+    size = getattr(getattr(model, "preprocessing", None), "input_size", None)
+    return Tiling(tile=tile or (max(int(v) for v in size) if size else 512), padding=padding, batch=batch)
+
+
+def raster_scale(src, *, scale: float | None = None, resolution: float | None = None) -> float:
+    """The factor the raster is resampled by before the model: `scale`, or the raster's ground sampling distance
+    (metres per pixel, from its transform) over `resolution` (the GSD the model was trained at), or 1."""
+    if scale is not None and resolution is not None:
+        raise ValueError(f"--scale {scale:g} and --resolution {resolution:g}: both say how to resample the raster; "
+                         "give one")
+    for flag, value in (("--scale", scale), ("--resolution", resolution)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: must be a positive number")
+    if resolution is None:
+        return float(scale or 1.0)
+    crs = src.crs
+    units = (getattr(crs, "linear_units", "") or "").lower() if crs is not None else ""
+    if crs is None or not crs.is_projected or units not in ("metre", "meter", "metres", "meters", "m"):
+        raise ValueError(f"{src.name}: --resolution {resolution:g} (metres) needs a raster in a projected CRS in "
+                         f"metres, this one has {crs.to_string() if crs else 'no CRS'}; reproject it (gdalwarp "
+                         "-t_srs EPSG:...) or give --scale instead")
+    t = src.transform
+    gsd = math.sqrt(abs(t.a * t.e - t.b * t.d))  # the side of a pixel's square area, rotated or not
+    return gsd / resolution
+
+
+def scaled_tiling(tiling: Tiling, opts: InferenceOptions, factor: float) -> tuple[Tiling, InferenceOptions]:
+    """(raster tiling, options) that show the model the raster resampled by `factor`: tiles of tile / factor raster
+    pixels, each resized to `tiling.tile` for the model and its probabilities resized back (bilinear, as
+    `deeplab.inference.segment` resizes for a fixed input size), then blended on the raster's own grid."""
+    if factor == 1.0:
+        return tiling, opts
+    if isinstance(opts.input_size, tuple):
+        raise ValueError("--scale / --resolution set the size tiles are resized to; leave --input-size at model")
+    tile = round(tiling.tile / factor)
+    if tile < 17:
+        raise ValueError(f"--scale {factor:g}: a {tiling.tile}-pixel tile would cover {tile} raster pixels; use a "
+                         f"larger --tile or a scale under {tiling.tile / 17:g}")
+    padding = min(round(tiling.padding / factor), (tile - 1) // 2)
+    return (Tiling(tile=tile, padding=padding, batch=tiling.batch),
+            InferenceOptions.of(opts, input_size=(tiling.tile, tiling.tile)))
+
+
+def tiling_note(tiling: Tiling, input_size: Any) -> str | None:
+    """One line for the user when tiles would be resized by an `input_size` (H, W) given with a tile of another size
+    (the model would see the raster at another resolution than it asked for); None when they are not ("model" and
+    None run tiles at their own size)."""
+    size = tuple(input_size) if isinstance(input_size, (tuple, list)) else None
+    if size is None or size == (tiling.tile, tiling.tile):
+        return None
+    factor = min(size) / tiling.tile
+    return (f"--tile {tiling.tile} with --input-size {size[0]}x{size[1]}: every tile is resized to {size[0]}x{size[1]}, "
+            f"so the model sees the raster at {factor:.2f} x its resolution; use --tile {max(size)} (or --input-size "
+            f"model) to keep it, or --scale {factor:.2f} to mean it")
 
 
 def predict_raster(
     model: nn.Module, path: str | os.PathLike, out_path: str | os.PathLike, *, tiling: Tiling | None = None,
     probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, cog: bool = True,
-    rank: int = 0, world_size: int = 1, **inference: Any,
+    scale: float | None = None, resolution: float | None = None, rank: int = 0, world_size: int = 1,
+    **inference: Any,
 ) -> RasterResult:
     """Classify the raster at `path` into the GeoTIFF `out_path` (module docstring), tile by tile.
 
-    `tiling`: tile size, padding and tiles per call (default `Tiling()`: 512, 128, 2). `options` (or its fields as
-    keywords) as for `deeplab.predict`: `scales` / `flip` average each tile's softmax over rescaled and mirrored
-    copies, `amp`, `runtime`; `window` and `crf` do not apply. The files are written under temporary names and renamed
-    when complete. Returns the paths and the megapixels per second.
+    `tiling`: tile size, padding and tiles per call (default `default_tiling`: the model's fixed input size or 512,
+    a quarter of it, 2), each tile run at its own size. `options` (or its fields as keywords) as for `deeplab.predict`:
+    `scales` / `flip` average each tile's softmax over rescaled and mirrored copies, `amp`, `runtime`; `window` and
+    `crf` do not apply; an `input_size` (H, W) resizes every tile to it (`tiling_note`). `scale` resamples the raster
+    by that factor for the model, or `resolution` to that ground sampling distance in metres (`raster_scale`,
+    `scaled_tiling`); the output is on the raster's grid either way. The files are written under temporary names and
+    renamed when complete. Returns the paths and the megapixels per second.
 
     `cog` (default): the files are cloud-optimised GeoTIFFs (`deeplab.inference.geotiff.to_cog`: 512-pixel tiles,
     internal overviews, mode-resampled for the classes and averaged for the probabilities), copied from the tiled
@@ -340,7 +410,7 @@ def predict_raster(
     to one process's byte for byte; the result's megapixels and seconds are this process's band.
     """
     rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
-    tiling = tiling or Tiling()
+    tiling = tiling or default_tiling(model)
     opts = _checked_options(model, options, inference)
     classes = int(model.config.num_classes)
     out_path, started = Path(out_path), time.perf_counter()
@@ -353,6 +423,7 @@ def predict_raster(
     from tqdm import tqdm
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src:
+        tiling, opts = scaled_tiling(tiling, opts, raster_scale(src, scale=scale, resolution=resolution))
         rows = row_bands(src.height, world_size)[rank]
         total = src.width * (rows[1] - rows[0]) / 1e6
         bar = tqdm(total=total, desc=Path(path).name, unit="Mpx", disable=not progress, dynamic_ncols=True,
@@ -455,7 +526,8 @@ def _merge_bands(src, model: nn.Module, partials: list[Path], finals: list[Path]
 
 def evaluate_raster(
     model: nn.Module, path: str | os.PathLike, labels_path: str | os.PathLike, *, tiling: Tiling | None = None,
-    progress: bool = False, options: InferenceOptions | None = None, **inference: Any,
+    progress: bool = False, options: InferenceOptions | None = None, scale: float | None = None,
+    resolution: float | None = None, **inference: Any,
 ) -> dict[str, Any]:
     """Scores of `model` on the raster at `path` against the label raster `labels_path` (the same size), predicted as
     `predict_raster` does and compared strip by strip (memory as for prediction).
@@ -470,7 +542,7 @@ def evaluate_raster(
     from .metrics import MetricAccumulator
 
     rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
-    tiling = tiling or Tiling()
+    tiling = tiling or default_tiling(model)
     opts = _checked_options(model, options, inference)
     classes = int(model.config.num_classes)
     values = getattr(model, "class_values", None)
@@ -480,6 +552,7 @@ def evaluate_raster(
     from tqdm import tqdm
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src, _open(labels_path) as truth:
+        tiling, opts = scaled_tiling(tiling, opts, raster_scale(src, scale=scale, resolution=resolution))
         if (truth.width, truth.height) != (src.width, src.height):
             raise ValueError(f"{labels_path}: {truth.width}x{truth.height} pixels, but {path} has {src.width}x"
                              f"{src.height}; the label raster must cover the image pixel for pixel")
