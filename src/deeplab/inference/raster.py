@@ -65,7 +65,9 @@ from .segment import segment_probs
 
 GDAL_CACHE_MB = 64  # GDAL's block cache while a raster is read and written (its default is 5% of the machine's RAM)
 MERGE_COLUMNS = 8192  # columns copied at a time when the parts of a shared raster are merged
-MAX_BUFFER_BYTES = 256 * 2**20  # the blended probabilities of one strip of tiles, at most (sets the chunk width)
+# The blended probabilities of one strip of tiles, at most (sets the chunk width: 8192 columns of 6 classes at tile
+# 512). The strip's image, its copies and the written rows add about as much again, whatever the raster's width.
+MAX_BUFFER_BYTES = 128 * 2**20
 WEIGHT_FLOOR = 1e-3
 
 __all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "default_tiling", "evaluate_raster", "predict_raster",
@@ -216,8 +218,9 @@ class _Blender:
     def advance(self, rows: int) -> None:
         """Move the buffer down by `rows`: its first row becomes the next tile row's top."""
         kept = self.tiling.tile - rows  # rows the next tile row adds to: moved up, the rest zeroed
-        if kept > 0:
-            self.acc[:, :kept] = self.acc[:, rows:].clone()
+        if kept > 0:  # class by class: the temporary copy is one class's rows, not the whole buffer
+            for k in range(self.k):
+                self.acc[k, :kept] = self.acc[k, rows:].clone()
             self.wsum[:kept] = self.wsum[rows:].clone()
         self.acc[:, max(kept, 0):] = 0
         self.wsum[max(kept, 0):] = 0
