@@ -111,7 +111,7 @@ def test_output_keeps_georeference_and_nodata_exactly_with_colours_names_and_pro
     with rasterio.open(tmp_path / "ortho.tif") as src, rasterio.open(done.path) as out:
         assert (out.crs, out.transform, out.width, out.height) == (src.crs, src.transform, src.width, src.height)
         assert out.count == 1 and out.dtypes == ("uint8",) and out.nodata == 255
-        assert out.profile["tiled"] and out.block_shapes == [(256, 256)] and out.compression.name == "deflate"
+        assert out.profile["tiled"] and out.block_shapes == [(512, 512)] and out.compression.name == "deflate"  # a COG
         labels = out.read(1)
         assert (labels[hole] == 255).all() and (labels[~hole] < 5).all()
         colormap = out.colormap(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from ..models.config import OUTPUT_STRIDES
 from .flags import (
@@ -15,6 +16,7 @@ from .flags import (
     int_tuple,
     load_for_inference,
     number,
+    raster_note,
     raster_tiling,
     resolve_device,
 )
@@ -137,7 +139,11 @@ def _raster_result(model, path, args: argparse.Namespace, inference, device) -> 
         model = model.with_output_stride(args.eval_output_stride)
     if next(model.parameters(), None) is not None:
         model = model.to(device)
-    res = evaluate_raster(model, args.raster, args.labels, tiling=raster_tiling(args), options=inference,
+    note = raster_note(args, model)
+    if note:
+        print(f"deeplab eval: {note}", file=sys.stderr)
+    res = evaluate_raster(model, args.raster, args.labels, tiling=raster_tiling(args, model), options=inference,
+                          scale=args.scale, resolution=args.resolution,
                           progress=not args.quiet and not args.json)
     return {"checkpoint": str(path), "dataset": "raster", "split": args.labels, "images": args.raster, **res}
 

@@ -481,17 +481,34 @@ def flagged_folder_options(args: argparse.Namespace) -> dict:
 def add_raster_flags(p: argparse.ArgumentParser) -> None:
     """How rasters (GeoTIFF) of any size are tiled: `deeplab.inference.raster`."""
     g = p.add_argument_group("rasters (GeoTIFF and other GDAL rasters, any size; pip install 'deeplab[geo]')")
-    g.add_argument("--tile", type=number(int, 17, "at least 17 pixels, e.g. 512"), default=512,
-                   help="raster tile size in pixels (default %(default)s)")
+    g.add_argument("--tile", type=number(int, 17, "at least 17 pixels, e.g. 512"), default=None,
+                   help="raster tile size in pixels, each tile run at its own size (default: the checkpoint's fixed "
+                   "input size if it has one, e.g. 513 for a converted TF Lite model, else 512)")
     g.add_argument("--padding", type=number(int, 0, "0 or a positive number of pixels below half the tile"),
                    default=None, help="pixels of each tile's border that overlap its neighbours; tiles step by tile - "
                    "2 x padding and are blended where they overlap (default: a quarter of --tile, as ArcGIS)")
     g.add_argument("--tile-batch", type=number(int, 1, "a positive number of tiles"), default=2,
                    help="tiles run per call: peak memory grows with it, not with the raster (default %(default)s)")
+    g.add_argument("--scale", type=number(float, 0, "a positive factor, e.g. 0.5", strict=True), default=None,
+                   help="resample the raster by this factor for the model (0.5: the model sees it at half its "
+                   "resolution, tiles of --tile pixels cover 2 x --tile raster pixels); the classes come back on the "
+                   "raster's grid")
+    g.add_argument("--resolution", type=number(float, 0, "a positive number of metres, e.g. 0.3", strict=True),
+                   default=None, metavar="METRES", help="the ground sampling distance the model was trained at: the "
+                   "raster is resampled by its own pixel size / METRES (rasters in a projected CRS in metres; ArcGIS's "
+                   "cell size)")
 
 
-def raster_tiling(args: argparse.Namespace):
-    from ..inference.raster import Tiling
+def raster_tiling(args: argparse.Namespace, model):
+    """The raster tiling the flags ask for, with the model's fixed input size as the default tile."""
+    from ..inference.raster import default_tiling
 
-    return Tiling(tile=args.tile, padding=args.padding, batch=args.tile_batch)
+    return default_tiling(model, tile=args.tile, padding=args.padding, batch=args.tile_batch)
+
+
+def raster_note(args: argparse.Namespace, model) -> str | None:
+    """The one line to print when the flags would resize raster tiles (`deeplab.inference.raster.tiling_note`)."""
+    from ..inference.raster import tiling_note
+
+    return tiling_note(raster_tiling(args, model), args.input_size)
 

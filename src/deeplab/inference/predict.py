@@ -213,12 +213,30 @@ class PredictReport:
 
     written: dict[str, list[Path]] = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # inputs whose outputs were complete (deeplab.inference.resume)
     runtime: str = ""  # which runtime and precision ran the model (deeplab.deploy.runtimes.describe_runtime)
     rasters: dict[str, Any] = field(default_factory=dict)  # input -> deeplab.inference.raster.RasterResult
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @classmethod
+    def merged(cls, reports: Sequence[PredictReport]) -> PredictReport:
+        """One report of the reports of several processes that shared the inputs (`predict_files`'s `rank`): a raster
+        shared by all of them counts its megapixels once each and the longest time."""
+        import dataclasses
+
+        total = cls(runtime=reports[0].runtime if reports else "")
+        for report in reports:
+            total.written.update(report.written)
+            total.failed += report.failed
+            total.skipped += [s for s in report.skipped if s not in total.skipped]
+            for source, done in report.rasters.items():
+                seen = total.rasters.get(source)
+                total.rasters[source] = done if seen is None else dataclasses.replace(
+                    seen, megapixels=seen.megapixels + done.megapixels, seconds=max(seen.seconds, done.seconds))
+        return total
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike]) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
@@ -318,6 +336,12 @@ def predict_files(
     progress: bool = False,
     options: InferenceOptions | None = None,
     tiling: Any = None,
+    overwrite: bool = False,
+    cog: bool = True,
+    scale: float | None = None,
+    resolution: float | None = None,
+    rank: int = 0,
+    world_size: int = 1,
     **inference: Any,
 ) -> PredictReport:
     """Predict every image that `inputs` names (files, folders, globs; see `expand_inputs`) into `out_dir`.
@@ -331,8 +355,20 @@ def predict_files(
 
     A raster (GeoTIFF, .img, .jp2, .vrt: `deeplab.inference.raster.RASTER_SUFFIXES`) of any size is classified tile
     by tile into NAME.tif, georeferenced as its source, with NAME_probs.tif for `save_probs`
-    (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default 512-pixel tiles); rasters need the
-    optional rasterio package (pip install 'deeplab[geo]') and get no overlay.
+    (`deeplab.inference.raster.predict_raster`; `tiling` a `Tiling`, default the model's fixed input size or 512,
+    each tile run at its own size; `scale` or `resolution` resample the raster for the model); rasters need the
+    optional rasterio package (pip install 'deeplab[geo]') and get no overlay. `cog` (default): they are
+    cloud-optimised GeoTIFFs with overviews; `cog=False`: tiled GeoTIFFs without overviews.
+
+    Resumable: every output is written whole or not at all, and a record of each input's outputs goes to
+    `out_dir/.deeplab-predict/` once they all exist (`deeplab.inference.resume`). An input whose outputs are complete
+    and were made by the same model and options from the same file is skipped (`report.skipped`); `overwrite`
+    predicts everything again.
+
+    `rank` of `world_size` processes (torch.distributed, initialised by the caller, each calling this with the same
+    arguments): the photos and videos are shared round robin over the inputs' order (process r takes inputs r, r + N,
+    ...), and every raster is shared by bands of rows (`predict_raster`); each process's report holds its own inputs
+    (`PredictReport.merged` joins them). The outputs are those of one process.
     """
     opts = InferenceOptions.of(options, **inference)
     class_names = getattr(model, "class_names", None)
@@ -342,27 +378,45 @@ def predict_files(
         raise ValueError(f"index PNGs hold classes 0..254 (255 is the ignore label); this model has {len(class_names)}")
     if overlay_alpha is not None and not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay alpha must lie in [0, 1], got {overlay_alpha!r}")
+    from . import resume
+    from .raster import RASTER_SUFFIXES, default_tiling, predict_raster
+
+    raster_opts = opts  # a raster resolves "model" itself: tiles at their own size (`default_tiling`)
     opts = InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    tiling = tiling or default_tiling(model)
+    run_key = resume.run_key(model, raster_opts, overlay=overlay_alpha, probs=save_probs,
+                             tiling=[tiling.tile, tiling.padding], cog=cog, scale=scale, resolution=resolution)
     palette = model_palette(model)
     model = prepare_model(model, opts)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: is a file; pass a folder for the predictions")
     files, problems = expand_inputs(inputs)
-    report = PredictReport(failed=list(problems))
+    report = PredictReport(failed=list(problems) if rank == 0 else [])
     # Every input, not only the current one: with a.jpg and a.png in one folder predicted into that folder, a.jpg's
     # mask would replace a.png before a.png is read.
     inputs_resolved = {path.resolve() for path, _ in files}
+    rasters = [(p, n) for p, n in files if p.suffix.lower() in RASTER_SUFFIXES]
+    photos = [(p, n) for p, n in files if p.suffix.lower() not in RASTER_SUFFIXES]
+    if world_size > 1:  # rasters are shared: which are done is decided before any process writes, so all agree
+        done_before = [str(p) for p, n in rasters if not overwrite and resume.done_outputs(out, n, p, run_key)]
+        report.skipped += done_before if rank == 0 else []
+        rasters = [(p, n) for p, n in rasters if str(p) not in done_before]
+    mine = photos[rank::world_size] + rasters
 
     def run(rgb: np.ndarray) -> np.ndarray:
         return predict_probs(model, rgb, options=opts)
 
     from tqdm import tqdm
 
-    from .raster import RASTER_SUFFIXES, predict_raster
-
-    for path, name in tqdm(files, desc="predict", unit="image", disable=not progress or len(files) == 1,
+    for path, name in tqdm(mine, desc="predict", unit="image", disable=not progress or len(mine) == 1,
                            dynamic_ncols=True):
+        shared = path.suffix.lower() in RASTER_SUFFIXES and world_size > 1
+        if not shared and not overwrite and resume.done_outputs(out, name, path, run_key) is not None:
+            report.skipped.append(str(path))
+            continue
+        if rank == 0 or not shared:
+            resume.forget(out, name)
         try:
             if path.suffix.lower() in RASTER_SUFFIXES:
                 target = out / f"{name}.tif"
@@ -370,7 +424,8 @@ def predict_files(
                     raise ValueError(f"{path}: its output {target} is an input of this command and would be "
                                      "overwritten; choose another --out")
                 done = predict_raster(model, path, target, tiling=tiling, probs=save_probs, progress=progress,
-                                      options=opts)
+                                      options=raster_opts, cog=cog, scale=scale, resolution=resolution, rank=rank,
+                                      world_size=world_size)
                 written = [done.path, done.path.with_name(done.path.name + ".aux.xml")]
                 written += [done.probs_path] if done.probs_path is not None else []
                 report.rasters[str(path)] = done
@@ -394,8 +449,13 @@ def predict_files(
                     save_probs=save_probs, run=run,
                 )
         except ValueError as exc:
-            report.failed.append((str(path), str(exc)))
+            if rank == 0 or not shared:  # a shared raster fails alike in every process: reported once
+                report.failed.append((str(path), str(exc)))
             continue
+        if shared and rank != 0:  # process 0 wrote the file from every process's part
+            report.rasters[str(path)] = done
+            continue
+        resume.write_record(out, name, path, run_key, written)  # only now: every output of the input is whole
         report.written[str(path)] = written
     report.runtime = describe_runtime(model)
     return report

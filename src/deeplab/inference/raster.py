@@ -39,7 +39,6 @@ import math
 import os
 import time
 import warnings
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,15 +51,27 @@ from torch import nn
 from ..data.bands import RASTER_SUFFIXES, import_rasterio
 from ..deploy.runtimes import prepare_model, runtime_name
 from .options import InferenceOptions
+from .geotiff import (
+    BLOCK,
+    NODATA,
+    BlockRows,
+    describe_classes,
+    geotiff_profile,
+    nothing,
+    to_cog,
+    write_category_names,
+)
 from .segment import segment_probs
 
-BLOCK = 256  # the output's GeoTIFF block size
 GDAL_CACHE_MB = 64  # GDAL's block cache while a raster is read and written (its default is 5% of the machine's RAM)
-MAX_BUFFER_BYTES = 256 * 2**20  # the blended probabilities of one strip of tiles, at most (sets the chunk width)
+MERGE_COLUMNS = 8192  # columns copied at a time when the parts of a shared raster are merged
+# The blended probabilities of one strip of tiles, at most (sets the chunk width: 8192 columns of 6 classes at tile
+# 512). The strip's image, its copies and the written rows add about as much again, whatever the raster's width.
+MAX_BUFFER_BYTES = 128 * 2**20
 WEIGHT_FLOOR = 1e-3
-NODATA = 255
 
-__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "evaluate_raster", "predict_raster", "tile_weight"]
+__all__ = ["RASTER_SUFFIXES", "RasterResult", "Tiling", "default_tiling", "evaluate_raster", "predict_raster",
+           "raster_scale", "row_bands", "scaled_tiling", "tile_weight", "tiling_note"]
 
 
 @dataclass(frozen=True)
@@ -207,8 +218,9 @@ class _Blender:
     def advance(self, rows: int) -> None:
         """Move the buffer down by `rows`: its first row becomes the next tile row's top."""
         kept = self.tiling.tile - rows  # rows the next tile row adds to: moved up, the rest zeroed
-        if kept > 0:
-            self.acc[:, :kept] = self.acc[:, rows:].clone()
+        if kept > 0:  # class by class: the temporary copy is one class's rows, not the whole buffer
+            for k in range(self.k):
+                self.acc[k, :kept] = self.acc[k, rows:].clone()
             self.wsum[:kept] = self.wsum[rows:].clone()
         self.acc[:, max(kept, 0):] = 0
         self.wsum[max(kept, 0):] = 0
@@ -248,29 +260,41 @@ def _column_chunks(width: int, tiling: Tiling, classes: int) -> list[tuple[int, 
     return [(x, min(width, x + columns)) for x in range(0, width, columns)]
 
 
-def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, *, bar: Any = None
-                   ) -> Iterator[Strip]:
+def blended_strips(model: nn.Module, src, tiling: Tiling, opts: InferenceOptions, *, bar: Any = None,
+                   rows: tuple[int, int] | None = None) -> Iterator[Strip]:
     """The blended prediction of the raster `src`, strip by strip (each strip's rows final): column chunks left to
-    right, rows top to bottom within each."""
+    right, rows top to bottom within each. `rows` (first, end): only the strips of those raster rows, computed from
+    the same tiles, in the same order, as for the whole raster (so a band of rows equals that band of the whole)."""
     from rasterio.windows import Window
 
     bands = _image_bands(src, model)
     starts_y = tiling.starts(src.height)
+    r0, r1 = rows or (0, src.height)
     for x0, x1 in _column_chunks(src.width, tiling, int(model.config.num_classes)):
         blender = _Blender(model, src, tiling, opts, bands, (x0, x1))
         for r, top in enumerate(starts_y):
+            if top + tiling.tile <= r0:  # above the band: the buffer stays empty, so it needs no moving
+                continue
+            if top >= r1:
+                break
             blender.add_row(top)
             # Rows above the next tile row's top are final; after the last tile row, every row left.
             end = src.height if r == len(starts_y) - 1 else starts_y[r + 1]
             sums, weights = blender.final(end - top)  # rows top .. end
-            first, last = max(0, top), min(src.height, end)  # the rows inside the raster
+            first, last = max(r0, top), min(r1, end)  # the rows inside the raster and the band
             if last > first:
                 valid = src.dataset_mask(window=Window(x0, first, x1 - x0, last - first)) > 0
-                rows = slice(first - top, last - top)
-                yield Strip(row=first, column=x0, sums=sums[:, rows], weights=weights[rows], valid=valid)
+                part = slice(first - top, last - top)
+                yield Strip(row=first, column=x0, sums=sums[:, part], weights=weights[part], valid=valid)
                 if bar is not None:
                     bar.update((last - first) * (x1 - x0) / 1e6)
             blender.advance(end - top)  # the buffer now starts at the next tile row's top
+
+
+def row_bands(height: int, world_size: int) -> list[tuple[int, int]]:
+    """`world_size` consecutive bands of rows, split at multiples of the 256-row block (some may be empty)."""
+    cuts = [min(height, round(height * i / world_size / BLOCK) * BLOCK) for i in range(world_size)] + [height]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
@@ -284,69 +308,6 @@ def argmax_classes(probs: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-class _BlockRows:
-    """Buffers strips of one column chunk and writes whole 256-row block rows (the rest at the end)."""
-
-    def __init__(self, dst, column: int) -> None:
-        self.dst, self.column = dst, column
-        self.top = 0
-        self.parts: list[np.ndarray] = []  # (bands, h, w) each, consecutive rows from self.top
-
-    def add(self, row: int, data: np.ndarray) -> None:
-        if not self.parts:
-            self.top = row
-        self.parts.append(data)
-        rows = sum(p.shape[1] for p in self.parts)
-        if rows >= BLOCK:
-            self._write(rows // BLOCK * BLOCK)
-
-    def _write(self, rows: int) -> None:
-        from rasterio.windows import Window
-
-        data = np.concatenate(self.parts, axis=1) if len(self.parts) > 1 else self.parts[0]
-        self.dst.write(data[:, :rows], window=Window(self.column, self.top, data.shape[2], rows))
-        self.top += rows
-        self.parts = [data[:, rows:]] if rows < data.shape[1] else []
-
-    def flush(self) -> None:
-        if self.parts:
-            self._write(sum(p.shape[1] for p in self.parts))
-
-
-def _profile(src, *, count: int, dtype: str, nodata: float) -> dict[str, Any]:
-    return {
-        "driver": "GTiff", "width": src.width, "height": src.height, "count": count, "dtype": dtype,
-        "crs": src.crs, "transform": src.transform, "nodata": nodata, "tiled": True, "blockxsize": BLOCK,
-        "blockysize": BLOCK, "compress": "deflate", "BIGTIFF": "IF_SAFER",
-    }
-
-
-def _describe_classes(dst, model: nn.Module) -> None:
-    """Colour table and class names of the class band (the model's palette; band metadata class_I = name)."""
-    from ..data.palettes import model_palette
-
-    palette = model_palette(model)
-    colormap = {i: (*map(int, rgb), 255) for i, rgb in enumerate(palette.colors)}
-    colormap[NODATA] = (0, 0, 0, 0)
-    dst.write_colormap(1, colormap)
-    dst.set_band_description(1, "class")
-    values = getattr(model, "class_values", None) or ()
-    dst.update_tags(1, **{f"class_{i}": name for i, name in enumerate(model.class_names)},
-                    **{f"class_{i}_value": str(v) for i, v in enumerate(values)})
-
-
-def write_category_names(path: Path, class_names) -> Path:
-    """NAME.tif.aux.xml with GDAL's category names of band 1 (class index i is the i-th name)."""
-    pam = ET.Element("PAMDataset")
-    band = ET.SubElement(pam, "PAMRasterBand", band="1")
-    names = ET.SubElement(band, "CategoryNames")
-    for name in class_names:
-        ET.SubElement(names, "Category").text = str(name)
-    aux = path.with_name(path.name + ".aux.xml")
-    ET.ElementTree(pam).write(aux, encoding="UTF-8", xml_declaration=False)
-    return aux
-
-
 def _checked_options(model: nn.Module, options: InferenceOptions | None, inference: dict[str, Any]
                      ) -> InferenceOptions:
     from .options import resolve_input_size
@@ -358,83 +319,218 @@ def _checked_options(model: nn.Module, options: InferenceOptions | None, inferen
     if len(getattr(model, "class_names", ())) > 255:
         raise ValueError(f"a uint8 class raster holds classes 0..254 (255 is NoData); this model has "
                          f"{len(model.class_names)}")
-    return InferenceOptions.of(opts, input_size=resolve_input_size(model, opts.input_size))
+    # "model": tiles run at their own size (the fixed size only sets the default tile: `default_tiling`); a size
+    # given (H, W) resizes every tile to it.
+    return InferenceOptions.of(opts, input_size=None if opts.input_size == "model" else
+                               resolve_input_size(model, opts.input_size))
+
+
+def default_tiling(model: nn.Module, *, tile: int | None = None, padding: int | None = None, batch: int = 2
+                   ) -> Tiling:
+    """Tiles of `tile` pixels, by default the model's fixed input size when its preprocessing names one (a converted
+    TF Lite model: 257 or 513), else 512. DeepLab is fully convolutional, so a tile runs at its own size and the
+    raster at its own resolution; the fixed size is where the model was trained (and the only size a static graph
+    exported for it accepts)."""
+    size = getattr(getattr(model, "preprocessing", None), "input_size", None)
+    return Tiling(tile=tile or (max(int(v) for v in size) if size else 512), padding=padding, batch=batch)
+
+
+def raster_scale(src, *, scale: float | None = None, resolution: float | None = None) -> float:
+    """The factor the raster is resampled by before the model: `scale`, or the raster's ground sampling distance
+    (metres per pixel, from its transform) over `resolution` (the GSD the model was trained at), or 1."""
+    if scale is not None and resolution is not None:
+        raise ValueError(f"--scale {scale:g} and --resolution {resolution:g}: both say how to resample the raster; "
+                         "give one")
+    for flag, value in (("--scale", scale), ("--resolution", resolution)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value}: must be a positive number")
+    if resolution is None:
+        return float(scale or 1.0)
+    crs = src.crs
+    units = (getattr(crs, "linear_units", "") or "").lower() if crs is not None else ""
+    if crs is None or not crs.is_projected or units not in ("metre", "meter", "metres", "meters", "m"):
+        raise ValueError(f"{src.name}: --resolution {resolution:g} (metres) needs a raster in a projected CRS in "
+                         f"metres, this one has {crs.to_string() if crs else 'no CRS'}; reproject it (gdalwarp "
+                         "-t_srs EPSG:...) or give --scale instead")
+    t = src.transform
+    gsd = math.sqrt(abs(t.a * t.e - t.b * t.d))  # the side of a pixel's square area, rotated or not
+    return gsd / resolution
+
+
+def scaled_tiling(tiling: Tiling, opts: InferenceOptions, factor: float) -> tuple[Tiling, InferenceOptions]:
+    """(raster tiling, options) that show the model the raster resampled by `factor`: tiles of tile / factor raster
+    pixels, each resized to `tiling.tile` for the model and its probabilities resized back (bilinear, as
+    `deeplab.inference.segment` resizes for a fixed input size), then blended on the raster's own grid."""
+    if factor == 1.0:
+        return tiling, opts
+    if isinstance(opts.input_size, tuple):
+        raise ValueError("--scale / --resolution set the size tiles are resized to; leave --input-size at model")
+    tile = round(tiling.tile / factor)
+    if tile < 17:
+        raise ValueError(f"--scale {factor:g}: a {tiling.tile}-pixel tile would cover {tile} raster pixels; use a "
+                         f"larger --tile or a scale under {tiling.tile / 17:g}")
+    padding = min(round(tiling.padding / factor), (tile - 1) // 2)
+    return (Tiling(tile=tile, padding=padding, batch=tiling.batch),
+            InferenceOptions.of(opts, input_size=(tiling.tile, tiling.tile)))
+
+
+def tiling_note(tiling: Tiling, input_size: Any) -> str | None:
+    """One line for the user when tiles would be resized by an `input_size` (H, W) given with a tile of another size
+    (the model would see the raster at another resolution than it asked for); None when they are not ("model" and
+    None run tiles at their own size)."""
+    size = tuple(input_size) if isinstance(input_size, (tuple, list)) else None
+    if size is None or size == (tiling.tile, tiling.tile):
+        return None
+    factor = min(size) / tiling.tile
+    return (f"--tile {tiling.tile} with --input-size {size[0]}x{size[1]}: every tile is resized to {size[0]}x{size[1]}, "
+            f"so the model sees the raster at {factor:.2f} x its resolution; use --tile {max(size)} (or --input-size "
+            f"model) to keep it, or --scale {factor:.2f} to mean it")
 
 
 def predict_raster(
     model: nn.Module, path: str | os.PathLike, out_path: str | os.PathLike, *, tiling: Tiling | None = None,
-    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, **inference: Any,
+    probs: bool = False, progress: bool = False, options: InferenceOptions | None = None, cog: bool = True,
+    scale: float | None = None, resolution: float | None = None, rank: int = 0, world_size: int = 1,
+    **inference: Any,
 ) -> RasterResult:
     """Classify the raster at `path` into the GeoTIFF `out_path` (module docstring), tile by tile.
 
-    `tiling`: tile size, padding and tiles per call (default `Tiling()`: 512, 128, 2). `options` (or its fields as
-    keywords) as for `deeplab.predict`: `scales` / `flip` average each tile's softmax over rescaled and mirrored
-    copies, `amp`, `runtime`; `window` and `crf` do not apply. The files are written under temporary names and renamed
-    when complete. Returns the paths and the megapixels per second.
+    `tiling`: tile size, padding and tiles per call (default `default_tiling`: the model's fixed input size or 512,
+    a quarter of it, 2), each tile run at its own size. `options` (or its fields as keywords) as for `deeplab.predict`:
+    `scales` / `flip` average each tile's softmax over rescaled and mirrored copies, `amp`, `runtime`; `window` and
+    `crf` do not apply; an `input_size` (H, W) resizes every tile to it (`tiling_note`). `scale` resamples the raster
+    by that factor for the model, or `resolution` to that ground sampling distance in metres (`raster_scale`,
+    `scaled_tiling`); the output is on the raster's grid either way. The files are written under temporary names and
+    renamed when complete. Returns the paths and the megapixels per second.
+
+    `cog` (default): the files are cloud-optimised GeoTIFFs (`deeplab.inference.geotiff.to_cog`: 512-pixel tiles,
+    internal overviews, mode-resampled for the classes and averaged for the probabilities), copied from the tiled
+    GeoTIFF written strip by strip; `cog=False` keeps that file (256-pixel tiles, no overviews).
+
+    `rank` of `world_size` processes (torch.distributed, initialised by the caller; every process calls this with
+    the same arguments): each predicts one band of rows (`row_bands`) into a part file of its own, and process 0
+    copies the parts into the output once all are written (a barrier), block row by block row. The output is equal
+    to one process's byte for byte; the result's megapixels and seconds are this process's band.
     """
     rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
-    tiling = tiling or Tiling()
+    tiling = tiling or default_tiling(model)
     opts = _checked_options(model, options, inference)
     classes = int(model.config.num_classes)
     out_path, started = Path(out_path), time.perf_counter()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     probs_path = out_path.with_name(out_path.stem + "_probs.tif") if probs else None
     prepared = prepare_model(model.eval() if hasattr(model, "eval") else model, opts)
-    parts = [(out_path, out_path.with_name(f".{out_path.name}.partial"))]
-    if probs_path is not None:
-        parts.append((probs_path, probs_path.with_name(f".{probs_path.name}.partial")))
+    finals = [out_path] + ([probs_path] if probs_path is not None else [])
+    partials = [p.with_name(f".{p.name}.partial") for p in finals]
+    mine = partials if world_size == 1 else [p.with_name(f".{p.name}.part{rank}") for p in finals]
     from tqdm import tqdm
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src:
-        total = src.width * src.height / 1e6
+        tiling, opts = scaled_tiling(tiling, opts, raster_scale(src, scale=scale, resolution=resolution))
+        rows = row_bands(src.height, world_size)[rank]
+        total = src.width * (rows[1] - rows[0]) / 1e6
         bar = tqdm(total=total, desc=Path(path).name, unit="Mpx", disable=not progress, dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]")
         try:
-            with rasterio.open(parts[0][1], "w", **_profile(src, count=1, dtype="uint8", nodata=NODATA)) as dst, \
-                    (rasterio.open(parts[1][1], "w", nbits=16, **_profile(src, count=classes, dtype="float32",
-                                                                          nodata=float("nan")))
-                     if probs_path is not None else _nothing()) as pdst:
-                _describe_classes(dst, model)
-                writers: tuple[_BlockRows, _BlockRows | None] | None = None
-                for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
-                    if writers is None or writers[0].column != strip.column:
-                        for w in writers or ():
-                            if w is not None:
-                                w.flush()
-                        writers = (_BlockRows(dst, strip.column),
-                                   _BlockRows(pdst, strip.column) if pdst is not None else None)
-                    writers[0].add(strip.row, strip.labels()[None])
-                    if writers[1] is not None:
-                        probs = strip.probabilities().numpy()
-                        probs[:, ~strip.valid] = np.nan
-                        writers[1].add(strip.row, probs)
-                for w in writers or ():
-                    if w is not None:
-                        w.flush()
-            for final, partial in parts:
+            if rows[1] > rows[0]:
+                _write_band(prepared, model, src, mine, rows, tiling, opts, classes, bar=bar, cog=cog)
+            if world_size > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # every band's part is written
+                if rank != 0:
+                    return RasterResult(path=out_path, probs_path=probs_path, megapixels=total,
+                                        seconds=time.perf_counter() - started, runtime=runtime_name(prepared))
+                _merge_bands(src, model, partials, finals, row_bands(src.height, world_size), classes, cog=cog)
+            for i, (final, partial) in enumerate(zip(finals, partials)):
+                if cog:
+                    staged, partial = partial, partial.with_name(partial.name + ".cog")
+                    to_cog(staged, partial, resampling="mode" if i == 0 else "average")
+                    staged.unlink()
                 os.replace(partial, final)
         except BaseException:
-            for _, partial in parts:
+            for partial in {*partials, *mine, *(p.with_name(p.name + ".cog") for p in partials)}:
                 partial.unlink(missing_ok=True)
             raise
         finally:
             bar.close()
+            if world_size > 1 and rank == 0:
+                for r in range(world_size):
+                    for final in finals:
+                        final.with_name(f".{final.name}.part{r}").unlink(missing_ok=True)
     write_category_names(out_path, model.class_names)
     return RasterResult(path=out_path, probs_path=probs_path, megapixels=total,
                         seconds=time.perf_counter() - started, runtime=runtime_name(prepared))
 
 
-class _nothing:
-    def __enter__(self):
-        return None
+def _write_band(prepared: nn.Module, model: nn.Module, src, paths: list[Path], rows: tuple[int, int],
+                tiling: Tiling, opts: InferenceOptions, classes: int, *, bar: Any, cog: bool) -> None:
+    """GeoTIFFs of the rows `rows` of the prediction: classes into paths[0], probabilities into paths[1] if given
+    (`_probs_profile`)."""
+    import rasterio
 
-    def __exit__(self, *exc):
-        return False
+    t = src.transform  # moved down to the band's first row (rasterio's window_transform warns on its `*` use)
+    band = {"height": rows[1] - rows[0],
+            "transform": rasterio.Affine(t.a, t.b, t.c + t.b * rows[0], t.d, t.e, t.f + t.e * rows[0])}
+    with rasterio.open(paths[0], "w", **{**geotiff_profile(src, count=1, dtype="uint8", nodata=NODATA), **band}) as dst, \
+            (rasterio.open(paths[1], "w", **{**_probs_profile(src, classes, cog=cog), **band})
+             if len(paths) > 1 else nothing()) as pdst:
+        describe_classes(dst, model)
+        writers: tuple[BlockRows, BlockRows | None] | None = None
+        for strip in blended_strips(prepared, src, tiling, opts, bar=bar, rows=rows):
+            if writers is None or writers[0].column != strip.column:
+                for w in writers or ():
+                    if w is not None:
+                        w.flush()
+                writers = (BlockRows(dst, strip.column, top=rows[0]),
+                           BlockRows(pdst, strip.column, top=rows[0]) if pdst is not None else None)
+            writers[0].add(strip.row, strip.labels()[None])
+            if writers[1] is not None:
+                probs = strip.probabilities().numpy()
+                probs[:, ~strip.valid] = np.nan
+                if cog:  # float16's values, stored as float32 (`_probs_profile`)
+                    probs = probs.astype(np.float16).astype(np.float32)
+                writers[1].add(strip.row, probs)
+        for w in writers or ():
+            if w is not None:
+                w.flush()
+
+
+def _probs_profile(src, classes: int, *, cog: bool) -> dict[str, Any]:
+    """The probabilities' GeoTIFF: float32 bands holding float16 values, stored in 16 bits (NBITS=16) in a plain
+    GeoTIFF; in 32 bits in a COG, as GDAL's COG driver (3.10) fills the unused part of 16-bit float blocks with
+    whatever memory held, so the same probabilities would give other bytes each time."""
+    profile = geotiff_profile(src, count=classes, dtype="float32", nodata=float("nan"))
+    return profile if cog else {**profile, "nbits": 16}
+
+
+def _merge_bands(src, model: nn.Module, partials: list[Path], finals: list[Path], bands: list[tuple[int, int]],
+                 classes: int, *, cog: bool) -> None:
+    """Process 0 of a shared raster: the bands' part files copied into whole GeoTIFFs, a window of 256 rows by at most
+    `MERGE_COLUMNS` columns at a time (never a raster in memory)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    for i, (partial, final) in enumerate(zip(partials, finals)):
+        profile = (geotiff_profile(src, count=1, dtype="uint8", nodata=NODATA) if i == 0 else
+                   _probs_profile(src, classes, cog=cog))
+        with rasterio.open(partial, "w", **profile) as dst:
+            if i == 0:
+                describe_classes(dst, model)
+            for r, (r0, r1) in enumerate(bands):
+                if r1 <= r0:
+                    continue
+                with rasterio.open(final.with_name(f".{final.name}.part{r}")) as part:
+                    for top in range(0, r1 - r0, BLOCK):
+                        for left in range(0, src.width, MERGE_COLUMNS):
+                            window = Window(left, top, min(MERGE_COLUMNS, src.width - left), min(BLOCK, r1 - r0 - top))
+                            dst.write(part.read(window=window), window=Window(left, r0 + top, window.width, window.height))
 
 
 def evaluate_raster(
     model: nn.Module, path: str | os.PathLike, labels_path: str | os.PathLike, *, tiling: Tiling | None = None,
-    progress: bool = False, options: InferenceOptions | None = None, **inference: Any,
+    progress: bool = False, options: InferenceOptions | None = None, scale: float | None = None,
+    resolution: float | None = None, **inference: Any,
 ) -> dict[str, Any]:
     """Scores of `model` on the raster at `path` against the label raster `labels_path` (the same size), predicted as
     `predict_raster` does and compared strip by strip (memory as for prediction).
@@ -449,7 +545,7 @@ def evaluate_raster(
     from .metrics import MetricAccumulator
 
     rasterio = import_rasterio(f"{path}: reading rasters (GeoTIFF)")
-    tiling = tiling or Tiling()
+    tiling = tiling or default_tiling(model)
     opts = _checked_options(model, options, inference)
     classes = int(model.config.num_classes)
     values = getattr(model, "class_values", None)
@@ -459,6 +555,7 @@ def evaluate_raster(
     from tqdm import tqdm
 
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), _open(path) as src, _open(labels_path) as truth:
+        tiling, opts = scaled_tiling(tiling, opts, raster_scale(src, scale=scale, resolution=resolution))
         if (truth.width, truth.height) != (src.width, src.height):
             raise ValueError(f"{labels_path}: {truth.width}x{truth.height} pixels, but {path} has {src.width}x"
                              f"{src.height}; the label raster must cover the image pixel for pixel")
