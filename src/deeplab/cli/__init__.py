@@ -36,14 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
     """The command line. Every failure ends in one line on stderr and an exit status (2: the input or a flag,
     3: files or disk, 4: memory, 130: interrupted, 70: a bug); with --debug or DEEPLAB_DEBUG=1 it raises with the
-    traceback."""
+    traceback. `whole_process`: this process runs only this command, so it may configure malloc for it."""
     import os
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    if whole_process:
+        _configure_malloc(args.command)
     debug = args.debug or os.environ.get("DEEPLAB_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
@@ -56,12 +58,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> int:
-    """The `deeplab` command (console script and ``python -m deeplab``): `main` in a process of its own, so it
-    first keeps freed memory for reuse (`deeplab.deploy.fast.retain_freed_memory`; tests call `main` directly)."""
-    from ..deploy.fast import retain_freed_memory
+    """The `deeplab` command (console script and ``python -m deeplab``): `main` in a process of its own, so it may
+    set the process's memory allocator for the command first (`_configure_malloc`; tests call `main` directly)."""
+    return main(whole_process=True)
 
-    retain_freed_memory()
-    return main()
+
+def _configure_malloc(command: str) -> None:
+    """A command that runs large activations keeps freed memory for reuse (`deeplab.deploy.fast.retain_freed_memory`);
+    the service, whose threads each allocate, limits malloc's arenas instead (`limit_malloc_arenas`)."""
+    from ..deploy.fast import limit_malloc_arenas, retain_freed_memory
+
+    if command == "serve":
+        limit_malloc_arenas(2)
+    else:
+        retain_freed_memory()
 
 
 if __name__ == "__main__":
