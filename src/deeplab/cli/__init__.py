@@ -64,14 +64,13 @@ def run() -> int:
 
 
 def _configure_malloc(command: str) -> None:
-    """A command that runs large activations keeps freed memory for reuse (`deeplab.deploy.fast.retain_freed_memory`);
-    the service, whose threads each allocate, limits malloc's arenas instead (`limit_malloc_arenas`)."""
+    """Every command keeps freed memory for reuse (`deeplab.deploy.fast.retain_freed_memory`); the service, whose
+    threads each allocate, also limits malloc's arenas (`limit_malloc_arenas`)."""
     from ..deploy.fast import limit_malloc_arenas, retain_freed_memory
 
+    retain_freed_memory()
     if command == "serve":
         limit_malloc_arenas(2)
-    else:
-        retain_freed_memory()
 
 
 if __name__ == "__main__":

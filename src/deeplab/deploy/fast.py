@@ -498,10 +498,9 @@ def retain_freed_memory() -> bool:
 def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Have glibc's malloc use at most `arenas` arenas (as ``MALLOC_ARENA_MAX`` would); returns False where that is not
     glibc. A server decodes, runs and encodes on many threads, and glibc gives each thread that contends an arena of
-    its own whose freed memory stays with it: resident memory then wanders by hundreds of MB under load. Measured
-    with `benchmarks/serve_load.py` (2,000 requests at 16 clients, MobileNetV2 dm0.5): the server's memory stayed
-    within 1,100-1,230 MB with 2 arenas, against 1,140-1,480 MB with glibc's default; `deeplab serve` calls it at
-    start-up instead of `retain_freed_memory`, which there made it slower (20 against 23 images/s) and its memory grow.
+    its own, which keeps its freed memory (`retain_freed_memory`): resident memory then climbs with every new thread.
+    `deeplab serve` calls both at start-up; with 2 arenas its memory levels off after about 1,500 requests
+    (`benchmarks/serve_load.py`, docs/serve.md).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
