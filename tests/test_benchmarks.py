@@ -118,3 +118,31 @@ def test_hub_load_times_the_pt_and_the_folder_interleaved():
     assert [r["case"] for r in rows] == ["read pt", "read folder", "load pt", "load folder"]
     assert all(r["rounds"] == 2 and r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
     assert out.splitlines()[0].count(";") >= 2 and "folder / .pt = " in out.splitlines()[-1]  # machine line, summary
+
+
+def test_predict_processes_times_each_split_and_compares_the_outputs(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from deeplab.models.checkpoint import save_checkpoint
+    from deeplab.models.config import ModelConfig
+    from deeplab.models.model import build_model
+
+    cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=3, output_stride=16, decoder=False,
+                      atrous_rates=(2,), aspp_channels=16)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(cfg, class_names=["a", "b", "c"]), tmp_path / "m.pt")
+    (tmp_path / "in").mkdir()
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "in" / f"{i}.png")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "predict_processes.py"), "--checkpoint", str(ckpt), "--folder",
+         str(tmp_path / "in"), "--splits", "1x1,2x1", "--rounds", "1", "--runtime", "eager"],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert "machine" in rows[0]
+    runs, summary = rows[1:-1], rows[-1]
+    assert [r["split"] for r in runs] == ["1x1", "2x1"] and all(r["images"] == 4 and r["identical"] for r in runs)
+    assert summary["speedup_over_1x1"]["1x1"] == 1.0 and set(summary["img_per_s_after_startup"]) == {"1x1", "2x1"}
