@@ -30,7 +30,7 @@ from deeplab.models.checkpoint import read_checkpoint
 
 STEPS = 40
 RUN_NAMES = {"last.pt", "best.pt", "config.json", "data_report.json", "metrics.json", "log.csv", "val.csv",
-             "curves.png", "predictions.png", ".lock"}
+             "curves.png", "predictions.png", ".lock", "best"}  # best/: the model folder written at the end
 
 
 def train_cmd(out: Path, *extra: str, steps: int = STEPS) -> list[str]:

@@ -20,7 +20,7 @@ REQUIRED = {
     "train": [], "eval": ["--checkpoint", "x.pt"], "predict": ["x.png", "--checkpoint", "x.pt", "--out", "o"],
     "data": ["--dataset", "synthetic"], "export": ["--checkpoint", "x.pt", "--format", "onnx", "--out", "m.onnx"],
     "quantize": ["--checkpoint", "x.pt", "--out", "q.onnx"], "convert": ["a.tflite", "b.pt"], "profile": [],
-    "benchmark": ["--checkpoint", "x.pt"],
+    "benchmark": ["--checkpoint", "x.pt"], "serve": ["--checkpoint", "x.pt"],
 }
 QUICK = ["--dataset-options", "length=8", "--batch-size", "4", "--steps", "1", "--precise-bn-images", "0", "--quiet"]
 

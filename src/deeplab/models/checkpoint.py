@@ -92,6 +92,7 @@ def read_model_folder(path: Path) -> dict[str, Any]:
         with torch.device("meta"):  # the names, shapes and dtypes a model of this config has, without its memory
             expected = build_model(cfg, class_names=data["class_names"], preprocessing=preprocessing,
                                    class_colors=data.get("class_colors"), class_values=data.get("class_values"))
+        expected = expected.float()  # folders hold float32 whatever torch's default dtype is here
     except ValueError as e:
         raise CheckpointError(f"{config_source}: {e}; the file was edited or not written by deeplab") from None
     mismatch = first_mismatch(expected.state_dict(), weights_header(weights))
