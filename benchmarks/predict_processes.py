@@ -28,8 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_load import official_checkpoint  # noqa: E402
+
 SHARED = ROOT.parent / "shared"
-TFLITE = SHARED / "models" / "deeplabv3-mnv2-dm05-voc" / "deeplabv3_257_mv_gpu.tflite"
 CAMVID = SHARED / "data" / "camvid"
 
 
@@ -44,17 +46,6 @@ def _folder(args, work: Path) -> Path:
     for frame in frames[: args.images]:
         shutil.copy(frame, folder / frame.name)
     return folder
-
-
-def _checkpoint(args, work: Path) -> Path:
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    if not TFLITE.is_file():
-        sys.exit(f"{TFLITE} absent: pass --checkpoint")
-    from deeplab.convert import convert_file
-    from deeplab.models.checkpoint import save_checkpoint
-
-    return save_checkpoint(convert_file(TFLITE), work / "mnv2-dm05-voc.pt")
 
 
 def _command(split: str, ckpt: Path, inputs: list[str], out: Path, runtime: str) -> list[str]:
@@ -91,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         env = {**os.environ, "DEEPLAB_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": "1"}
-        ckpt, folder = _checkpoint(args, work), _folder(args, work)
+        ckpt, folder = official_checkpoint(args, work), _folder(args, work)
         first = sorted(folder.iterdir())[0]
         for threads in sorted({s.split("x")[1] for s in splits}):  # choose (and cache) the runtime once
             subprocess.run(_command(f"1x{threads}", ckpt, [str(first)], work / "warm", args.runtime), env=env,

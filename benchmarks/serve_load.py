@@ -47,7 +47,8 @@ def _rss_mb(pid: int) -> float:
     return int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
 
 
-def _checkpoint(args, tmp: Path) -> Path:
+def official_checkpoint(args, tmp: Path) -> Path:
+    """`--checkpoint`, or the official MobileNetV2 dm0.5 VOC model from ../shared converted into `tmp`."""
     if args.checkpoint:
         return Path(args.checkpoint)
     if not TFLITE.is_file():
@@ -205,7 +206,7 @@ def main() -> None:
     print(json.dumps({"machine": machine_line(torch.get_num_threads())}), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("DEEPLAB_CACHE_DIR", str(Path(tmp) / "cache"))  # server and offline share the choice
-        ckpt = _checkpoint(args, Path(tmp))
+        ckpt = official_checkpoint(args, Path(tmp))
         body = _image(args, Path(tmp))
         proc, url = start_server(ckpt, args)
         try:
