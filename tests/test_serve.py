@@ -238,6 +238,17 @@ def test_metrics_count_requests_by_status_and_batch_sizes_in_prometheus_text():
     assert 'deeplab_batch_size_bucket{le="+Inf"} 4' in text and "deeplab_queue_depth 0" in text
 
 
+def test_warm_up_runs_one_image_then_a_full_batch_before_ready_so_memory_is_sized_before_the_first_request():
+    svc = service(max_batch=4)
+    sizes: list[int] = []
+    run = svc.batcher.run_batch
+    svc.batcher.run_batch = lambda jobs: (sizes.append(len(jobs)), run(jobs))[1]
+    with client(svc) as c:
+        assert sizes == [1, 4]
+        assert c.post("/v1/segment", content=png_bytes(photo())).status_code == 200
+    assert sizes == [1, 4, 1]
+
+
 def _bomb_png(width: int, height: int) -> bytes:
     """A PNG that declares width x height greyscale pixels and holds a few compressed rows."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -93,6 +93,13 @@ class Batcher:
         self._wake.set()
         return await waiting.future
 
+    async def run_now(self, items: list[Any]) -> list[Any]:
+        """`run_batch(items)` on the model thread at once, outside the queue (the service's warm-up); raises what it
+        raised."""
+        if self._pool is None:
+            raise RuntimeError("the batcher is not running; call start() first")
+        return list(await asyncio.get_running_loop().run_in_executor(self._pool, self.run_batch, items))
+
     def _take(self) -> list[_Waiting]:
         """Up to max_batch waiting items of the oldest item's key, oldest first; the others keep their places."""
         key = self.waiting[0].key

@@ -132,20 +132,25 @@ class Service:
         return Answer(mask=mask, ms=1000 * (time.perf_counter() - started), model_ms=model_ms, batch=batch)
 
     async def warm_up(self) -> None:
-        """One image through the batcher, so the runtime is chosen and compiled before /readyz says ready: the
-        synthetic shapes of `deeplab train`'s default dataset, at `warmup_size`."""
+        """One image through the batcher, so the runtime is chosen and compiled before /readyz says ready, then a
+        batch of `max_batch` copies: the synthetic shapes of `deeplab train`'s default dataset, at `warmup_size`."""
         from ..data.synthetic import render_shapes
 
         size = self.settings.warmup_size or resolve_input_size(self.model, "model") or (513, 513)
         rgb, _ = render_shapes(np.random.default_rng(0), height=size[0], width=size[1])
+        job = Job(rgb=rgb, options=self.options)
         try:
-            await self.segment(Job(rgb=rgb, options=self.options))
+            await self.segment(job)
+            if runtime_name(self.model) == "tflite":  # static graphs of batch 1: batches would run another runtime
+                self.batcher.max_batch = 1
+            elif self.settings.max_batch > 1 and batchable(self.options):
+                # The largest batch once: the runtime sizes its buffers (and the allocator its arenas) for it now,
+                # not under load, so memory is level from the first request and no request pays for a new shape.
+                await self.batcher.run_now([job] * self.settings.max_batch)
         except Exception as e:  # noqa: BLE001 - kept and shown by /readyz and every request, the server stays up
             self.failure = f"the model failed on its warm-up image ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
             return
         self.runtime = describe_runtime(self.model)
-        if runtime_name(self.model) == "tflite":  # static graphs of batch 1: batches would run another runtime
-            self.batcher.max_batch = 1
         self.ready = True
 
     def check_ready(self) -> None:
