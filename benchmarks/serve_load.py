@@ -9,7 +9,8 @@ concurrency C sends --requests POST /v1/segment requests from C concurrent clien
 stops by itself. Between the runs it measures the offline throughput and latency of the same model, runtime and
 threads as `deeplab predict` runs it (decode, `predict_probs`, argmax, the PNG; in this process, the server idle).
 Prints one JSON line per run: throughput, p50 / p95 / p99 latency, status counts, batch sizes (from the server's
-/metrics), the server's resident memory at the 10% mark and at the end, and the ratio to offline; the first line is
+/metrics), the server's own p50 / p99 per stage (its Server-Timing header: read, decode, queue, model, encode,
+total), the server's resident memory at the 10% mark and at the end, and the ratio to offline; the first line is
 the machine (CPU model, flags of note, runtime versions). Nothing leaves this machine.
 """
 
@@ -100,6 +101,7 @@ async def load(url: str, body: bytes, *, requests: int, concurrency: int, pid: i
     statuses: Counter[int] = Counter()
     sent = 0
     trace: list[float] = []  # the server's resident MB after each tenth of the requests
+    stages: dict[str, list[float]] = {}  # the server's own ms per stage (its Server-Timing header)
     mark = max(requests // 10, 1)
 
     async def client(c: httpx.AsyncClient) -> None:
@@ -110,6 +112,8 @@ async def load(url: str, body: bytes, *, requests: int, concurrency: int, pid: i
             try:
                 r = await c.post("/v1/segment", content=body, headers={"content-type": "image/png"})
                 statuses[r.status_code] += 1
+                for name, ms in re.findall(r"(\w+);dur=([\d.]+)", r.headers.get("server-timing", "")):
+                    stages.setdefault(name, []).append(float(ms))
             except httpx.HTTPError as e:
                 statuses[type(e).__name__] += 1
                 continue
@@ -128,7 +132,13 @@ async def load(url: str, body: bytes, *, requests: int, concurrency: int, pid: i
     return {"concurrency": concurrency, "requests": requests, "seconds": round(seconds, 2),
             "img_per_s": round(statuses[200] / seconds, 2), "p50_ms": round(q[49], 1), "p95_ms": round(q[94], 1),
             "p99_ms": round(q[98], 1), "statuses": {str(k): v for k, v in sorted(statuses.items(), key=str)},
-            "rss_mb_at_10pct": trace[0] if trace else None, "rss_mb_end": round(end, 1), "rss_mb_trace": trace}
+            "rss_mb_at_10pct": trace[0] if trace else None, "rss_mb_end": round(end, 1), "rss_mb_trace": trace,
+            "server_ms": {name: {"p50": round(_quantile(v, 50), 1), "p99": round(_quantile(v, 99), 1)}
+                          for name, v in stages.items()}}
+
+
+def _quantile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def batch_sizes(url: str) -> dict[str, int]:

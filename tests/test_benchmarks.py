@@ -108,6 +108,8 @@ def test_serve_load_runs_a_bounded_load_test_and_the_offline_baseline(tmp_path):
         assert r["statuses"] == {"200": 12} and sum(r["batches"].values()) >= 4
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] and r["img_per_s"] > 0
         assert abs(r["ratio_to_offline"] - r["img_per_s"] / r["offline_img_per_s"]) < 0.01
+        assert set(r["server_ms"]) == {"read", "decode", "queue", "model", "encode", "total"}
+        assert r["server_ms"]["total"]["p99"] <= r["p99_ms"]  # the server's part of what the client waited
     assert runs[0]["batches"] == {"<=1": 12}  # one client: never company
 
 

@@ -206,6 +206,9 @@ def test_segment_answers_the_mask_png_json_and_overlay_and_describes_the_model()
         png = c.post("/v1/segment", files={"image": ("a.png", png_bytes(image), "image/png")})
         raw = c.post("/v1/segment", content=png_bytes(image), headers={"content-type": "image/png"})
         assert png.status_code == raw.status_code == 200 and png.content == raw.content
+        timing = dict(re.findall(r"(\w+);dur=([\d.]+)", raw.headers["server-timing"]))
+        assert list(timing) == ["read", "decode", "queue", "model", "encode", "total"]
+        assert float(timing["total"]) >= float(timing["model"]) > 0
         mask = np.asarray(Image.open(io.BytesIO(png.content)))
         assert Image.open(io.BytesIO(png.content)).mode == "P" and mask.shape == image.shape[:2]
         data = c.post("/v1/segment?format=json&overlay=1", content=png_bytes(image)).json()

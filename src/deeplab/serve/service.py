@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,6 +204,10 @@ class Service:
         if with_overlay is not None:
             out["overlay"] = base64.b64encode(with_overlay).decode("ascii")
         return out
+
+    def summary_json(self, answer: Answer, *, with_overlay: bytes | None) -> bytes:
+        """`summary` as the bytes of the JSON answer."""
+        return json.dumps(self.summary(answer, with_overlay=with_overlay), separators=(",", ":")).encode()
 
     def describe(self) -> dict[str, Any]:
         """GET /v1/model: what the model is, what it expects and how it runs."""
