@@ -229,9 +229,12 @@ def row_of(measured: Measured, whole: Measured, **fields) -> dict:
             "confusion_matrix": measured.acc.confusion.tolist()}
 
 
-def configurations(tiles: list[int], paddings: list[str], batch: int) -> list[tuple[str, object]]:
-    """(name, Tiling) for every tile and padding, in model pixels; repeats dropped."""
-    from deeplab.inference.raster import Tiling
+def configurations(tiles: list[int], paddings: list[str], *, batch: int, scale: float
+                   ) -> list[tuple[str, object, object]]:
+    """(name, Tiling in model pixels, Tiling in raster pixels at `scale`) for every tile and padding; repeats dropped.
+    Checked before anything runs: a tiling that cannot be exits with its one-line reason."""
+    from deeplab.inference.options import InferenceOptions
+    from deeplab.inference.raster import Tiling, scaled_tiling
 
     seen, out = set(), []
     for tile in tiles:
@@ -241,7 +244,8 @@ def configurations(tiles: list[int], paddings: list[str], batch: int) -> list[tu
                 continue
             seen.add((tile, padding))
             try:
-                out.append((f"t{tile}/p{padding}", Tiling(tile=tile, padding=padding, batch=batch)))
+                tiling = Tiling(tile=tile, padding=padding, batch=batch)
+                out.append((f"t{tile}/p{padding}", tiling, scaled_tiling(tiling, InferenceOptions(), scale)[0]))
             except ValueError as exc:
                 raise SystemExit(str(exc)) from None
     return out
@@ -252,16 +256,24 @@ def model_label(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def study_model(path: str, mosaics: list[Mosaic], args, folder: Path) -> list[dict]:
-    """The rows of one checkpoint: whole, frames, then every tiling; each printed as it is measured."""
+def loaded(path: str, class_map: str | None) -> tuple[object, np.ndarray]:
+    """The model at `path` and its (256,) lookup from its class indices to CamVid's (255, NoData, stays 255)."""
     import deeplab
-    from deeplab.deploy.runtimes import prepare_model, runtime_name
-    from deeplab.inference.options import InferenceOptions
-    from deeplab.inference.raster import scaled_tiling
 
     model = deeplab.load(path)
-    lut = np.full(256, IGNORE, np.uint8)  # 255 (NoData) stays 255
-    lut[:model.config.num_classes] = class_lut(args.class_map, int(model.config.num_classes))
+    lut = np.full(256, IGNORE, np.uint8)
+    try:
+        lut[:model.config.num_classes] = class_lut(class_map, int(model.config.num_classes))
+    except SystemExit as exc:
+        raise SystemExit(f"{path}: {exc}") from None
+    return model, lut
+
+
+def study_model(path: str, model, lut: np.ndarray, mosaics: list[Mosaic], args, folder: Path) -> list[dict]:
+    """The rows of one checkpoint: whole, frames, then every tiling; each printed as it is measured."""
+    from deeplab.deploy.runtimes import prepare_model, runtime_name
+    from deeplab.inference.options import InferenceOptions
+
     options = InferenceOptions(runtime=args.runtime, threads=args.threads)
     prepared = prepare_model(model, options)
     cfg = model.config
@@ -269,8 +281,8 @@ def study_model(path: str, mosaics: list[Mosaic], args, folder: Path) -> list[di
                       "backbone": cfg.backbone, "decoder": cfg.decoder, "output_stride": cfg.output_stride,
                       "classes": cfg.num_classes, "class_map": args.class_map,
                       "runtime": runtime_name(prepared)}), flush=True)
-    base = {"model": model_label(path), "image_pooling": cfg.image_pooling, "scale": args.scale,
-            "mosaics": len(mosaics), "frames": sum(len(m.frames) for m in mosaics)}
+    base = {"model": model_label(path), "checkpoint": str(path), "image_pooling": cfg.image_pooling,
+            "scale": args.scale, "mosaics": len(mosaics), "frames": sum(len(m.frames) for m in mosaics)}
     rows = []
 
     def emit(row: dict) -> None:
@@ -281,8 +293,7 @@ def study_model(path: str, mosaics: list[Mosaic], args, folder: Path) -> list[di
     emit(row_of(whole, whole, **base, config="whole", tile=None, padding=None))
     frames = run_frames(prepared, mosaics, scale=args.scale, lut=lut)
     emit(row_of(frames, whole, **base, config="frames", tile=None, padding=None))
-    for name, tiling in configurations(args.tiles, args.paddings, args.tile_batch):
-        raster, _ = scaled_tiling(tiling, options, args.scale)
+    for name, tiling, raster in args.configurations:
         tiled = run_tiled(prepared, mosaics, tiling=tiling, options=options, scale=args.scale, lut=lut,
                           folder=folder)
         emit(row_of(tiled, whole, **base, config=name, tile=tiling.tile, padding=tiling.padding,
@@ -294,11 +305,12 @@ def summary_table(rows: list[dict]) -> str:
     """Markdown: model x configuration; mIoU, its difference to the whole mosaic's in points, agreement, seconds."""
     lines = ["| model | pooling | configuration | mIoU | vs whole (points) | agreement with whole | seconds |",
              "|---|---|---|---|---|---|---|"]
-    whole = {r["model"]: r["miou"] for r in rows if r["config"] == "whole"}
+    whole = {r["checkpoint"]: r["miou"] for r in rows if r["config"] == "whole"}
     for r in rows:
-        diff = 100 * (r["miou"] - whole[r["model"]])
-        lines.append(f"| {r['model']} | {'yes' if r['image_pooling'] else 'no'} | {r['config']} | {100 * r['miou']:.2f} "
-                     f"| {diff:+.2f} | {100 * r['agreement_with_whole']:.2f}% | {r['seconds']:.1f} |")
+        diff = 100 * (r["miou"] - whole[r["checkpoint"]])
+        lines.append(f"| {r['model']} | {'yes' if r['image_pooling'] else 'no'} | {r['config']} "
+                     f"| {100 * r['miou']:.2f} | {diff:+.2f} | {100 * r['agreement_with_whole']:.2f}% "
+                     f"| {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -340,9 +352,11 @@ def main() -> None:
     if not (root / "val").is_dir():
         sys.exit(f"{root}/val absent: pass --data-root (CamVid with val/ and valannot/, ../shared/data/camvid)")
     import_rasterio("the mosaics are GeoTIFFs")
+    args.configurations = configurations(args.tiles, args.paddings, batch=args.tile_batch, scale=args.scale)
+    models = {path: loaded(path, args.class_map) for path in args.checkpoint}  # every one checked before the work
+    frames = val_frames(root, args.frames)
     machine = {"machine": machine_line(torch.get_num_threads())}
     print(json.dumps(machine), flush=True)
-    frames = val_frames(root, args.frames)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.workdir or tmp)
@@ -352,8 +366,8 @@ def main() -> None:
         print(json.dumps({"mosaics": len(mosaics), "size": "x".join(map(str, mosaics[0].labels.shape)),
                           "frames": used, "dropped": len(frames) - used, "crs": CRS, "pixel_m": PIXEL_METRES}),
               flush=True)
-        for path in args.checkpoint:
-            rows += study_model(path, mosaics, args, folder)
+        for path, (model, lut) in models.items():
+            rows += study_model(path, model, lut, mosaics, args, folder)
     print(summary_table(rows), flush=True)
     if args.json:
         with open(args.json, "w") as f:
