@@ -148,3 +148,51 @@ def test_predict_processes_times_each_split_and_compares_the_outputs(tmp_path):
     runs, summary = rows[1:-1], rows[-1]
     assert [r["split"] for r in runs] == ["1x1", "2x1"] and all(r["images"] == 4 and r["identical"] for r in runs)
     assert summary["speedup_over_1x1"]["1x1"] == 1.0 and set(summary["img_per_s_after_startup"]) == {"1x1", "2x1"}
+
+
+def test_tiling_study_scores_whole_frames_and_tiles_on_georeferenced_camvid_mosaics(tmp_path, one_thread):
+    # Two CamVid frames (a third dropped by the 1x2 grid) as one georeferenced mosaic, a tiny random 11-class model
+    # without image pooling at scale 1.5: every configuration scores the same pixels, and the tiled scores are
+    # exactly what `evaluate_raster` (deeplab eval --raster) gives for that tiling.
+    import pytest
+
+    rasterio = pytest.importorskip("rasterio", reason="the mosaics are GeoTIFFs: pip install 'deeplab[geo]'")
+    camvid = ROOT.parent / "shared" / "data" / "camvid"
+    if not (camvid / "val").is_dir():
+        pytest.skip(f"{camvid} absent: the study reads the CamVid val frames from ../shared")
+    import torch
+
+    import deeplab
+    from deeplab.inference.raster import Tiling, evaluate_raster
+    from deeplab.models.checkpoint import save_checkpoint
+    from deeplab.models.config import ModelConfig
+    from deeplab.models.model import build_model
+
+    cfg = ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=11, output_stride=16, decoder=False,
+                      atrous_rates=(2,), aspp_channels=16, image_pooling=False)
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(cfg, class_names=[f"c{i}" for i in range(11)]), tmp_path / "m.pt")
+    work = tmp_path / "work"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tiling_study.py"), "--checkpoint", str(ckpt), "--frames", "3",
+         "--grid", "1x2", "--scale", "1.5", "--tiles", "129", "--paddings", "0,q", "--threads", "1",
+         "--workdir", str(work), "--json", str(tmp_path / "rows.jsonl")],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert "machine" in lines[0] and lines[1]["size"] == "360x960" and (lines[1]["frames"], lines[1]["dropped"]) == (2, 1)
+    assert lines[2]["image_pooling"] is False and lines[2]["classes"] == 11
+    rows = lines[3:]
+    assert [r["config"] for r in rows] == ["whole", "frames", "t129/p0", "t129/p32"]
+    assert rows[0]["agreement_with_whole"] == 1.0 and all(0 < r["agreement_with_whole"] <= 1 for r in rows)
+    assert (rows[3]["raster_tile"], rows[3]["raster_padding"]) == (86, 21)  # model pixels / 1.5
+    with rasterio.open(work / "mosaic-0_labels.tif") as src:
+        assert src.crs.to_epsg() == 32630 and src.res == (0.1, 0.1) and src.nodata == 255
+        scored = int((src.read(1) != 255).sum())
+    assert all(r["pixels_scored"] == scored and len(r["per_class_iou"]) == 11 for r in rows)
+    reference = evaluate_raster(deeplab.load(ckpt), work / "mosaic-0.tif", work / "mosaic-0_labels.tif",
+                                tiling=Tiling(tile=129, padding=32), scale=1.5, runtime="torch")
+    assert rows[3]["confusion_matrix"] == reference["confusion_matrix"]
+    assert abs(rows[3]["miou"] - reference["miou"]) < 1e-12
+    assert f"| {tmp_path.name}/m.pt | no | t129/p32 |" in out
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 1 + len(rows)
