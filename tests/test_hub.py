@@ -106,6 +106,84 @@ def test_every_backbone_family_and_head_round_trips_bit_identical_in_a_fresh_pro
     assert all(r[1] is False and r[2] == ["sky", "road", "car"] for r in results.values())  # eval mode, its classes
 
 
+def test_a_pt_and_a_folder_load_without_random_initialisation_and_compute_the_same_bits(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    x = torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    saved = []
+    for name, fields in FAMILIES:
+        model = small_model(**fields)
+        pt = save_checkpoint(model, tmp_path / f"{name}.pt")
+        saved.append((name, model, pt, model.save_pretrained(tmp_path / name)))
+    calls = []
+
+    def counted(init):
+        def run(*args, **kwargs):
+            tensor = args[0] if args else kwargs["tensor"]
+            if not tensor.is_meta:  # on the meta device an initialiser does no work
+                calls.append(init.__name__)
+            return init(*args, **kwargs)
+        return run
+
+    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "trunc_normal_", "ones_", "zeros_"):
+        monkeypatch.setattr(torch.nn.init, name, counted(getattr(torch.nn.init, name)))
+    for name, model, pt, folder in saved:
+        for loaded in (deeplab.load(pt), deeplab.from_pretrained(folder)):
+            with torch.no_grad():
+                assert torch.equal(loaded(x), model(x)), name
+            assert not loaded.training and all(p.requires_grad for p in loaded.parameters()), name
+    assert calls == []  # no memory was initialised only to be overwritten
+
+
+def test_a_load_under_a_float64_default_dtype_gives_a_float64_model_as_a_copy_would(tmp_path):
+    model = small_model()
+    pt, folder = save_checkpoint(model, tmp_path / "m.pt"), model.save_pretrained(tmp_path / "m")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.randn(1, 3, 33, 33)
+        expected = build_model(model.config, class_names=model.class_names)
+        expected.load_state_dict(model.state_dict())
+        for loaded in (deeplab.load(pt), deeplab.load(folder)):
+            assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.float64}
+            with torch.no_grad():
+                assert torch.equal(loaded(x), expected.eval()(x))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_a_tensor_no_checkpoint_holds_keeps_the_value_the_model_gives_it(tmp_path, monkeypatch):
+    from deeplab.models import checkpoint
+
+    model = small_model()
+    pt = save_checkpoint(model, tmp_path / "m.pt")
+
+    def with_buffer(cfg, **kw):  # a module computing a non-persistent buffer when built (none does today)
+        built = build_model(cfg, **kw)
+        built.register_buffer("scale", torch.arange(3.0) + 1, persistent=False)
+        built.offset = torch.full((2,), 7.0)
+        return built
+
+    monkeypatch.setattr(checkpoint, "build_model", with_buffer)
+    loaded = deeplab.load(pt)
+    assert torch.equal(loaded.scale, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(loaded.offset, torch.full((2,), 7.0))
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (/proc, Linux)")
+def test_a_loaded_folder_holds_its_weights_in_memory_not_mapped_from_the_file(tmp_path):
+    model = small_model()
+    folder = model.save_pretrained(tmp_path / "m")
+    loaded = deeplab.from_pretrained(folder)
+    assert str(folder / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    (folder / "model.safetensors").write_bytes(b"")  # rewritten in place: a mapped model would die of SIGBUS
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_a_folder_written_by_format_version_1_still_loads_and_computes_what_it_did():
     # Written once by tests/data/make_hub_v1.py and stored; never written again here.
     folder = DATA / "hub-v1"

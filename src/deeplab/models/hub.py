@@ -271,13 +271,15 @@ def first_mismatch(expected: dict[str, torch.Tensor], found: dict[str, tuple[str
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, each copied straight from the memory-mapped file (reading the file into
-    bytes first and decoding them, safetensors' `load`, makes a second copy and was several times slower for ResNet-101)."""
+    """The tensors of a safetensors file, each copied straight from the memory-mapped file into memory of its own
+    (reading the file into bytes first and decoding them, safetensors' `load`, makes a second copy and was several
+    times slower for ResNet-101). `load_file`'s own tensors stay mapped to the file: a model holding them would die of
+    SIGBUS when the file is rewritten in place (`cp` over it) while it runs."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        return {name: tensor.clone() for name, tensor in load_file(path).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors ({type(e).__name__}: {str(e)[:120]}); copy the model "
                               "folder again") from None
