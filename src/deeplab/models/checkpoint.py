@@ -158,8 +158,8 @@ def configs_of(data: dict[str, Any], *, source: str) -> tuple[ModelConfig, Prepr
 
 def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -> DeepLab:
     """The model a checkpoint's dict describes, holding its weights. Built without random initialisation (on the meta
-    device, then given the dict's tensors: `load_state_dict_strict(assign=True)`), which for ResNet-101 was half the
-    time of a load; the model takes the dict's tensors rather than copies of them."""
+    device, then given the dict's tensors: `load_state_dict_strict(assign=True)`): initialising a ResNet-101 took
+    most of its load (docs/hub.md). The model takes the dict's tensors (`assignable_tensors`), not copies of them."""
     bad = first_non_finite(data["state_dict"])
     if bad is not None:  # it would predict garbage (or one class) without a word
         raise CheckpointError(
