@@ -6,6 +6,7 @@ Reads `../shared/models/` (see shared/README.md); skips with the reason when tha
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 import shutil
@@ -33,6 +34,8 @@ FLOAT_FILE = FLOAT_DIR / "deeplabv3_257_mv_gpu.tflite"
 REFERENCE = FLOAT_DIR / "reference"
 QUANT_DIR = SHARED / "models" / "deeplabv3-mnv2-voc-quant"
 QUANT_FILE = QUANT_DIR / "deeplabv3_mnv2_pascal_quant.tflite"
+CITY_DIR = SHARED / "models" / "deeplab-edgetpu-slim-cityscapes-quant"
+CITY_FILE = CITY_DIR / "deeplab_mobilenet_edgetpu_slim_cityscapes_quant.tflite"
 
 tflite = pytest.importorskip("tflite", reason="the `tflite` package is not installed: pip install 'deeplab[tflite]'")
 hypothesis = pytest.importorskip("hypothesis")
@@ -269,6 +272,85 @@ def test_class_names_come_from_labels_path_then_argument_then_labelmap_then_gene
     short.write_text("a\nb\n")
     with pytest.raises(TFLiteImportError, match=re.escape(str(short)) + r": 2 labels for the 21 classes"):
         load_tflite(FLOAT_FILE, labels_path=short)
+
+
+# ------------------------------------------------------------------------------------------ measured agreement
+
+
+def _convert(argv: list[str], capsys) -> tuple[str, dict]:
+    from deeplab.cli import main
+    from deeplab.models.checkpoint import read_checkpoint
+
+    assert main(["convert", *argv]) == 0
+    return capsys.readouterr().out, read_checkpoint(argv[1])
+
+
+# (file, the photo measured on, the least agreement): what docs/weights.md reports was measured on each.
+NO_RUNTIME = "the official TF Lite runtime is not installed: pip install 'deeplab[litert]'"
+AGREEMENT_CASES = [
+    (FLOAT_FILE, REFERENCE / "tfls_segmentation_input.jpg", 0.9995),
+    (QUANT_FILE, QUANT_DIR / "bird_segmentation.bmp", 0.995),
+    (CITY_FILE, CITY_DIR / "reference" / "cityscapes_segmentation.bmp", 0.99),
+]
+
+
+@pytest.mark.parametrize("src,photo,least", AGREEMENT_CASES, ids=["float-dm05", "uint8-voc", "uint8-edgetpu-city"])
+def test_convert_measures_its_agreement_with_the_official_runtime_into_the_checkpoint_folder_and_card(
+        tmp_path, capsys, src, photo, least):
+    if not (src.is_file() and photo.is_file()):
+        pytest.skip(f"official TF Lite model or its photo not found: {src}, {photo}")
+    pytest.importorskip("ai_edge_litert.interpreter", reason=NO_RUNTIME)
+    from deeplab.models.checkpoint import export_folder
+
+    out, data = _convert([str(src), str(tmp_path / "m.pt"), "--check-image", str(photo)], capsys)
+    conversion = data["conversion"]
+    side = 257 if src == FLOAT_FILE else 513
+    assert conversion["agreement"] >= least
+    assert conversion["pixels"] == side * side and conversion["size"] == [side, side]
+    assert conversion["images"] == [photo.name] and conversion["runtime"].startswith("ai-edge-litert ")
+    assert len(conversion["runtime_classes"]) >= 2  # the photo shows something the model knows
+    assert f"agreement with the official runtime {100 * conversion['agreement']:.2f}%" in out
+    assert data["source"] == str(src)
+    folder = export_folder(tmp_path / "m.pt", tmp_path / "m")["path"]
+    assert json.loads((folder / "config.json").read_text())["conversion"] == json.loads(json.dumps(conversion))
+    card = (folder / "README.md").read_text()
+    assert f"Argmax agreement with the original runtime: {100 * conversion['agreement']:.2f}% (argmax on" in card
+
+
+@needs_float
+def test_convert_measures_on_a_synthetic_image_by_default_and_says_when_it_shows_one_class(tmp_path, capsys):
+    pytest.importorskip("ai_edge_litert.interpreter", reason=NO_RUNTIME)
+    from deeplab.convert.tflite_check import SYNTHETIC, synthetic_image
+
+    image = synthetic_image(257, 257)
+    assert image.shape == (257, 257, 3) and image.dtype == np.uint8 and np.array_equal(image, synthetic_image(257, 257))
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1000
+    assert not np.array_equal(image, synthetic_image(257, 257, seed=1))
+    out, data = _convert([str(FLOAT_FILE), str(tmp_path / "m.pt")], capsys)
+    assert data["conversion"]["images"] == [SYNTHETIC] and data["conversion"]["agreement"] == 1.0
+    assert data["conversion"]["runtime_classes"] == {"background": 1.0}  # nothing a VOC model knows in it
+    assert "one class only, so this says little: pass --check-image PHOTO" in out
+
+
+@needs_float
+def test_convert_without_the_runtime_says_the_agreement_was_not_measured(tmp_path, capsys, monkeypatch):
+    from deeplab.models.checkpoint import export_folder
+
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # makes `import ai_edge_litert...` raise ImportError
+    out, data = _convert([str(FLOAT_FILE), str(tmp_path / "m.pt")], capsys)
+    assert data["conversion"]["agreement"] is None
+    assert "agreement with the official runtime not measured: ai-edge-litert is not installed: pip install " in out
+    card = (export_folder(tmp_path / "m.pt", tmp_path / "m")["path"] / "README.md").read_text()
+    assert "Agreement with the original runtime: not measured: ai-edge-litert is not installed" in card
+
+
+def test_check_image_for_a_file_that_is_not_tflite_is_refused_in_one_line(tmp_path, capsys):
+    from deeplab.cli import main
+
+    (tmp_path / "w.pth").write_bytes(b"not a tflite")
+    assert main(["convert", str(tmp_path / "w.pth"), str(tmp_path / "m.pt"), "--check-image", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "--check-image: " in err and "is not a .tflite file" in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------ bad files

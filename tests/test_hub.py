@@ -106,6 +106,84 @@ def test_every_backbone_family_and_head_round_trips_bit_identical_in_a_fresh_pro
     assert all(r[1] is False and r[2] == ["sky", "road", "car"] for r in results.values())  # eval mode, its classes
 
 
+def test_a_pt_and_a_folder_load_without_random_initialisation_and_compute_the_same_bits(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    x = torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    saved = []
+    for name, fields in FAMILIES:
+        model = small_model(**fields)
+        pt = save_checkpoint(model, tmp_path / f"{name}.pt")
+        saved.append((name, model, pt, model.save_pretrained(tmp_path / name)))
+    calls = []
+
+    def counted(init):
+        def run(*args, **kwargs):
+            tensor = args[0] if args else kwargs["tensor"]
+            if not tensor.is_meta:  # on the meta device an initialiser does no work
+                calls.append(init.__name__)
+            return init(*args, **kwargs)
+        return run
+
+    for name in ("kaiming_uniform_", "kaiming_normal_", "uniform_", "normal_", "trunc_normal_", "ones_", "zeros_"):
+        monkeypatch.setattr(torch.nn.init, name, counted(getattr(torch.nn.init, name)))
+    for name, model, pt, folder in saved:
+        for loaded in (deeplab.load(pt), deeplab.from_pretrained(folder)):
+            with torch.no_grad():
+                assert torch.equal(loaded(x), model(x)), name
+            assert not loaded.training and all(p.requires_grad for p in loaded.parameters()), name
+    assert calls == []  # no memory was initialised only to be overwritten
+
+
+def test_a_load_under_a_float64_default_dtype_gives_a_float64_model_as_a_copy_would(tmp_path):
+    model = small_model()
+    pt, folder = save_checkpoint(model, tmp_path / "m.pt"), model.save_pretrained(tmp_path / "m")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.randn(1, 3, 33, 33)
+        expected = build_model(model.config, class_names=model.class_names)
+        expected.load_state_dict(model.state_dict())
+        for loaded in (deeplab.load(pt), deeplab.load(folder)):
+            assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.float64}
+            with torch.no_grad():
+                assert torch.equal(loaded(x), expected.eval()(x))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_a_tensor_no_checkpoint_holds_keeps_the_value_the_model_gives_it(tmp_path, monkeypatch):
+    from deeplab.models import checkpoint
+
+    model = small_model()
+    pt = save_checkpoint(model, tmp_path / "m.pt")
+
+    def with_buffer(cfg, **kw):  # a module computing a non-persistent buffer when built (none does today)
+        built = build_model(cfg, **kw)
+        built.register_buffer("scale", torch.arange(3.0) + 1, persistent=False)
+        built.offset = torch.full((2,), 7.0)
+        return built
+
+    monkeypatch.setattr(checkpoint, "build_model", with_buffer)
+    loaded = deeplab.load(pt)
+    assert torch.equal(loaded.scale, torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(loaded.offset, torch.full((2,), 7.0))
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (/proc, Linux)")
+def test_a_loaded_folder_holds_its_weights_in_memory_not_mapped_from_the_file(tmp_path):
+    model = small_model()
+    folder = model.save_pretrained(tmp_path / "m")
+    loaded = deeplab.from_pretrained(folder)
+    assert str(folder / "model.safetensors") not in Path("/proc/self/maps").read_text()
+    (folder / "model.safetensors").write_bytes(b"")  # rewritten in place: a mapped model would die of SIGBUS
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
 def test_a_folder_written_by_format_version_1_still_loads_and_computes_what_it_did():
     # Written once by tests/data/make_hub_v1.py and stored; never written again here.
     folder = DATA / "hub-v1"
@@ -393,11 +471,111 @@ def test_a_repo_id_is_fetched_through_huggingface_hub_and_refused_in_one_line_of
     monkeypatch.undo()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=r"someone/not-cached: not in the local Hugging Face cache") as info:
+    with pytest.raises(CheckpointError, match=r"someone/not-cached: no such local file or folder, and as a Hub "
+                       r"repo id not in the local Hugging Face cache") as info:
         deeplab.from_pretrained("someone/not-cached", cache_dir=tmp_path / "cache")
     assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match="no such file or folder"):
         deeplab.from_pretrained(str(tmp_path / "missing.pt"))
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:
+    """`folder` as huggingface_hub caches a downloaded repo: models--OWNER--NAME/ with the files as blobs, a
+    snapshot of links to them named by the commit, and refs/main naming that commit."""
+    import hashlib
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in sorted(folder.iterdir()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return snapshot
+
+
+def _offline_cache(tmp_path: Path, monkeypatch) -> Path:
+    """A Hugging Face cache in tmp_path, read offline by this process (huggingface_hub read its environment when
+    imported, so its constants are set here)."""
+    pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_predict_takes_a_repo_id_from_the_hugging_face_cache_offline(tmp_path):
+    pytest.importorskip("huggingface_hub")
+    from PIL import Image
+
+    from deeplab.cli import main
+
+    folder = small_model().save_pretrained(tmp_path / "tiny-deeplab")
+    cache = tmp_path / "hf-cache"
+    _hub_cache(cache, "someone/tiny-deeplab", folder)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(image)
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "deeplab", "predict", "--checkpoint", "someone/tiny-deeplab",
+                           str(image), "--out", str(tmp_path / "hub"), "--quiet", "--runtime", "eager"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["predict", "--checkpoint", str(folder), str(image), "--out", str(tmp_path / "local"), "--quiet",
+                 "--runtime", "eager"]) == 0
+    assert (tmp_path / "hub" / "a.png").read_bytes() == (tmp_path / "local" / "a.png").read_bytes()
+
+
+def test_every_command_taking_a_checkpoint_takes_a_cached_repo_id(tmp_path, monkeypatch, capsys):
+    from deeplab.cli import main
+
+    cache = _offline_cache(tmp_path, monkeypatch)
+    model = small_model(class_names=tuple("abcde"), num_classes=5, aspp_channels=16, decoder_channels=16)  # synthetic's
+    snapshot = _hub_cache(cache, "someone/tiny-deeplab", model.save_pretrained(tmp_path / "tiny-deeplab"))
+    monkeypatch.chdir(tmp_path)  # no local path of that name: the repo id is the only reading
+    assert main(["export", "--checkpoint", "someone/tiny-deeplab", "--format", "hub", "--out", "copy"]) == 0
+    assert (tmp_path / "copy" / "README.md").read_bytes() == (snapshot / "README.md").read_bytes()
+    assert main(["benchmark", "--checkpoint", "someone/tiny-deeplab", "--runtimes", "torch", "--threads", "1",
+                 "--runs", "1", "--size", "33x33", "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])[0]["runtime"] == "torch"
+    assert main(["eval", "--checkpoint", "someone/tiny-deeplab", "--dataset", "synthetic", "--dataset-options",
+                 "length=2", "--json", "--quiet", "--runtime", "eager"]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == "someone/tiny-deeplab"
+    assert main(["train", "--init-checkpoint", "someone/tiny-deeplab", "--out", "run", "--dataset-options", "length=4",
+                 "--batch-size", "2", "--steps", "1", "--precise-bn-images", "0", "--quiet"]) == 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert recorded["init_checkpoint"] == "someone/tiny-deeplab"
+    assert main(["quantize", "--checkpoint", "someone/tiny-deeplab", "--images", "."]) == 2  # no --out: refused
+    err = capsys.readouterr().err
+    assert "a Hub repo, read from the Hugging Face cache" in err and "pass --out FILE.int8.onnx" in err
+    assert sorted(p.name for p in snapshot.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+
+def test_a_repo_id_missing_offline_or_without_huggingface_hub_is_one_line(tmp_path, monkeypatch, capsys):
+    from deeplab.cli import main
+
+    _offline_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    argv = ["predict", "--checkpoint", "someone/not-cached", "a.png", "--out", "o"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deeplab predict: error: someone/not-cached: no such local file or folder, and as a Hub repo "
+                          "id not in the local Hugging Face cache") and err.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # makes `import huggingface_hub` raise ImportError
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'deeplab[hub]'" in err and err.count("\n") == 1
+    assert main(["predict", "--checkpoint", "missing-folder", "a.png", "--out", "o"]) == 2  # a bare name stays a path
+    assert "missing-folder: no such checkpoint file or model folder" in capsys.readouterr().err
 
 
 def test_push_to_hub_uploads_the_folder_through_hfapi(tmp_path, monkeypatch):

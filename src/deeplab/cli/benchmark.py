@@ -11,8 +11,10 @@ from .flags import int_tuple, number, size_arg, str_tuple
 def run(args: argparse.Namespace) -> int:
     from ..deploy.benchmark import benchmark, format_table
 
-    rows = benchmark(args.checkpoint, runtimes=args.runtimes, threads=args.threads_list, size=args.size,
-                     runs=args.runs, progress=not args.quiet, precisions=args.precisions)
+    from ..models.hub import checkpoint_path
+
+    rows = benchmark(checkpoint_path(args.checkpoint), runtimes=args.runtimes, threads=args.threads_list,
+                     size=args.size, runs=args.runs, progress=not args.quiet, precisions=args.precisions)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 
@@ -20,8 +22,8 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("benchmark", help="ms per image and images/s of a model on every installed runtime and thread count")
     p.add_argument("--checkpoint", required=True,
-                   help="deeplab checkpoint (.pt or model folder), or an exported .onnx / OpenVINO .xml / .tflite "
-                   "file")
+                   help="deeplab checkpoint (.pt, model folder or Hub repo id owner/name), or an exported .onnx / "
+                   "OpenVINO .xml / .tflite file")
     p.add_argument("--size", type=size_arg, default=None, help="input HxW (default: the model's input size, else 513x513)")
     p.add_argument("--runtimes", type=str_tuple, default=("torch", "onnxruntime", "openvino", "tflite"),
                    help="comma-separated, from torch, eager, onnxruntime, openvino, tflite (default: all but eager)")

@@ -151,8 +151,9 @@ def _raster_result(model, path, args: argparse.Namespace, inference, device) -> 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="mIoU, per-class IoU, pixel accuracy, trimap of checkpoints on a dataset (torchrun-ready)")
     p.add_argument("--checkpoint", action="append", required=True,
-                   help="deeplab checkpoint, .pt or model folder (or a .onnx / OpenVINO .xml file from `deeplab export` or `deeplab "
-                   "quantize`); repeat to compare several (--json then prints {\"checkpoints\": [...]})")
+                   help="deeplab checkpoint, .pt, model folder or Hub repo id owner/name (or a .onnx / OpenVINO .xml "
+                   "file from `deeplab export` or `deeplab quantize`); repeat to compare several (--json then prints "
+                   "{\"checkpoints\": [...]})")
     p.add_argument("--dataset", default=None,
                    help="voc, cityscapes, ade20k, camvid, folder, classified-tiles, synthetic (default: the "
                    "checkpoint's training data)")

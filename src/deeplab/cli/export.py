@@ -12,9 +12,11 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.export import ExportCheckError, export_model
     from ..models.checkpoint import model_from_checkpoint, read_checkpoint
 
+    from ..models.hub import checkpoint_path
+
     if args.format == "hub":
         return _hub(args)
-    data = read_checkpoint(args.checkpoint)
+    data = read_checkpoint(checkpoint_path(args.checkpoint))
     model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
     extra = {"train_config": data["train_config"]} if data.get("train_config") else None
     try:
@@ -33,8 +35,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _hub(args: argparse.Namespace) -> int:
     from ..models.checkpoint import export_folder
+    from ..models.hub import checkpoint_path
 
-    res = export_folder(args.checkpoint, args.out, license=args.license)
+    res = export_folder(checkpoint_path(args.checkpoint), args.out, license=args.license)
     run = f"; its card shows the run {res['run']}" if res["run"] else ""
     print(f"{args.checkpoint} -> {res['path']} (model folder: config.json, model.safetensors, README.md; "
           f"{res['bytes'] / 1e6:.1f} MB, {res['tensors']} tensors read back bit-identical{run}). Use it as any "
@@ -45,7 +48,9 @@ def _hub(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a checkpoint to ONNX, OpenVINO, TorchScript, torch.export or TF Lite, "
                        "verified against eager, or write it as a model folder to share (--format hub)")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (.pt or model folder)")
+    p.add_argument("--checkpoint", required=True,
+                   help="deeplab checkpoint: a .pt, a model folder, or a Hub repo id owner/name (pip install "
+                   "'deeplab[hub]'; with HF_HUB_OFFLINE=1 from the local cache only)")
     p.add_argument("--format", required=True, choices=["onnx", "openvino", "torchscript", "pt2", "tflite", "hub"],
                    help="the file format: onnx, openvino (an .xml + .bin pair), torchscript, pt2 (torch.export), "
                    "tflite, or hub: a model folder (config.json, model.safetensors, README.md model card)")

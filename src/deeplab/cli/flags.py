@@ -245,7 +245,8 @@ FIELD_HELP = {
     "workers": "data-loading processes, 0 or more (default: 0 on CPU; on CUDA one per spare core, up to 8)",
     "skip_bad": "warn about and skip unreadable or invalid samples instead of stopping",
     "backbone_weights": "ImageNet backbone weights to start from: a torchvision or timm .pth file",
-    "init_checkpoint": "start from a deeplab checkpoint (.pt or model folder), e.g. one written by `deeplab convert`",
+    "init_checkpoint": "start from a deeplab checkpoint (.pt, model folder or Hub repo id owner/name), e.g. one "
+                       "written by `deeplab convert`",
     "device": "cpu, cuda, cuda:1, ... (default: cuda if available)",
     "val_images": "validation images drawn in predictions.png, 0 or more",
     "precise_bn_images": "re-measure BatchNorm statistics on N training images before each validation (0: off)",
@@ -413,23 +414,26 @@ def inference_options(args: argparse.Namespace, **defaults):
 
 
 def load_for_inference(path: str, args: argparse.Namespace):
-    """(model, checkpoint dict or exported metadata) for eval / predict: a deeplab checkpoint, or an exported .onnx /
-    OpenVINO .xml file run by its runtime."""
+    """(model, checkpoint dict or exported metadata) for eval / predict / serve: a deeplab checkpoint (a .pt, a model
+    folder, or a Hub repo id "owner/name" read through huggingface_hub's cache), or an exported .onnx / OpenVINO .xml
+    file run by its runtime."""
     from pathlib import Path
 
     from ..deploy.runners import EXPORTED_SUFFIXES, load_exported
     from ..models.checkpoint import model_from_checkpoint, read_checkpoint
+    from ..models.hub import checkpoint_path
 
     if Path(path).suffix.lower() in EXPORTED_SUFFIXES:
         runtime = args.runtime if args.runtime in ("onnxruntime", "openvino", "tflite") else None
         model = load_exported(path, runtime=runtime, threads=args.threads)
         return model, model.metadata
-    data = read_checkpoint(path)
+    local = checkpoint_path(path)
+    data = read_checkpoint(local)
     model = model_from_checkpoint(data, source=str(path)).eval()
     if args.precision in ("auto", "int8") and args.runtime in ("auto", "onnxruntime", "openvino"):
         from ..deploy.quantize import int8_beside
 
-        model.int8_file = int8_beside(path, model)
+        model.int8_file = int8_beside(local, model)  # a repo's own model.int8.onnx, when it has one
     return model, data
 
 

@@ -73,8 +73,9 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns; videos "
                    "(.mp4, .avi, .mov, .mkv, .webm) only with the optional imageio package (pip install 'imageio[pyav]'), "
                    "otherwise they are reported as failed")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (.pt or model folder), or a .onnx / "
-                   "OpenVINO .xml file from `deeplab export` or `deeplab quantize`")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (.pt, model folder, or a Hub repo id "
+                   "owner/name: pip install 'deeplab[hub]', with HF_HUB_OFFLINE=1 from the local cache only), or a "
+                   ".onnx / OpenVINO .xml file from `deeplab export` or `deeplab quantize`")
     p.add_argument("--out", required=True, help="output folder: NAME.png index PNGs in the dataset's palette; for a "
                    "raster NAME.tif, NAME.tif: class indices with the source's georeference, NoData 255")
     p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png, the image blended with the colours "

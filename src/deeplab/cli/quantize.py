@@ -30,8 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from ..inference.predict import resolve_input_size
     from ..inference.segment import _resize, scaled_size
     from ..models.checkpoint import model_from_checkpoint, read_checkpoint
+    from ..models.hub import checkpoint_path, is_repo_id
 
-    data = read_checkpoint(args.checkpoint)
+    if args.out is None and is_repo_id(args.checkpoint):  # its default home would be inside the Hugging Face cache
+        raise ValueError(f"--checkpoint {args.checkpoint}: a Hub repo, read from the Hugging Face cache, where the "
+                         "int8 file does not belong; pass --out FILE.int8.onnx, or copy the model to a local folder first "
+                         f"(deeplab export --checkpoint {args.checkpoint} --format hub --out DIR)")
+    data = read_checkpoint(checkpoint_path(args.checkpoint))
     model = model_from_checkpoint(data, source=str(args.checkpoint)).eval()
     trained = data.get("train_config") or {}
     scales = args.scales or tuple(trained.get("val_scales") or (1.0,))
@@ -79,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="int8 post-training quantization (ONNX Runtime), calibrated on a dataset's images")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float; .pt or model folder)")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint (float; .pt, model folder or Hub repo id "
+                   "owner/name, which needs --out)")
     p.add_argument("--out", default=None, help="the int8 ONNX file to write (.onnx; default CKPT_NAME.int8.onnx beside "
                    "the checkpoint, DIR/model.int8.onnx in a model folder, where predict / eval --precision auto find "
                    "it); run any with --checkpoint FILE")

@@ -67,8 +67,9 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over HTTP: POST /v1/segment, the Open Inference Protocol v2, "
                        "metrics, health checks and a web page at /")
-    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint or model folder, or a .onnx / OpenVINO .xml "
-                   "file from `deeplab export` or `deeplab quantize` (anything `deeplab predict` takes)")
+    p.add_argument("--checkpoint", required=True, help="deeplab checkpoint, model folder or Hub repo id owner/name, or "
+                   "a .onnx / OpenVINO .xml file from `deeplab export` or `deeplab quantize` (anything `deeplab "
+                   "predict` takes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only; "
                    "0.0.0.0 for every network, with --api-key)")
     p.add_argument("--port", type=number(int, 0, "a port number, e.g. 8000"), default=8000,

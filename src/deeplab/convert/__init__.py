@@ -22,7 +22,8 @@ from ..models.config import (
 from ..models.model import DeepLab, build_model
 
 
-def _is_tflite(path: Path) -> bool:
+def is_tflite(path: Path) -> bool:
+    """Whether `path` is a TF Lite flatbuffer (by its suffix or its "TFL3" identifier)."""
     with open(path, "rb") as f:
         head = f.read(8)
     return path.suffix.lower() == ".tflite" or head[4:8] == b"TFL3"
@@ -55,7 +56,7 @@ def convert_file(
     path = Path(src)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; pass a .tflite or a .pth/.pt weights file")
-    if _is_tflite(path):
+    if is_tflite(path):
         from .tflite import load_tflite
 
         return load_tflite(path, class_names=class_names, activation_rounding=activation_rounding)
@@ -92,4 +93,4 @@ def convert_file(
     return model.eval()
 
 
-__all__ = ["convert_file"]
+__all__ = ["convert_file", "is_tflite"]

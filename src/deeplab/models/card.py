@@ -139,6 +139,8 @@ def model_card(data: dict[str, Any], *, run: Path | None = None, extra: dict[str
         if conversion.get("agreement") is not None:
             out.append(f"Argmax agreement with the original runtime: {100 * float(conversion['agreement']):.2f}%"
                        + (f" ({conversion['detail']})" if conversion.get("detail") else "") + ".")
+        elif conversion.get("detail"):  # the conversion said why it measured nothing
+            out.append(f"Agreement with the original runtime: {conversion['detail']}.")
         out.append("")
     out += _training(train, rec, extra)
     out += _evaluation(train, best, final, rec.get("best_row"), data["class_names"])

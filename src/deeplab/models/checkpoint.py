@@ -157,16 +157,24 @@ def configs_of(data: dict[str, Any], *, source: str) -> tuple[ModelConfig, Prepr
 
 
 def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -> DeepLab:
-    bad = next((k for k, v in data["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    """The model a checkpoint's dict describes, holding its weights. Built without random initialisation (on the meta
+    device, then given the dict's tensors: `load_state_dict_strict(assign=True)`): initialising a ResNet-101 took
+    most of its load (docs/hub.md). The model takes the dict's tensors (`assignable_tensors`), not copies of them."""
+    bad = first_non_finite(data["state_dict"])
     if bad is not None:  # it would predict garbage (or one class) without a word
         raise CheckpointError(
             f"{source}: holds non-finite weights (NaN or inf, first in {bad}); it cannot predict. Use an earlier "
             "checkpoint of the run (best.pt, or a last.pt from before the run diverged)"
         )
     cfg, preprocessing = configs_of(data, source=source)
-    model = build_model(cfg, class_names=data["class_names"], preprocessing=preprocessing,
-                        class_colors=data.get("class_colors"), class_values=data.get("class_values"))
-    load_state_dict_strict(model, data["state_dict"], source=source)
+    kwargs = {"class_names": data["class_names"], "preprocessing": preprocessing,
+              "class_colors": data.get("class_colors"), "class_values": data.get("class_values")}
+    with torch.device("meta"):  # shapes only: every tensor the model has is about to be the checkpoint's
+        model = build_model(cfg, **kwargs)
+    load_state_dict_strict(model, data["state_dict"], source=source, assign=True)
+    if tensors_on_meta(model):  # a tensor no state dict holds (a non-persistent buffer): build it in full
+        model = build_model(cfg, **kwargs)
+        load_state_dict_strict(model, data["state_dict"], source=source)
     if data.get("activation_rounding"):  # a converted uint8 TFLite model: round activations as the file does
         from .activation_rounding import attach_activation_rounding
 
@@ -177,8 +185,20 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str = "checkpoint") -
     return model
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
-    """load_state_dict that lists every unmatched key and shape mismatch on both sides in one error."""
+def first_non_finite(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None. A sum is finite only when
+    every term is, so one sum per tensor clears it (ten times faster than `isfinite(t).all()`); a sum that overflows
+    is checked element by element."""
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
+                           assign: bool = False) -> None:
+    """load_state_dict that lists every unmatched key and shape mismatch on both sides in one error. `assign`: the
+    model (built on the meta device) takes the tensors themselves (`assignable_tensors`) instead of copies."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -198,7 +218,37 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:20])}")
         raise CheckpointError("\n  ".join(parts))
-    model.load_state_dict(state_dict)
+    if assign:
+        model.load_state_dict(assignable_tensors(state_dict, own), assign=True)
+    else:
+        model.load_state_dict(state_dict)
+
+
+def assignable_tensors(state_dict: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as a model should take them (`load_state_dict(assign=True)`): in the dtype of the model's own
+    tensor `own[name]` (float64 under a float64 default dtype, as a copy into it would give), contiguous, each with
+    aligned memory of its own (a view, a shared storage or a storage with other data is copied), so the model
+    computes exactly what a model the tensors were copied into computes."""
+    out, seen = {}, set()
+    for name, tensor in state_dict.items():
+        t = tensor.detach().to(dtype=own[name].dtype)
+        storage = t.untyped_storage()
+        whole = t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+        if not (whole and t.is_contiguous()) or t.numel() == 0 or storage.data_ptr() in seen:
+            t = t.clone(memory_format=torch.contiguous_format)
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def tensors_on_meta(model: torch.nn.Module) -> list[str]:
+    """Names of the tensors of `model` still on the meta device: parameters and buffers, and tensors kept as plain
+    attributes of a module."""
+    names = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    for prefix, module in model.named_modules():
+        names += [f"{prefix}.{k}".lstrip(".") for k, v in vars(module).items()
+                  if isinstance(v, torch.Tensor) and v.is_meta]
+    return names
 
 
 def load(path: str | os.PathLike) -> DeepLab:

@@ -50,6 +50,8 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       torch.bool: "BOOL"}
 # A repo id on the Hub: "name" or "owner/name" (letters, digits, '-', '_', '.').
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# Names ending so are files (a checkpoint, an exported graph, weights), never repo ids.
+FILE_SUFFIXES = (".pt", ".pth", ".pt2", ".bin", ".safetensors", ".onnx", ".xml", ".tflite")
 
 
 def deeplab_version() -> str:
@@ -271,13 +273,15 @@ def first_mismatch(expected: dict[str, torch.Tensor], found: dict[str, tuple[str
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, each copied straight from the memory-mapped file (reading the file into
-    bytes first and decoding them, safetensors' `load`, makes a second copy and was several times slower for ResNet-101)."""
+    """The tensors of a safetensors file, each copied straight from the memory-mapped file into memory of its own
+    (reading the file into bytes first and decoding them, safetensors' `load`, makes a second copy and was several
+    times slower for ResNet-101). `load_file`'s own tensors stay mapped to the file: a model holding them would die of
+    SIGBUS when the file is rewritten in place (`cp` over it) while it runs."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        return {name: tensor.clone() for name, tensor in load_file(path).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors ({type(e).__name__}: {str(e)[:120]}); copy the model "
                               "folder again") from None
@@ -291,7 +295,7 @@ def resolve_folder(name: str | os.PathLike, *, revision: str | None = None, cach
     if path.exists():
         return path
     text = str(name)
-    if not REPO_ID.fullmatch(text) or Path(text).suffix.lower() in (".pt", ".pth", ".onnx", ".xml", ".tflite"):
+    if not REPO_ID.fullmatch(text) or Path(text).suffix.lower() in FILE_SUFFIXES:
         raise CheckpointError(f"{text}: no such file or folder; pass a deeplab .pt, a model folder or a Hub repo id "
                               "(owner/name)")
     try:
@@ -306,11 +310,27 @@ def resolve_folder(name: str | os.PathLike, *, revision: str | None = None, cach
             text, revision=revision, cache_dir=cache_dir, token=token, library_name="deeplab",
             library_version=deeplab_version(), allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE, INT8_FILE]))
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        raise CheckpointError(f"{text}: not in the local Hugging Face cache, and the Hub cannot be reached or "
-                              "HF_HUB_OFFLINE is set; fetch it once online, or pass a local model folder") from None
+        raise CheckpointError(f"{text}: no such local file or folder, and as a Hub repo id not in the local Hugging "
+                              "Face cache while the Hub cannot be reached or HF_HUB_OFFLINE is set; fetch it once "
+                              "online, or pass a local model folder") from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.HFValidationError) as e:
-        raise CheckpointError(f"{text}: no such model on the Hub ({type(e).__name__}); check the repo id, "
-                              "or log in (hf auth login) for a private one") from None
+        raise CheckpointError(f"{text}: no such local file or folder, and no such model on the Hub "
+                              f"({type(e).__name__}); check the path or the repo id, or log in (hf auth login) for a "
+                              "private one") from None
+
+
+def is_repo_id(name: str | os.PathLike) -> bool:
+    """Whether a command's --checkpoint names a Hub repo: "owner/name", with no such local path and not ending like a
+    file. A bare "name" stays a local path (a typo of one is refused as missing, not looked up on the Hub)."""
+    text = str(name)
+    return (text.count("/") == 1 and REPO_ID.fullmatch(text) is not None
+            and Path(text).suffix.lower() not in FILE_SUFFIXES and not Path(text).exists())
+
+
+def checkpoint_path(name: str | os.PathLike) -> Path:
+    """What a --checkpoint (or --init-checkpoint) names: a local path as it is (a missing one is refused by its
+    reader, by name), or a Hub repo id (`is_repo_id`) as its folder in huggingface_hub's cache (`resolve_folder`)."""
+    return resolve_folder(name) if is_repo_id(name) else Path(name)
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
@@ -338,7 +358,9 @@ __all__ = [
     "FOLDER_VERSION",
     "INT8_FILE",
     "WEIGHTS_FILE",
+    "checkpoint_path",
     "folder_config",
+    "is_repo_id",
     "model_record",
     "push_to_hub",
     "read_config",

@@ -31,6 +31,7 @@ from ..models.checkpoint import (
     read_checkpoint,
 )
 from ..models.config import ModelConfig
+from ..models.hub import checkpoint_path
 from ..models.model import DeepLab
 from .batches import EpochSamples, RunBatches, build_datasets
 from .config import TrainConfig, default_weight_decay, train_config_of
@@ -210,7 +211,8 @@ def _start(
 
     train_cfg, amp_why = resolve_for_device(train_cfg, device, backbone=model_cfg.backbone)
     torch.manual_seed(train_cfg.seed)
-    init_data = read_checkpoint(train_cfg.init_checkpoint) if train_cfg.init_checkpoint and not resume_state else None
+    init_data = (read_checkpoint(checkpoint_path(train_cfg.init_checkpoint))  # a path, or a Hub repo id
+                 if train_cfg.init_checkpoint and not resume_state else None)
     preprocessing = run_preprocessing(resume_state, init_data)
     train_ds, val_ds = build_datasets(train_cfg, preprocessing)
     report = None if resume_state is not None else _check_data(train_cfg, train_ds, val_ds, say=say, progress=progress)
