@@ -83,6 +83,25 @@ def test_a_later_process_loads_what_the_first_built_and_computes_the_same_bytes(
     assert sum(calls.values()) == 2 * sum(built.values())
 
 
+def test_an_exported_file_run_by_openvino_has_its_compiled_models_kept_under_its_bytes(monkeypatch, tmp_path):
+    _needs("openvino")
+    from deeplab.deploy.export import export_model
+    from deeplab.deploy.runners import load_exported
+
+    export_model(tiny(), tmp_path / "m.xml", format="openvino")
+    calls = _counting(monkeypatch)
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        first = load_exported(tmp_path / "m.xml")(x)
+        assert torch.equal(load_exported(tmp_path / "m.xml")(x), first) and calls["compile"] == 1
+        other = tiny()
+        other.classifier.weight.add_(0.1)
+        export_model(other, tmp_path / "m.xml", format="openvino")  # the same name, other bytes: compiled again
+        before = calls["compile"]  # (export_model compiles to check the file)
+        load_exported(tmp_path / "m.xml")(x)
+    assert calls["compile"] == before + 1
+
+
 def test_a_corrupt_stale_or_foreign_entry_is_built_again_and_replaced(monkeypatch):
     _needs("openvino")
     import deeplab.deploy.artefacts as artefacts

@@ -3,7 +3,8 @@ process (another run, or the other processes of a torchrun) loads it instead of 
 
 - **What is kept.** For ONNX Runtime the model exported to ONNX; for OpenVINO the same graph as OpenVINO IR (.xml and
   .bin) and, per input shape, the compiled model (OpenVINO's `export_model` blob); for TF Lite the flatbuffer written
-  for each input shape. Exporting (torch.onnx.export, then OpenVINO's converter) and compiling are most of what a
+  for each input shape. An exported file run by OpenVINO (``--checkpoint model.xml``, an int8 file) has its compiled
+  models kept too, under the digest of the file's bytes. Exporting (torch.onnx.export, then OpenVINO's converter) and compiling are most of what a
   process spends preparing a runtime; loading the kept files skips both, and skips importing the exporters too.
 - **Keys.** Each entry is a folder, ``CACHE/runtime-artefacts/NAME/``, named after a hash of its key: the model's
   digest (weights and configuration), what the entry is, the versions of deeplab, torch, onnx and the runtimes, and a
@@ -79,10 +80,16 @@ def entry_path(key: dict[str, Any]) -> Path:
 
 
 def _file_digest(path: Path) -> str:
+    return files_digest([path])
+
+
+def files_digest(paths: list[Path]) -> str:
+    """A digest of the bytes of `paths`, in order (an exported file a user passes stands for the model)."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..models.config import ModelConfig, Preprocessing
-from .artefacts import compiled_key, read_entry, write_entry
+from .artefacts import artefact_key, compiled_key, files_digest, read_entry, write_entry
 
 EXTRA = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "litert"}
 
@@ -206,9 +206,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None) -> RuntimeModel:
+def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None,
+                  cache: bool = True) -> RuntimeModel:
     """Open an exported `.onnx` (ONNX Runtime by default; OpenVINO reads it too), OpenVINO `.xml` or `.tflite` file
-    (the TF Lite runtime)."""
+    (the TF Lite runtime). `cache`: OpenVINO's compiled models are kept under the digest of the file's bytes
+    (`deeplab.deploy.artefacts`), so a later process imports them instead of compiling."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXPORTED_SUFFIXES:
@@ -237,7 +239,11 @@ def load_exported(path: str | os.PathLike, *, runtime: str | None = None, thread
         config = ModelConfig(num_classes=len(meta["class_names"]), align_corners=bool(meta.get("align_corners")))
     pre = Preprocessing(mean=meta["mean"], std=meta["std"], input_size=meta.get("input_size"))
     n = thread_count(threads)
-    run, layout = RUNNERS[runtime](path, threads=n, layout=meta.get("output_layout", "NCHW"))
+    hint = {}
+    if runtime == "openvino" and cache:
+        files = [path, path.with_suffix(".bin")] if suffix == ".xml" else [path]
+        hint["cache_key"] = artefact_key(digest=files_digest(files), kind="openvino-file")
+    run, layout = RUNNERS[runtime](path, threads=n, layout=meta.get("output_layout", "NCHW"), **hint)
     model = RuntimeModel(
         run, runtime=runtime, config=config, class_names=meta["class_names"], preprocessing=pre, source=str(path),
         threads=n, metadata=meta, nhwc=layout == "NHWC",

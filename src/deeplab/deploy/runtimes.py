@@ -207,7 +207,7 @@ def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None,
     if precision == "int8":
         if int8 is None:
             raise ValueError("int8 needs the file deeplab quantize wrote for this model")
-        return load_exported(int8, runtime=runtime, threads=thread_count(threads))
+        return load_exported(int8, runtime=runtime, threads=thread_count(threads), cache=digest is not None)
     if runtime == "tflite":
         return _litert_runtime(model.eval(), threads=thread_count(threads), digest=digest)
     with tempfile.TemporaryDirectory(prefix="deeplab-runtime-") as folder:
