@@ -164,7 +164,8 @@ def add_parser(sub) -> None:
                    "another folder without splits/val.txt, all)")
     p.add_argument("--limit", type=number(int, 1, "a positive number of images"), default=None, help="evaluate the first N images only")
     p.add_argument("--raster", default=None, help="instead of a dataset: an image raster of any size (GeoTIFF), "
-                   "predicted tile by tile as deeplab predict does, scored against --labels")
+                   "predicted tile by tile as deeplab predict does, scored against --labels (under torchrun each "
+                   "process takes a band of rows)")
     p.add_argument("--labels", default=None, help="with --raster: the label raster on the same grid (class Values "
                    "for a model trained on an ArcGIS export, 0 = NoData; else class indices, 255 ignored)")
     p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")

@@ -21,7 +21,10 @@ and the Python API run it like the model itself:
   fastest are timed as long again, and the fastest in paired rounds is kept (`deeplab.deploy.choice`: each
   candidate's median over rounds of its time over the round's fastest). The choice is cached per machine and model
   in the user's cache folder, so a later process builds only the chosen candidate and checks it (``retime=True``,
-  ``--retime``, times again). `choice` records the figures. Which one wins depends on the model and the machine
+  ``--retime``, times again); processes that choose at the same time time once (`choice.choosing`). What ONNX
+  Runtime, OpenVINO and TF Lite build from the model (exported graph, compiled model) is kept beside the choice
+  (`deeplab.deploy.artefacts`), so a later process loads it instead of exporting and compiling. `choice` records the
+  figures. Which one wins depends on the model and the machine
   (docs/deploy.md has the measurements).
 - ``"eager"``: the model as it is.
 
