@@ -142,6 +142,25 @@ def test_a_cache_folder_that_cannot_be_written_only_costs_the_build(monkeypatch,
         assert torch.allclose(auto(x), model(x), atol=1e-4) and auto.choice["cached"] is False
 
 
+def test_the_least_recently_used_entries_go_when_the_cache_outgrows_its_bound(monkeypatch):
+    import deeplab.deploy.artefacts as artefacts
+
+    monkeypatch.setattr(artefacts, "MAX_BYTES", 25_000)
+    keys = [artefacts.artefact_key(digest=f"model{i}", kind="test") for i in range(3)]
+    for when, key in zip((1000, 2000), keys):
+        folder = artefacts.write_entry(key, {"file": bytes(10_000)})
+        os.utime(folder / artefacts.MANIFEST, (when, when))  # written long ago, 0 before 1
+    root = cache_dir() / "runtime-artefacts"
+    old, young = root / ".gone.1.partial", root / ".writing.2.partial"
+    for partial in (old, young):
+        partial.mkdir()
+    os.utime(old, (1000, 1000))  # left by a process killed while writing
+    assert artefacts.read_entry(keys[0]) is not None  # used now: 1 is the least recently used
+    artefacts.write_entry(keys[2], {"file": bytes(10_000)})  # three entries hold more than 25,000 bytes
+    assert [artefacts.read_entry(key) is not None for key in keys] == [True, False, True]
+    assert not old.exists() and young.exists()
+
+
 CHILD = """
 import json, sys, time
 from pathlib import Path

@@ -17,16 +17,23 @@ process (another run, or the other processes of a torchrun) loads it instead of 
   builds as it would without a cache and writes the entry again. A cache folder that cannot be written only costs
   the build next time.
 
+- **Bounded.** Reading an entry marks it used; after writing one, the least recently used entries are removed
+  while all of them hold more than MAX_BYTES (the one just written stays), and so are partial folders a killed
+  process left more than a day ago. A large model's entries (its graph, twice, and a compiled copy per shape) take
+  a few times its weights.
+
 ``CACHE`` is `deeplab.deploy.choice.cache_dir()`; deleting ``CACHE/runtime-artefacts`` is always safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +45,8 @@ from .precision import machine_key
 ARTEFACTS_VERSION = 1
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "onnx", "onnxruntime", "openvino", "ai-edge-litert")  # what an exported graph depends on
+MAX_BYTES = 4 << 30  # the entries kept at most, all together; the least recently used go first
+STALE_PARTIAL_S = 24 * 3600  # a partial folder this old was left by a process that ended while writing it
 
 
 @functools.cache
@@ -106,6 +115,8 @@ def read_entry(key: dict[str, Any]) -> Path | None:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    with contextlib.suppress(OSError):
+        os.utime(folder / MANIFEST)  # used now: the last to be pruned
     return folder
 
 
@@ -135,7 +146,33 @@ def write_entry(key: dict[str, Any], files: dict[str, bytes | Path]) -> Path | N
         return read_entry(key)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        prune(folder.parent, keep=folder)
     return folder
+
+
+def prune(root: Path, *, keep: Path, limit: int | None = None) -> None:
+    """Remove the least recently used entries under `root` while they hold more than `limit` bytes (default
+    MAX_BYTES), never `keep`; and partial folders older than STALE_PARTIAL_S."""
+    limit = MAX_BYTES if limit is None else limit
+    now, entries = time.time(), []
+    for folder in root.iterdir():
+        try:
+            if folder.name.startswith("."):
+                if now - folder.stat().st_mtime > STALE_PARTIAL_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            size = sum(f.stat().st_size for f in folder.iterdir())
+            entries.append(((folder / MANIFEST).stat().st_mtime, size, folder))
+        except OSError:  # removed meanwhile by another process, or a folder without a manifest
+            continue
+    total = sum(size for _, size, _ in entries)
+    for _, size, folder in sorted(entries):
+        if total <= limit:
+            break
+        if folder != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
 
 
 def cached_bytes(key: dict[str, Any] | None, name: str, build: Callable[[], bytes]) -> bytes:
