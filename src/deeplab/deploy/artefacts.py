@@ -8,9 +8,9 @@ process (another run, or the other processes of a torchrun) loads it instead of 
   process spends preparing a runtime; loading the kept files skips both, and skips importing the exporters too.
 - **Keys.** Each entry is a folder, ``CACHE/runtime-artefacts/NAME/``, named after a hash of its key: the model's
   digest (weights and configuration), what the entry is, the versions of deeplab, torch, onnx and the runtimes, and a
-  digest of deeplab's own source (a source tree edited in place has no new version number). A compiled model adds
-  the input shape, thread count, precision and the CPU (model and flags of note). Anything that differs is another
-  folder, so an entry made by other code, versions or weights is never read.
+  digest of the source of deeplab's models/ and deploy/ (a source tree edited in place has no new version number).
+  A compiled model adds the input shape, thread count, precision and the CPU (model and flags of note). Anything that
+  differs is another folder, so an entry made by other code, versions or weights is never read.
 - **Whole or not at all.** An entry is written into a partial folder, its manifest last (the key and a BLAKE2b digest
   of every file), and renamed into place. A reader takes an entry only when its manifest holds the same key and every
   file has its recorded digest; anything else (missing, partial, corrupt, unreadable) is as if absent, and the caller
@@ -51,10 +51,11 @@ STALE_PARTIAL_S = 24 * 3600  # a partial folder this old was left by a process t
 
 @functools.cache
 def code_digest() -> str:
-    """A digest of deeplab's own source files (the code that builds the graphs), read once per process."""
+    """A digest of the source of the code that builds the graphs (deeplab's models/ and deploy/), read once per
+    process."""
     h = hashlib.blake2b(digest_size=16)
     package = Path(__file__).resolve().parents[1]
-    for path in sorted(package.rglob("*.py")):
+    for path in sorted([*package.glob("models/**/*.py"), *package.glob("deploy/**/*.py")]):
         h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
