@@ -8,8 +8,8 @@ Each split PxT runs `deeplab predict` (P processes under `torch.distributed.run 
 the same folder into a fresh output folder, timed from launch to exit (start-up included, as a user sees it), and
 the same command on one image (start-up, loading and the runtime's preparation); the splits alternate within each
 round. Before the rounds, one process predicts the first image at each thread count
-so that `--runtime auto` has chosen (and cached) its runtime: every process then reads the same choice instead of
-timing the runtimes against each other. Prints the machine line, one JSON line per run and a summary with each
+so that `--runtime auto` has chosen its runtime and kept what it builds (docs/geo.md, "Start-up"): every run of the
+rounds then finds both in the cache, as any run after the first on a machine does. Prints the machine line, one JSON line per run and a summary with each
 split's median and its speed-up over 1x1; the outputs of every run are compared byte for byte with the first.
 """
 

@@ -165,3 +165,36 @@ def test_a_dataloader_workers_failure_is_read_through_its_wrapper():
         "deeplab.data.base.DatasetError: data/masks/a.png: mask is 40x41 but the image is 40x40; fix the files\n")
     code, line = failure_line(wrapped)
     assert code == EXIT_INPUT and line == "error: data/masks/a.png: mask is 40x41 but the image is 40x40; fix the files"
+
+
+def test_predict_in_a_process_of_its_own_ends_when_done_keeping_its_status_lines_and_exit_handlers(tmp_path):
+    # `deeplab predict` and `eval` end their process as soon as they return (cli._end_now), without the interpreter's
+    # teardown: the exit status, everything printed and the exit handlers (logging, multiprocessing) must survive.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="mobilenet_v2", depth_multiplier=0.25, num_classes=3, output_stride=16,
+                                    decoder=False, atrous_rates=(2,), aspp_channels=16), class_names=["a", "b", "c"])
+    ckpt = save_checkpoint(model.eval(), tmp_path / "m.pt")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "bad.png").write_bytes(b"not a png")
+    script = ("import atexit, sys; atexit.register(lambda: print('exit handlers ran', flush=True)); "
+              "from deeplab.cli import run; sys.argv = ['deeplab', *sys.argv[1:]]; sys.exit(run())")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, "predict", "--checkpoint", str(ckpt), str(tmp_path / "in"),
+                           "--out", str(tmp_path / "out"), "--runtime", "eager", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]  # one input failed
+    assert done.stdout.splitlines()[-2:] == [f"wrote 1 files for 1 inputs to {tmp_path / 'out'} (runtime eager, fp32)",
+                                             "exit handlers ran"]
+    assert "bad.png" in done.stderr and "1 of 2 inputs failed" in done.stderr
+    assert (tmp_path / "out" / "good.png").is_file()

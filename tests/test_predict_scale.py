@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,53 @@ def test_two_torchrun_processes_write_the_bytes_of_one_and_report_every_input_on
     assert summary == [f"wrote 13 files for 6 inputs to {tmp_path / 'two'} (runtime eager, fp32)"], two.stdout
     assert len(list((tmp_path / "two" / RECORDS).iterdir())) == 6  # one record per input, the raster's included
     assert "0.1 Mpx" in two.stdout  # the raster's megapixels summed over both processes' bands (150 x 700)
+
+
+def _torchrun(args: list[str], env: dict[str, str], *, processes: int = 2) -> subprocess.CompletedProcess:
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+              if processes > 1 else [sys.executable])
+    done = subprocess.run([*launch, "-m", "deeplab", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_torchrun_processes_without_a_cached_runtime_choice_time_once_and_write_the_bytes_of_one(tmp_path):
+    _images(tmp_path / "in", n=4)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "m.pt")
+    flags = ["predict", "--checkpoint", str(ckpt), str(tmp_path / "in"), "--runtime", "auto", "--precision", "fp32",
+             "--threads", "1", "--quiet"]
+    env = _env(DEEPLAB_CACHE_DIR=str(tmp_path / "cache"))
+    two = _torchrun([*flags, "--out", str(tmp_path / "two")], env)
+    assert len(list((tmp_path / "cache" / "runtime-choice").glob("*.json"))) == 1  # one process chose
+    one = _torchrun([*flags, "--out", str(tmp_path / "one")], env, processes=1)  # takes that choice
+    assert "timed on this machine before" in one.stdout
+    assert _files(tmp_path / "two") == _files(tmp_path / "one") and len(_files(tmp_path / "one")) == 4
+    runtime = one.stdout.split("(runtime ")[1].split(",")[0]
+    assert f"(runtime {runtime}, fp32" in two.stdout
+
+
+def test_eval_of_a_raster_under_torchrun_shares_its_rows_and_scores_exactly_as_one_process(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    _rgb_raster(tmp_path / "r.tif", height=600, width=90)  # two bands of rows: 0..256, 256..600
+    truth = np.random.default_rng(3).choice(np.array([0, 1, 2, 255], np.uint8), (1, 600, 90))
+    with rasterio.open(tmp_path / "r.tif") as src:
+        profile = {**src.profile, "count": 1, "nodata": None}
+    with rasterio.open(tmp_path / "truth.tif", "w", **profile) as dst:
+        dst.write(truth)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "m.pt")
+    flags = ["eval", "--checkpoint", str(ckpt), "--raster", str(tmp_path / "r.tif"), "--labels",
+             str(tmp_path / "truth.tif"), "--tile", "64", "--padding", "16", "--runtime", "eager", "--threads", "1",
+             "--json", "--quiet"]
+    one, two = (json.loads(_torchrun(flags, _env(), processes=n).stdout) for n in (1, 2))
+    assert two == one  # scores, confusion matrix and settings
+    counted = np.array(one["confusion_matrix"]).sum()
+    assert counted > (truth[0, 256:] != 255).sum()  # the pixels of both bands, each counted once
+    assert len(set(one["per_class_iou"].values())) > 1
 
 
 def test_a_band_of_rows_is_that_band_of_the_whole_raster_prediction(tmp_path):

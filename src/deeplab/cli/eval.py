@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         inference = inference_options(args, scales=tuple(trained.get("val_scales") or (1.0,)),
                                        flip=bool(trained.get("val_flip", False)))
         if args.raster is not None:
-            results[label] = _raster_result(model, path, args, inference, device)
+            results[label] = _raster_result(model, path, args, inference, device, dist_info)
             continue
         name, root, split, seed, options = eval_data(args, data.get("train_config"), source=str(path))
         dataset = build_eval_dataset(model, name, root=root, split=split, seed=seed, skip_bad=args.skip_bad,
@@ -129,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raster_result(model, path, args: argparse.Namespace, inference, device) -> dict:
-    """`deeplab eval --raster IMAGE --labels LABELS`: one raster of any size against its label raster."""
+def _raster_result(model, path, args: argparse.Namespace, inference, device, dist_info) -> dict:
+    """`deeplab eval --raster IMAGE --labels LABELS`: one raster of any size against its label raster; under torchrun
+    each process predicts a band of rows and the confusion matrices are summed."""
     from ..inference.raster import evaluate_raster
 
     if args.eval_output_stride is not None and args.eval_output_stride != model.config.output_stride:
@@ -140,11 +141,12 @@ def _raster_result(model, path, args: argparse.Namespace, inference, device) -> 
     if next(model.parameters(), None) is not None:
         model = model.to(device)
     note = raster_note(args, model)
-    if note:
+    if note and dist_info.is_main:
         print(f"deeplab eval: {note}", file=sys.stderr)
     res = evaluate_raster(model, args.raster, args.labels, tiling=raster_tiling(args, model), options=inference,
                           scale=args.scale, resolution=args.resolution,
-                          progress=not args.quiet and not args.json)
+                          progress=not args.quiet and not args.json and dist_info.is_main,
+                          rank=dist_info.rank, world_size=dist_info.world_size)
     return {"checkpoint": str(path), "dataset": "raster", "split": args.labels, "images": args.raster, **res}
 
 
@@ -163,7 +165,8 @@ def add_parser(sub) -> None:
                    "another folder without splits/val.txt, all)")
     p.add_argument("--limit", type=number(int, 1, "a positive number of images"), default=None, help="evaluate the first N images only")
     p.add_argument("--raster", default=None, help="instead of a dataset: an image raster of any size (GeoTIFF), "
-                   "predicted tile by tile as deeplab predict does, scored against --labels")
+                   "predicted tile by tile as deeplab predict does, scored against --labels (under torchrun each "
+                   "process takes a band of rows)")
     p.add_argument("--labels", default=None, help="with --raster: the label raster on the same grid (class Values "
                    "for a model trained on an ArcGIS export, 0 = NoData; else class indices, 255 ignored)")
     p.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable samples")

@@ -9,16 +9,26 @@
   timing depends on: the CPU model and flags, the runtime versions, deeplab's version, the model's digest (its
   weights and configuration), the input shape, the thread count, and the candidates. A later process with the same
   key builds only the chosen runtime and checks it; anything changed, or ``--retime``, times again. A cache folder
-  that cannot be written only costs the timing next time.
+  that cannot be written only costs the timing next time. What the chosen runtime builds from the model (exported
+  graph, compiled model) is kept beside the choice (`deeplab.deploy.artefacts`).
+- **One process times, the others wait.** Timing is done holding a lock on the model's choice
+  (``runtime-choice/NAME.lock``, `choosing`; an advisory ``flock``, released by the system when its holder ends
+  however it ends). Processes that start together (torchrun's, or several jobs on one machine) find no choice; the
+  first to take the lock builds, times and writes the choice and the artefacts, the others wait (without using a
+  core), then read that choice and build the chosen runtime from its artefacts. So they run the same runtime, and
+  timing is not disturbed by the others' timing. Without a writable cache folder (or ``fcntl``, as on Windows)
+  there is no lock: each process times on its own, as they all did before there was one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -89,6 +99,30 @@ def write_choice(key: dict[str, Any], choice: dict[str, Any]) -> Path | None:
     except OSError:
         return None
     return path
+
+
+@contextlib.contextmanager
+def choosing(key: dict[str, Any] | None) -> Iterator[None]:
+    """Hold this machine's lock on choosing a runtime for `key`'s model (every shape, thread count and candidate
+    list of it) while the block runs; waits while another process holds it. No lock for `key` None, without
+    ``fcntl``, or when the cache folder cannot be written."""
+    if key is None:
+        yield
+        return
+    name = hashlib.sha256(json.dumps([key["model"], key.get("cpu"), key.get("flags")]).encode()).hexdigest()[:32]
+    path = cache_dir() / "runtime-choice" / f"{name}.lock"
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a")  # noqa: SIM115 - held until the block ends
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        with contextlib.suppress(OSError):  # a file system without locks: no lock
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield
 
 
 def scores(rounds: dict[str, list[list[float]]]) -> dict[str, float]:

@@ -64,11 +64,13 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"BatchNorm of {bn.num_features} features after a conv of {conv.out_channels} channels")
-    # skip_init: no random initialisation of weights that are overwritten next (a TapSkippingConv2d stays one).
-    fused = nn.utils.skip_init(
-        type(conv), conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+    # Built on the meta device, its parameters then replaced: no random initialisation of weights that are
+    # overwritten next (a TapSkippingConv2d stays one). Not nn.utils.skip_init, whose `to_empty` of meta tensors
+    # imports torch's Python reference ops and sympy on first use (half a second of every start-up).
+    fused = type(conv)(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode, device="meta",
+        dtype=conv.weight.dtype,
     )
     with torch.no_grad():
         # Fold in float64, round once to the weight's dtype.
@@ -77,8 +79,10 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
             scale = scale * bn.weight.double()
         bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
         shift = bn.bias.double() if bn.bias is not None else torch.zeros_like(scale)
-        fused.weight.copy_(conv.weight.double() * scale.view(-1, 1, 1, 1))
-        fused.bias.copy_((bias - bn.running_mean.double()) * scale + shift)
+        weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+        bias = (bias - bn.running_mean.double()) * scale + shift
+    fused.weight = nn.Parameter(weight.to(conv.weight.dtype).contiguous())
+    fused.bias = nn.Parameter(bias.to(conv.weight.dtype))
     return fused
 
 

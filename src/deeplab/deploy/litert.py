@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .artefacts import cached_bytes
+
 NCHW_TO_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
 FUSABLE = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUB", "MUL", "CONCATENATION")
 SHAPES = 4  # input shapes the runtime writes a graph for; others run in the PyTorch fast path
@@ -544,10 +546,12 @@ def interpreter(content: bytes, *, threads: int, nchw_input: bool = False) -> Ca
     return run
 
 
-def litert_runner(model: nn.Module, *, threads: int, fallback: Callable[[], Callable] | None = None):
+def litert_runner(model: nn.Module, *, threads: int, fallback: Callable[[], Callable] | None = None,
+                  cache_key: dict[str, Any] | None = None):
     """(run, "NHWC"): `model` in the TF Lite runtime, one graph written and loaded per input shape for the first
     SHAPES shapes; any other shape runs `fallback()` (called once, on first need; it returns a module giving NCHW
-    logits, handed back NHWC as a view) or raises."""
+    logits, handed back NHWC as a view) or raises. With `cache_key` (`deeplab.deploy.artefacts`) each shape's graph
+    is kept on disk, and a later process reads it instead of writing it again."""
     graphs: dict[tuple[int, ...], Callable] = {}
     other: list[Callable] = []
 
@@ -555,8 +559,9 @@ def litert_runner(model: nn.Module, *, threads: int, fallback: Callable[[], Call
         shape = tuple(x.shape)
         fn = graphs.get(shape)
         if fn is None and len(graphs) < SHAPES:
-            fn = graphs[shape] = interpreter(tflite_bytes(model, shape, nchw_input=True), threads=threads,
-                                                     nchw_input=True)
+            key = None if cache_key is None else {**cache_key, "shape": list(shape)}
+            content = cached_bytes(key, "model.tflite", lambda: tflite_bytes(model, shape, nchw_input=True))
+            fn = graphs[shape] = interpreter(content, threads=threads, nchw_input=True)
         if fn is not None:
             return fn(x)
         if fallback is None:

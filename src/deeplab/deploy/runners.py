@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models.config import ModelConfig, Preprocessing
+from .artefacts import artefact_key, compiled_key, files_digest, read_entry, write_entry
 
 EXTRA = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "litert"}
 
@@ -95,25 +96,34 @@ def onnxruntime_runner(path: str | os.PathLike, *, threads: int, layout: str = "
     return run, layout
 
 
-def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW", precision: str = "f32") -> Runner:
+def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCHW", precision: str = "f32",
+                    cache_key: dict[str, Any] | None = None) -> Runner:
     """OpenVINO on the CPU in `precision` ("f32", or "bf16", OpenVINO's own default on CPUs with AMX or
     AVX512_BF16; an int8 file runs its quantized operations in int8 either way): a static-shape copy compiled for each of the first OPENVINO_SHAPES input shapes
     (faster than OpenVINO's dynamic-shape mode), one dynamic-shape copy for every shape after those (images of many
     sizes would otherwise compile once each); the logits NHWC: OpenVINO upsamples them NHWC inside, and asking for
-    NCHW adds a reorder (1.6 ms of 19 for MobileNetV2 dm0.5 at 257x257, one thread here)."""
+    NCHW adds a reorder (1.6 ms of 19 for MobileNetV2 dm0.5 at 257x257, one thread here). With `cache_key` (the
+    file's key in `deeplab.deploy.artefacts`) each compiled copy is kept there, and a later process imports it
+    instead of compiling."""
     import openvino as ov
     from openvino.preprocess import PrePostProcessor
 
     core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+              "NUM_STREAMS": 1}
     model = core.read_model(str(path))
     if layout == "NCHW":
         ppp = PrePostProcessor(model)
         ppp.output(0).model().set_layout(ov.Layout("NCHW"))
         ppp.output(0).tensor().set_layout(ov.Layout("NHWC"))
         model = ppp.build()
-    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
-              "NUM_STREAMS": 1}
     compiled: dict[tuple[int, ...] | None, Any] = {}  # input shape (None: dynamic) -> infer request
+
+    def compile_for(shape: tuple[int, ...] | None) -> Any:
+        copy = model.clone()
+        if shape is not None:
+            copy.reshape({copy.input(0): ov.PartialShape(list(shape))})
+        return core.compile_model(copy, "CPU", config)
 
     def run(x: np.ndarray) -> np.ndarray:
         shape = tuple(x.shape)
@@ -121,14 +131,31 @@ def openvino_runner(path: str | os.PathLike, *, threads: int, layout: str = "NCH
             shape = None
         request = compiled.get(shape)
         if request is None:
-            copy = model.clone()
-            if shape is not None:
-                copy.reshape({copy.input(0): ov.PartialShape(list(shape))})
-            request = compiled[shape] = core.compile_model(copy, "CPU", config).create_infer_request()
+            key = None if cache_key is None else compiled_key(cache_key, shape=None if shape is None else list(shape),
+                                                              threads=threads, precision=precision)
+            request = compiled[shape] = _cached_compile(core, key, config, lambda: compile_for(shape)).create_infer_request()
         request.infer({0: x})
         return request.get_output_tensor(0).data.copy()
 
     return run, "NHWC"
+
+
+def _cached_compile(core: Any, key: dict[str, Any] | None, config: dict[str, Any], compile_now: Callable[[], Any]) -> Any:
+    """The compiled model kept under `key` (`deeplab.deploy.artefacts`), imported; else `compile_now()`, kept there."""
+    entry = read_entry(key) if key is not None else None
+    if entry is not None:
+        try:
+            return core.import_model((entry / "compiled.blob").read_bytes(), "CPU", config)
+        except (OSError, RuntimeError):  # e.g. a blob this OpenVINO cannot import after all: compiled again
+            pass
+    model = compile_now()
+    if key is not None:
+        try:
+            blob = model.export_model().getvalue()
+        except RuntimeError:  # a plugin that cannot export: compiled in every process
+            return model
+        write_entry(key, {"compiled.blob": blob})
+    return model
 
 
 def tflite_runner(path: str | os.PathLike, *, threads: int, layout: str = "NHWC") -> Runner:
@@ -179,9 +206,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None) -> RuntimeModel:
+def load_exported(path: str | os.PathLike, *, runtime: str | None = None, threads: int | None = None,
+                  cache: bool = True) -> RuntimeModel:
     """Open an exported `.onnx` (ONNX Runtime by default; OpenVINO reads it too), OpenVINO `.xml` or `.tflite` file
-    (the TF Lite runtime)."""
+    (the TF Lite runtime). `cache`: OpenVINO's compiled models are kept under the digest of the file's bytes
+    (`deeplab.deploy.artefacts`), so a later process imports them instead of compiling."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in EXPORTED_SUFFIXES:
@@ -210,7 +239,11 @@ def load_exported(path: str | os.PathLike, *, runtime: str | None = None, thread
         config = ModelConfig(num_classes=len(meta["class_names"]), align_corners=bool(meta.get("align_corners")))
     pre = Preprocessing(mean=meta["mean"], std=meta["std"], input_size=meta.get("input_size"))
     n = thread_count(threads)
-    run, layout = RUNNERS[runtime](path, threads=n, layout=meta.get("output_layout", "NCHW"))
+    hint = {}
+    if runtime == "openvino" and cache:
+        files = [path, path.with_suffix(".bin")] if suffix == ".xml" else [path]
+        hint["cache_key"] = artefact_key(digest=files_digest(files), kind="openvino-file")
+    run, layout = RUNNERS[runtime](path, threads=n, layout=meta.get("output_layout", "NCHW"), **hint)
     model = RuntimeModel(
         run, runtime=runtime, config=config, class_names=meta["class_names"], preprocessing=pre, source=str(path),
         threads=n, metadata=meta, nhwc=layout == "NHWC",

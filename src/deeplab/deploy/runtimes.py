@@ -21,7 +21,10 @@ and the Python API run it like the model itself:
   fastest are timed as long again, and the fastest in paired rounds is kept (`deeplab.deploy.choice`: each
   candidate's median over rounds of its time over the round's fastest). The choice is cached per machine and model
   in the user's cache folder, so a later process builds only the chosen candidate and checks it (``retime=True``,
-  ``--retime``, times again). `choice` records the figures. Which one wins depends on the model and the machine
+  ``--retime``, times again); processes that choose at the same time time once (`choice.choosing`). What ONNX
+  Runtime, OpenVINO and TF Lite build from the model (exported graph, compiled model) is kept beside the choice
+  (`deeplab.deploy.artefacts`), so a later process loads it instead of exporting and compiling. `choice` records the
+  figures. Which one wins depends on the model and the machine
   (docs/deploy.md has the measurements).
 - ``"eager"``: the model as it is.
 
@@ -55,7 +58,8 @@ import torch
 from torch import nn
 
 from ..models.config import Preprocessing
-from .choice import choice_key, fastest_paired, model_digest, read_choice, scores, write_choice
+from .artefacts import artefact_key, read_entry, write_entry
+from .choice import choice_key, choosing, fastest_paired, model_digest, read_choice, scores, write_choice
 from .precision import MIN_AGREEMENT, PRECISIONS, SUPPORTED, candidates, check_reduced, label
 from .runners import RUNNERS, RuntimeModel, load_exported, missing_runtime, thread_count
 
@@ -119,29 +123,42 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).abs().max()) / span
 
 
-def _exported_runtime(model: nn.Module, runtime: str, *, threads: int, folder: str,
-                      precision: str = "fp32") -> RuntimeModel:
+def _exported_runtime(model: nn.Module, runtime: str, *, threads: int, folder: str, precision: str = "fp32",
+                      digest: str | None = None) -> RuntimeModel:
     """`model` exported as `deeplab export` does (BatchNorm folded, image pooling projected once) in `runtime`,
     the logits NHWC (ONNX Runtime: `export.nhwc_logits`; OpenVINO: see `openvino_runner`, compiled for
-    `precision`)."""
-    from .export import export_onnx
-    from .fast import optimize_for_inference as torch_fast_path
-
-    path = Path(folder) / f"model-{runtime}.onnx"
-    graph = torch_fast_path(model, channels_last=False, skip_taps=False, prepacked_shapes=0)
+    `precision`). With the model's `digest` the graph (and OpenVINO's compiled copies) are kept in the cache
+    (`deeplab.deploy.artefacts`) and taken from there when present."""
     layout = "NHWC" if runtime == "onnxruntime" else "NCHW"
-    export_onnx(graph, path, output_layout=layout)
-    if runtime == "openvino":
-        import openvino as ov
-
-        xml = path.with_suffix(".xml")
-        ov.save_model(ov.convert_model(str(path)), str(xml), compress_to_fp16=False)
-        path = xml
-    hint = {"precision": {"fp32": "f32", "bf16": "bf16"}[precision]} if runtime == "openvino" else {}
+    key = artefact_key(digest=digest, kind=f"{runtime}-graph", layout=layout) if digest else None
+    path = _exported_graph(model, runtime, layout=layout, folder=Path(folder), key=key)
+    hint = {"precision": {"fp32": "f32", "bf16": "bf16"}[precision], "cache_key": key} if runtime == "openvino" else {}
     run, layout = RUNNERS[runtime](path, threads=threads, layout=layout, **hint)
     prepared = _in_memory(model, run, layout=layout, runtime=runtime, threads=threads)
     prepared.precision = precision
     return prepared
+
+
+def _exported_graph(model: nn.Module, runtime: str, *, layout: str, folder: Path, key: dict[str, Any] | None) -> Path:
+    """The graph file `runtime` reads: the one kept under `key` when it is there whole, else exported into `folder`
+    (and kept under `key`)."""
+    names = ("model.onnx",) if runtime == "onnxruntime" else ("model.xml", "model.bin")
+    entry = read_entry(key) if key is not None else None
+    if entry is not None and all((entry / name).is_file() for name in names):
+        return entry / names[0]
+    from .export import export_onnx
+    from .fast import optimize_for_inference as torch_fast_path
+
+    path = folder / "model.onnx"
+    graph = torch_fast_path(model, channels_last=False, skip_taps=False, prepacked_shapes=0)
+    export_onnx(graph, path, output_layout=layout)
+    if runtime == "openvino":
+        import openvino as ov
+
+        ov.save_model(ov.convert_model(str(path)), str(folder / "model.xml"), compress_to_fp16=False)
+    if key is not None:
+        write_entry(key, {name: folder / name for name in names})
+    return folder / names[0]
 
 
 def _in_memory(model: nn.Module, run, *, layout: str, runtime: str, threads: int) -> RuntimeModel:
@@ -156,14 +173,15 @@ def _in_memory(model: nn.Module, run, *, layout: str, runtime: str, threads: int
     return prepared
 
 
-def _litert_runtime(model: nn.Module, *, threads: int) -> RuntimeModel:
+def _litert_runtime(model: nn.Module, *, threads: int, digest: str | None = None) -> RuntimeModel:
     """`model` in the TF Lite runtime (`deeplab.deploy.litert`): a graph written per input shape for the first
-    `litert.SHAPES` shapes, the PyTorch fast path for any other."""
+    `litert.SHAPES` shapes (kept in the cache with the model's `digest`), the PyTorch fast path for any other."""
     from .fast import optimize_for_inference as torch_fast_path
     from .litert import litert_runner
 
     other_shapes: dict[str, nn.Module] = {}  # `auto` puts its runner-up here (see AutoRuntime._choose)
-    run, layout = litert_runner(model, threads=threads,
+    key = artefact_key(digest=digest, kind="tflite-graph") if digest else None
+    run, layout = litert_runner(model, threads=threads, cache_key=key,
                                 fallback=lambda: other_shapes.get("runtime") or torch_fast_path(model))
     prepared = _in_memory(model, run, layout=layout, runtime="tflite", threads=threads)
     prepared.other_shapes = other_shapes
@@ -171,10 +189,12 @@ def _litert_runtime(model: nn.Module, *, threads: int) -> RuntimeModel:
 
 
 def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None, precision: str = "fp32",
-                  int8: str | os.PathLike | None = None) -> nn.Module:
+                  int8: str | os.PathLike | None = None, digest: str | None = None) -> nn.Module:
     """`model` prepared for `runtime` ("torch", "onnxruntime", "openvino", "tflite" or "eager") in `precision`
     ("fp32"; "bf16": the PyTorch fast path in bf16 or OpenVINO compiled for bf16; "int8": the `int8` file
-    `deeplab quantize` wrote, in ONNX Runtime or OpenVINO); not checked (see `check_candidate`)."""
+    `deeplab quantize` wrote, in ONNX Runtime or OpenVINO); not checked (see `check_candidate`). `digest`: the
+    model's (`choice.model_digest`), to keep what ONNX Runtime, OpenVINO and TF Lite build from it in the cache
+    (`deeplab.deploy.artefacts`); None builds it all here."""
     from .fast import optimize_for_inference as torch_fast_path
 
     if runtime not in SUPPORTED.get(precision, ()) and not (runtime == "eager" and precision == "fp32"):
@@ -190,13 +210,13 @@ def build_runtime(model: nn.Module, runtime: str, *, threads: int | None = None,
     if precision == "int8":
         if int8 is None:
             raise ValueError("int8 needs the file deeplab quantize wrote for this model")
-        return load_exported(int8, runtime=runtime, threads=thread_count(threads))
+        return load_exported(int8, runtime=runtime, threads=thread_count(threads), cache=digest is not None)
     if runtime == "tflite":
-        return _litert_runtime(model.eval(), threads=thread_count(threads))
+        return _litert_runtime(model.eval(), threads=thread_count(threads), digest=digest)
     with tempfile.TemporaryDirectory(prefix="deeplab-runtime-") as folder:
         # ONNX Runtime and OpenVINO read the file into memory: the folder can go once the session exists.
         return _exported_runtime(model.eval(), runtime, threads=thread_count(threads), folder=folder,
-                                 precision=precision)
+                                 precision=precision, digest=digest)
 
 
 def check_against_eager(candidate: nn.Module, eager: nn.Module, x: torch.Tensor, *, runtime: str,
@@ -322,47 +342,68 @@ class AutoRuntime(nn.Module):
         self.precision: str | None = None
         self.choice: dict[str, Any] = {}
 
-    def _build(self, name: str, precision: str, x: torch.Tensor, reference: torch.Tensor) -> tuple[nn.Module, float]:
-        """The candidate built and checked (raises with the reason when it cannot run or does not match)."""
+    def _build(self, name: str, precision: str, x: torch.Tensor, reference: torch.Tensor,
+               digest: str | None) -> tuple[nn.Module, float]:
+        """The candidate built (from the cached artefacts of the model of `digest` where there are some) and checked;
+        raises with the reason when it cannot run or does not match."""
         why = None if name == "torch" else (missing_runtime(name) or torch_only_reason(self.eager))
         why = why or reduced_reason(self.eager, precision)
         if why:
             raise ValueError(why)
-        candidate = build_runtime(self.eager, name, threads=self.threads, precision=precision, int8=self.int8)
+        candidate = build_runtime(self.eager, name, threads=self.threads, precision=precision, int8=self.int8,
+                                  digest=digest)
         check = check_candidate(candidate, self.eager, x, runtime=name, precision=precision, rtol=self.rtol,
                                 reference=reference)
         return candidate, check
 
     def _choose(self, x: torch.Tensor) -> None:
         """The cached choice when its key matches (`deeplab.deploy.choice`) and it still passes its check on `x`;
-        otherwise build and check every candidate, time them (`_time`) and keep the fastest in paired rounds."""
+        otherwise, holding the machine's lock on this model's choice (`choice.choosing`), time the candidates
+        (`_time_all`). A process that waited for the lock takes the choice the holder just made."""
         threads = thread_count(self.threads)
         labels = {label(*pair): pair for pair in self.candidates}
         with torch.no_grad():
             reference = self.eager(x.float())
-            key = choice_key(digest=model_digest(self.eager), shape=tuple(x.shape), threads=threads,
-                             candidates=list(labels)) if self.cache else None
-            cached = read_choice(key) if key is not None and not self.retime else None
-            if cached is not None and cached["label"] in labels:
-                try:
-                    chosen, check = self._build(*labels[cached["label"]], x, reference)
-                except Exception:  # noqa: BLE001 - e.g. an input on which bf16 agrees less: choose again
-                    cached = None
-                else:
-                    self._keep(cached["label"], labels, {cached["label"]: chosen}, checks={cached["label"]: check})
-                    self.choice.update(cached=True, ms=cached.get("ms", {}), score=cached.get("score", {}))
-                    return
-            built: dict[str, nn.Module] = {}
-            checks: dict[str, float] = {}
-            skipped: dict[str, str] = {}
-            for name, (runtime, precision) in labels.items():
-                try:
-                    built[name], checks[name] = self._build(runtime, precision, x, reference)
-                except Exception as e:  # a runtime that cannot run or match the model is not chosen; say why
-                    skipped[name] = (str(e).splitlines() or [type(e).__name__])[0]
-            if not built:
-                raise ValueError("no runtime can run this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-            rounds = self._time(built, x) if len(built) > 1 else {}
+            digest = model_digest(self.eager) if self.cache else None
+            key = None if digest is None else choice_key(digest=digest, shape=tuple(x.shape), threads=threads,
+                                                         candidates=list(labels))
+            before = read_choice(key) if key is not None else None
+            if before is not None and not self.retime and self._take(before, labels, x, reference, digest):
+                return
+            with choosing(key):
+                after = read_choice(key) if key is not None else None
+                if after is not None and after != before and self._take(after, labels, x, reference, digest):
+                    return  # made by another process while this one waited (with --retime too: it is new)
+                self._time_all(labels, x, reference, digest, key)
+
+    def _take(self, cached: dict[str, Any], labels: dict[str, tuple[str, str]], x: torch.Tensor,
+              reference: torch.Tensor, digest: str | None) -> bool:
+        """Keep the cached choice when it is a candidate and passes its check on `x`; False otherwise."""
+        if cached["label"] not in labels:
+            return False
+        try:
+            chosen, check = self._build(*labels[cached["label"]], x, reference, digest)
+        except Exception:  # noqa: BLE001 - e.g. an input on which bf16 agrees less: choose again
+            return False
+        self._keep(cached["label"], labels, {cached["label"]: chosen}, checks={cached["label"]: check})
+        self.choice.update(cached=True, ms=cached.get("ms", {}), score=cached.get("score", {}))
+        return True
+
+    def _time_all(self, labels: dict[str, tuple[str, str]], x: torch.Tensor, reference: torch.Tensor,
+                  digest: str | None, key: dict[str, Any] | None) -> None:
+        """Build and check every candidate, time them (`_time`), keep the fastest in paired rounds and write the
+        choice under `key`."""
+        built: dict[str, nn.Module] = {}
+        checks: dict[str, float] = {}
+        skipped: dict[str, str] = {}
+        for name, (runtime, precision) in labels.items():
+            try:
+                built[name], checks[name] = self._build(runtime, precision, x, reference, digest)
+            except Exception as e:  # a runtime that cannot run or match the model is not chosen; say why
+                skipped[name] = (str(e).splitlines() or [type(e).__name__])[0]
+        if not built:
+            raise ValueError("no runtime can run this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        rounds = self._time(built, x) if len(built) > 1 else {}
         finalists = {k: v for k, v in rounds.items() if len(v) == max(map(len, rounds.values()))}
         winner = fastest_paired(finalists) if rounds else next(iter(built))
         ms = {name: statistics.median(t for calls in r for t in calls) for name, r in rounds.items()}
@@ -439,7 +480,8 @@ def optimize_for_inference(
     torch.get_num_threads(); PyTorch uses its own setting). `example`: an input to check the runtime on now (and,
     for "auto", to choose on); without it the check (and the choice) happens on the first call. `int8`: the int8
     ONNX file `deeplab quantize` wrote for this model (an int8 candidate). `retime`: time the candidates again
-    instead of taking the choice cached for this machine and model; `cache` False: neither read nor write it."""
+    instead of taking the choice cached for this machine and model; `cache` False: neither read nor write it, nor the
+    exported graphs and compiled models kept beside it (`deeplab.deploy.artefacts`)."""
     if runtime not in RUNTIME_CHOICES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIME_CHOICES)}, got {runtime!r}")
     if isinstance(model, (RuntimeModel, AutoRuntime, _CheckedOnFirstCall)) or getattr(model, "fast_path", None):
@@ -455,7 +497,9 @@ def optimize_for_inference(
     why = reduced_reason(model, chosen_precision)
     if why:
         raise ValueError(f"--precision {chosen_precision}: {why}")
-    prepared = build_runtime(model, name, threads=threads, precision=chosen_precision, int8=int8)
+    kept = cache and name in ("onnxruntime", "openvino", "tflite") and chosen_precision != "int8"
+    prepared = build_runtime(model, name, threads=threads, precision=chosen_precision, int8=int8,
+                             digest=model_digest(model) if kept else None)
     if name in ("torch", "eager") and chosen_precision == "fp32":
         return prepared  # PyTorch: the fast path is checked by its own tests, eager is the reference
     checked = _CheckedOnFirstCall(prepared, model, rtol=rtol, precision=chosen_precision)

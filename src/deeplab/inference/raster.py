@@ -530,7 +530,7 @@ def _merge_bands(src, model: nn.Module, partials: list[Path], finals: list[Path]
 def evaluate_raster(
     model: nn.Module, path: str | os.PathLike, labels_path: str | os.PathLike, *, tiling: Tiling | None = None,
     progress: bool = False, options: InferenceOptions | None = None, scale: float | None = None,
-    resolution: float | None = None, **inference: Any,
+    resolution: float | None = None, rank: int = 0, world_size: int = 1, **inference: Any,
 ) -> dict[str, Any]:
     """Scores of `model` on the raster at `path` against the label raster `labels_path` (the same size), predicted as
     `predict_raster` does and compared strip by strip (memory as for prediction).
@@ -538,6 +538,11 @@ def evaluate_raster(
     The label raster holds class Values when the model carries them (a model trained on an ArcGIS export: 0 and any
     other value are ignored), else class indices (255 ignored); its own NoData and the image's NoData are ignored.
     Returns `deeplab.inference.evaluate.evaluate`'s dict: miou, per_class_iou, pixel_accuracy, confusion_matrix, ...
+
+    `rank` of `world_size` processes (torch.distributed, initialised by the caller; every process calls this with
+    the same arguments): each predicts and counts one band of rows (`row_bands`, as `predict_raster` shares a raster),
+    and the confusion matrices are summed over the processes (an all-reduce), so every process returns the scores of
+    the whole raster, equal to one process's: the same pixels are predicted from the same tiles and counted once.
     """
     from rasterio.windows import Window
 
@@ -562,10 +567,11 @@ def evaluate_raster(
         if truth.crs != src.crs or not truth.transform.almost_equals(src.transform):
             raise ValueError(f"{labels_path}: its CRS / transform differ from {path}'s; snap the label raster to the "
                              "image (same grid) before evaluating")
-        bar = tqdm(total=src.width * src.height / 1e6, desc=Path(path).name, unit="Mpx", disable=not progress,
-                   dynamic_ncols=True)
+        rows = row_bands(src.height, world_size)[rank]
+        bar = tqdm(total=src.width * (rows[1] - rows[0]) / 1e6, desc=Path(path).name, unit="Mpx",
+                   disable=not progress, dynamic_ncols=True)
         try:
-            for strip in blended_strips(prepared, src, tiling, opts, bar=bar):
+            for strip in blended_strips(prepared, src, tiling, opts, bar=bar, rows=rows):
                 valid = strip.valid
                 window = Window(strip.column, strip.row, strip.shape[1], strip.shape[0])
                 stored = truth.read(1, window=window)
@@ -579,6 +585,8 @@ def evaluate_raster(
                 acc.update(argmax_classes(strip.sums).long()[None], torch.from_numpy(target)[None])
         finally:
             bar.close()
+    if world_size > 1:
+        acc.all_reduce()
     result = acc.compute(class_names=model.class_names)
     result["num_images"] = 1
     result["confusion_matrix"] = acc.confusion.tolist()
