@@ -438,6 +438,9 @@ def test_a_training_run_writes_best_as_a_model_folder_whose_card_the_hub_parses(
     for cls, iou in final["per_class_iou"].items():  # per-class IoU as the run measured it
         assert f"| {cls} | {'-' if iou is None else f'{100 * iou:.2f}'} |" in text
     assert "hardware" in final and f"on {final['hardware']}" in text
+    # the training data's palette (the synthetic set's: VOC's first colours), not a blank, as predict draws them
+    assert "| 0 | background | 0 | #000000 |" in text and "| 1 | disc | 1 | #800000 |" in text
+    assert b.class_colors[:2] == ((0, 0, 0), (128, 0, 0))
 
 
 def test_a_converted_models_card_names_its_source_and_agreement(tmp_path):

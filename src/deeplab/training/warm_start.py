@@ -89,13 +89,23 @@ def _adapted_input_conv(model: DeepLab, weights: dict[str, Any], *, prefix: str,
     return {**weights, key: adapt_input_conv(theirs, bands=bands, rgb=rgb)}
 
 
+def dataset_colors(dataset) -> tuple[tuple[int, ...], ...] | None:
+    """The colours the model will draw its classes in: the dataset's own (an ArcGIS export's), else its palette's
+    (VOC, Cityscapes, ADE20K, CamVid, `--palette`), so that predictions, overlays and the model card show the
+    training data's colours."""
+    colors = getattr(dataset, "class_colors", None)
+    palette = getattr(dataset, "palette", None)
+    if not colors and palette is not None and len(palette.colors) == len(dataset.class_names):
+        colors = palette.colors
+    return tuple(tuple(int(v) for v in c) for c in colors) if colors else None
+
+
 def initial_model(model_cfg: ModelConfig, train_cfg: TrainConfig, train_ds, preprocessing: Preprocessing,
                   init_data: dict[str, Any] | None, *, fresh: bool, say: Callable[[str], None]) -> DeepLab:
     """The model before the first step: random, from a deeplab checkpoint, or with an ImageNet backbone. Starting
     from RGB weights, a model of other bands gets its first convolution adapted (`deeplab.models.input_conv`)."""
     model = build_model(model_cfg, class_names=train_ds.class_names, preprocessing=preprocessing,
-                        class_colors=getattr(train_ds, "class_colors", None),
-                        class_values=getattr(train_ds, "class_values", None))
+                        class_colors=dataset_colors(train_ds), class_values=getattr(train_ds, "class_values", None))
     rgb = _rgb_positions(train_cfg, train_ds, model_cfg.in_channels)
     if init_data is not None:
         source = str(train_cfg.init_checkpoint)
