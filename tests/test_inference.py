@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deeplab.inference.segment import (
+    aligned_size,
     scaled_size,
     segment,
     segment_probs,
+    segment_probs_batch,
     sliding_window_logits,
     window_starts,
 )
@@ -174,6 +178,52 @@ def test_window_scales_and_flip_combine_on_a_linear_image():
     clear = (top2[:, 0] - top2[:, 1]) > 1e-3  # the ramp's channels tie along lines; rounding may pick either there
     assert clear.float().mean() > 0.95
     assert torch.equal(labels[clear], x.argmax(dim=1)[clear])
+
+
+class StridedRamp(nn.Module):
+    """A DeepLab in miniature, output stride 16, align_corners=True: its features are the input's first channel at
+    pixels 0, 16, 32, ... (where a stack of stride-2 layers samples a 16k+1 input), its logits (feature, THRESHOLD)
+    upsampled to the input's size with align_corners=True. Records the sizes it sees."""
+
+    THRESHOLD = 200.5
+
+    def __init__(self, *, static_input: bool = False) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(output_stride=16, align_corners=True)
+        self.static_input = static_input
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[-2:]))
+        features = x[:, :1, ::16, ::16]
+        up = F.interpolate(features, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return torch.cat([up, torch.full_like(up, self.THRESHOLD)], dim=1)
+
+
+def column_ramp(h: int, w: int) -> torch.Tensor:
+    """Channel 0 = the column index: a pixel's class under StridedRamp is 0 exactly from column 201 on."""
+    return torch.cat([torch.arange(w, dtype=torch.float32).expand(1, 1, h, w), torch.zeros(1, 2, h, w)], dim=1)
+
+
+@pytest.mark.parametrize("width", [300, 321, 410, 257])
+def test_align_corners_models_run_at_16k_plus_1_so_the_class_boundary_stays_where_the_image_puts_it(width):
+    # Hand-worked: at 16k+1 columns the samples fall on 0, 16, ..., so the upsampled ramp is the ramp and the class
+    # changes between columns 200 and 201. Unpadded, 300 columns give 19 samples stretched over 0..299: the ramp
+    # reads 0.963 x column and the boundary moves to column 208 (TF DeepLab pads to 16k+1 for this reason).
+    x = column_ramp(33, width)
+    model = StridedRamp()
+    labels = segment(model, x)[0]
+    assert model.sizes == [(33, aligned_size(width, 16))] and all((s - 1) % 16 == 0 for s in model.sizes[0])
+    assert (labels[:, :201] == 1).all() and (labels[:, 201 : width - 16] == 0).all()
+    batched = next(segment_probs_batch(model, [x]))
+    assert torch.equal(batched.argmax(1)[0], labels)
+    assert aligned_size(300, 16) == 305 and aligned_size(321, 16) == 321 and aligned_size(300, None) == 300
+
+
+def test_a_static_graph_is_fed_its_own_size_unpadded():
+    model = StridedRamp(static_input=True)
+    segment(model, column_ramp(33, 300))
+    assert model.sizes == [(33, 300)]
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ class RuntimeModel(nn.Module):
     def __init__(
         self, run: Callable[[np.ndarray], np.ndarray], *, runtime: str, config: ModelConfig,
         class_names: tuple[str, ...], preprocessing: Preprocessing, source: str, threads: int,
-        metadata: dict[str, Any] | None = None, nhwc: bool = False,
+        metadata: dict[str, Any] | None = None, nhwc: bool = False, static_input: bool = False,
     ) -> None:
         super().__init__()
         self._run = run
@@ -62,6 +62,7 @@ class RuntimeModel(nn.Module):
         self.activation_rounding = None
         self.class_colors: tuple | None = None  # an ArcGIS-trained model's own colours, from the metadata
         self.class_values: tuple | None = None
+        self.static_input = static_input  # one input shape (a .tflite file): inference feeds it as is, unpadded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.from_numpy(np.asarray(self._run(np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())),
@@ -246,7 +247,7 @@ def load_exported(path: str | os.PathLike, *, runtime: str | None = None, thread
     run, layout = RUNNERS[runtime](path, threads=n, layout=meta.get("output_layout", "NCHW"), **hint)
     model = RuntimeModel(
         run, runtime=runtime, config=config, class_names=meta["class_names"], preprocessing=pre, source=str(path),
-        threads=n, metadata=meta, nhwc=layout == "NHWC",
+        threads=n, metadata=meta, nhwc=layout == "NHWC", static_input=runtime == "tflite",
     )
     model.class_colors = tuple(tuple(c) for c in meta["class_colors"]) if meta.get("class_colors") else None
     model.class_values = tuple(meta["class_values"]) if meta.get("class_values") else None

@@ -11,6 +11,15 @@ The choices, written down once:
   are resized bilinearly to the output size *before* the softmax, also as TF does.
 * **Scaled sizes** follow the model's ``align_corners``: ``(d - 1) * s + 1`` (truncated) when it is True, so a
   16k+1 crop stays of that form as TF's ``scale_dimension`` keeps it; ``round(d * s)`` otherwise.
+* **Aligned network input** (models with ``align_corners=True``, TF's convention): the network runs on the image
+  padded at the bottom / right with 0 (the mean pixel once normalised) to the next size of the form
+  ``output_stride * k + 1``, and its logits are cropped back, as TF DeepLab's eval and vis pad every image to
+  ``eval_crop_size`` (513, 1025 x 2049: all ``16k + 1``). Only at those sizes do the strided features fall on input
+  pixels ``0, 16, 32, ...`` that ``align_corners=True`` upsampling assumes; at other sizes the upsampled logits drift
+  by up to half a feature cell across the image (on CamVid val at 1.5x, 540 x 720 frames, a DeepLabv3+
+  MobileNet-EdgeTPU trained on 385-pixel crops scored 7.9 mIoU points lower unpadded: docs/geo.md). A static graph
+  (``static_input``: an exported ``.tflite`` file) runs its own size only and is not padded; an image already of
+  that form (a fixed input size of 513 or 257) is not changed.
 * **Sliding window**: tiles of ``window x window`` start every ``floor(window * (1 - overlap))`` pixels; the last
   tile of a row or column is shifted back to end at the border, so tiles never hang over the image. An image
   side shorter than the window is padded at the bottom / right with 0 (the mean pixel once normalised), so the
@@ -31,7 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "aligned_size",
     "model_align_corners",
+    "network_multiple",
+    "run_network",
     "scaled_size",
     "segment",
     "segment_probs",
@@ -89,13 +101,41 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
+def network_multiple(model: nn.Module, *, align_corners: bool) -> int | None:
+    """The stride whose multiples plus one the network input is padded to (the module docstring's aligned input):
+    the model's output stride when it resizes with align_corners=True and takes any input size, else None."""
+    if not align_corners or getattr(model, "static_input", False):
+        return None
+    stride = getattr(getattr(model, "config", None), "output_stride", None)
+    return int(stride) if stride else None
+
+
+def aligned_size(length: int, multiple: int | None) -> int:
+    """The smallest `multiple * k + 1` >= `length` (`length` itself without a multiple)."""
+    if not multiple:
+        return length
+    return -(-(length - 1) // multiple) * multiple + 1
+
+
+def run_network(model: nn.Module, x: torch.Tensor, *, multiple: int | None = None) -> torch.Tensor:
+    """`model(x)` with `x` padded at the bottom / right with 0 to `aligned_size` on both sides and the logits cropped
+    back to `x`'s size (no padding without a multiple, or when `x` is already of that size)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    ph, pw = aligned_size(h, multiple), aligned_size(w, multiple)
+    if (ph, pw) == (h, w):
+        return model(x)
+    return model(F.pad(x, (0, pw - w, 0, ph - h), value=0.0))[:, :, :h, :w]
+
+
 def sliding_window_logits(
-    model: nn.Module, x: torch.Tensor, *, window: int | Sequence[int], overlap: float = 0.33
+    model: nn.Module, x: torch.Tensor, *, window: int | Sequence[int], overlap: float = 0.33,
+    multiple: int | None = None,
 ) -> torch.Tensor:
     """Logits of `x` (N, 3, H, W) stitched from window x window tiles (see the module docstring).
 
-    Returns (N, K, H, W): at each pixel the mean of the logits of every tile covering it. Tiles run one at a time,
-    so memory holds one tile's activations plus the (N, K, H, W) sums.
+    Returns (N, K, H, W): at each pixel the mean of the logits of every tile covering it. Tiles run one at a time
+    (`run_network`: padded to `multiple * k + 1` when given), so memory holds one tile's activations plus the
+    (N, K, H, W) sums.
     """
     wh, ww = _pair(window, "window")
     if not 0.0 <= overlap < 1.0:
@@ -111,7 +151,7 @@ def sliding_window_logits(
     count = torch.zeros(1, 1, ph, pw, dtype=x.dtype, device=x.device)
     for top in window_starts(ph, wh, stride_h):
         for left in window_starts(pw, ww, stride_w):
-            out = model(x[:, :, top : top + wh, left : left + ww])  # (N, K, wh, ww)
+            out = run_network(model, x[:, :, top : top + wh, left : left + ww], multiple=multiple)  # (N, K, wh, ww)
             if sums is None:
                 sums = out.new_zeros(n, out.shape[1], ph, pw)
             sums[:, :, top : top + wh, left : left + ww] += out
@@ -132,10 +172,12 @@ def autocast(device_type: str, amp: str):
 
 
 def _logits(
-    model: nn.Module, x: torch.Tensor, *, window: int | Sequence[int] | None, overlap: float, amp: str
+    model: nn.Module, x: torch.Tensor, *, window: int | Sequence[int] | None, overlap: float, amp: str,
+    multiple: int | None,
 ) -> torch.Tensor:
     with autocast(x.device.type, amp):
-        out = model(x) if window is None else sliding_window_logits(model, x, window=window, overlap=overlap)
+        out = (run_network(model, x, multiple=multiple) if window is None else
+               sliding_window_logits(model, x, window=window, overlap=overlap, multiple=multiple))
     return out.float()  # resize and softmax in float32 whatever the autocast dtype
 
 
@@ -165,6 +207,7 @@ def segment_probs(
     if x.dim() != 4 or x.shape[1] != bands:
         raise ValueError(f"x must be a normalised (N, {bands}, H, W) batch (the model's bands), got shape {tuple(x.shape)}")
     ac = model_align_corners(model) if align_corners is None else bool(align_corners)
+    multiple = network_multiple(model, align_corners=ac)
     param = next(model.parameters(), None)
     if param is not None:
         x = x.to(device=param.device, dtype=param.dtype)
@@ -176,7 +219,8 @@ def segment_probs(
     for scale in scales:
         xs = base if scale == 1.0 else _resize(base, scaled_size(base_size, scale, align_corners=ac), align_corners=ac)
         for mirrored in (False, True) if flip else (False,):
-            logits = _logits(model, xs.flip(-1) if mirrored else xs, window=window, overlap=overlap, amp=amp)
+            logits = _logits(model, xs.flip(-1) if mirrored else xs, window=window, overlap=overlap, amp=amp,
+                             multiple=multiple)
             if mirrored:
                 logits = logits.flip(-1)
             logits = _resize(logits, out_size, align_corners=ac)  # (N, K, H, W)
@@ -211,7 +255,8 @@ def segment_probs_batch(
     if len({tuple(b.shape[1:]) for b in bases}) > 1:
         raise ValueError(f"one batch needs one network input size, got {sorted({tuple(b.shape[-2:]) for b in bases})}")
     with torch.no_grad():
-        logits = _logits(model, torch.cat(bases), window=None, overlap=0.0, amp=amp)  # (N, K, h, w)
+        logits = _logits(model, torch.cat(bases), window=None, overlap=0.0, amp=amp,
+                         multiple=network_multiple(model, align_corners=ac))  # (N, K, h, w)
     del bases
     for i, x in enumerate(xs):
         with torch.no_grad():
