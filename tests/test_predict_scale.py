@@ -307,13 +307,19 @@ def test_a_fixed_input_size_sets_the_tile_and_tiles_run_at_their_own_size_or_at_
     inner.preprocessing = replace(inner.preprocessing, input_size=(96, 96))  # as a converted TF Lite model
     model = Recording(inner)
     predict_raster(model, tmp_path / "r.tif", tmp_path / "a.tif", runtime="eager", cog=False)
-    assert set(model.shapes) == {(96, 96)}  # the default tile is the model's size, never resized
+    assert set(model.shapes) == {(512, 512)}  # the default tile is 512 (docs/geo.md's study), never resized
+    model.shapes.clear()
+    model.static_input = True  # an exported .tflite runs its own size only: that is the tile
+    predict_raster(model, tmp_path / "r.tif", tmp_path / "s.tif", runtime="eager", cog=False)
+    assert set(model.shapes) == {(96, 96)}
+    model.static_input = False
     model.shapes.clear()
     predict_raster(model, tmp_path / "r.tif", tmp_path / "b.tif", runtime="eager", cog=False,
                    tiling=Tiling(tile=128))
     assert set(model.shapes) == {(128, 128)}  # a tile of another size runs at its own size: the raster's resolution
     model.shapes.clear()
-    predict_raster(model, tmp_path / "r.tif", tmp_path / "c.tif", runtime="eager", cog=False, scale=0.5)
+    predict_raster(model, tmp_path / "r.tif", tmp_path / "c.tif", runtime="eager", cog=False, scale=0.5,
+                   tiling=Tiling(tile=96))
     assert set(model.shapes) == {(96, 96)}  # tiles of 192 raster pixels, shown to the model at half size
     assert tiling_note(Tiling(tile=128), "model") is None and tiling_note(Tiling(tile=96), (96, 96)) is None
     note = tiling_note(Tiling(tile=1024), (513, 513))

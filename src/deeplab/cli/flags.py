@@ -486,8 +486,8 @@ def add_raster_flags(p: argparse.ArgumentParser) -> None:
     """How rasters (GeoTIFF) of any size are tiled: `deeplab.inference.raster`."""
     g = p.add_argument_group("rasters (GeoTIFF and other GDAL rasters, any size; pip install 'deeplab[geo]')")
     g.add_argument("--tile", type=number(int, 17, "at least 17 pixels, e.g. 512"), default=None,
-                   help="raster tile size in pixels, each tile run at its own size (default: the checkpoint's fixed "
-                   "input size if it has one, e.g. 513 for a converted TF Lite model, else 512)")
+                   help="raster tile size in pixels, each tile run at its own size (default 512, or the checkpoint's "
+                   "fixed input size when larger, e.g. 513; an exported .tflite file: its own size)")
     g.add_argument("--padding", type=number(int, 0, "0 or a positive number of pixels below half the tile"),
                    default=None, help="pixels of each tile's border that overlap its neighbours; tiles step by tile - "
                    "2 x padding and are blended where they overlap (default: a quarter of --tile, as ArcGIS)")
@@ -504,7 +504,7 @@ def add_raster_flags(p: argparse.ArgumentParser) -> None:
 
 
 def raster_tiling(args: argparse.Namespace, model):
-    """The raster tiling the flags ask for, with the model's fixed input size as the default tile."""
+    """The raster tiling the flags ask for (`default_tiling`: 512, or the model's larger fixed input size)."""
     from ..inference.raster import default_tiling
 
     return default_tiling(model, tile=args.tile, padding=args.padding, batch=args.tile_batch)

@@ -17,7 +17,7 @@ The choices, written down once:
   ``eval_crop_size`` (513, 1025 x 2049: all ``16k + 1``). Only at those sizes do the strided features fall on input
   pixels ``0, 16, 32, ...`` that ``align_corners=True`` upsampling assumes; at other sizes the upsampled logits drift
   by up to half a feature cell across the image (on CamVid val at 1.5x, 540 x 720 frames, a DeepLabv3+
-  MobileNet-EdgeTPU trained on 385-pixel crops scored 7.9 mIoU points lower unpadded: docs/geo.md). A static graph
+  MobileNet-EdgeTPU trained on 385-pixel crops scored 6.1 mIoU points lower unpadded: docs/evaluation.md). A static graph
   (``static_input``: an exported ``.tflite`` file) runs its own size only and is not padded; an image already of
   that form (a fixed input size of 513 or 257) is not changed.
 * **Sliding window**: tiles of ``window x window`` start every ``floor(window * (1 - overlap))`` pixels; the last
